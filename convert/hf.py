@@ -1,0 +1,325 @@
+"""Hugging Face safetensors checkpoints <-> jaxmodels models.
+
+Loading streams: the whole key set is placed and validated first (names and shapes only), then each
+parameter is filled one layer slice at a time and written into its device buffer, so host memory
+stays near one layer's slice of one parameter, never the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # registers bfloat16/float8 with numpy, which safetensors' numpy reader needs
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from convert.fp8 import dequantize_fp8
+from convert.keymap import CheckpointError, Placement, export_keys, place
+from jaxmodels.config import BaseConfig, load_config
+from jaxmodels.model import abstract_model
+
+log = logging.getLogger("jaxmodels.convert")
+
+# safetensors' numpy reader looks float8 up as a numpy attribute; numpy has none, ml_dtypes does.
+if not hasattr(np, "float8_e4m3fn"):
+    np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint directory (one file, or shards listed by the index)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+        index = os.path.join(path, INDEX_FILE)
+        single = os.path.join(path, SINGLE_FILE)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from e
+            self.key_file = {k: os.path.join(path, v) for k, v in weight_map.items()}
+            for file in sorted(set(self.key_file.values())):
+                if not os.path.exists(file):
+                    raise FileNotFoundError(f"{INDEX_FILE} lists {os.path.basename(file)}, which is missing from "
+                                            f"{path}; download the complete checkpoint")
+        elif os.path.exists(single):
+            self.key_file = {k: single for k in self._open(single).keys()}
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: jaxmodels reads safetensors "
+                                    "checkpoints (convert .bin files with transformers' save_pretrained first)")
+        self._handles: dict[str, Any] = {}
+        # Validate every shard's header now, and that each indexed key is really in its shard.
+        by_file = defaultdict(list)
+        for k, f in self.key_file.items():
+            by_file[f].append(k)
+        for file, keys in by_file.items():
+            present = set(self._handle(file).keys())
+            missing = [k for k in keys if k not in present]
+            if missing:
+                raise CheckpointError(f"{os.path.basename(file)} lacks tensors its index promises, e.g. "
+                                      f"{missing[:3]}; the shard is stale or truncated, re-download it")
+
+    @staticmethod
+    def _open(file: str):
+        try:
+            return safe_open(file, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is corrupt or truncated, "
+                                  "re-download it") from e
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self.key_file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.key_file[key]).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self._handle(self.key_file[key]).get_slice(key).get_dtype()
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.key_file:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint at {self.path}")
+        file = self.key_file[key]
+        try:
+            return self._handle(file).get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"could not read {key!r} from {file} ({e}); the file is corrupt or truncated, "
+                                  "re-download it") from e
+
+
+def _leading_slots(path: tuple[str, ...]) -> int:
+    """How many leading axes of a parameter are filled by separate checkpoint tensors."""
+    if len(path) > 2 and path[2] == "layers" and path[0] == "model":
+        if path[3:5] == ("mlp", "experts") or path[-2] in ("q_layernorm", "k_layernorm"):
+            return 2
+        return 1
+    return 0
+
+
+def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
+    """Validates names and shapes before any data is read: {param path: [(key, Placement), ...]}."""
+    params = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(abstract_state)}
+    keys = ckpt.keys()
+    scale_keys = {k for k in keys if k.endswith(".weight_scale_inv")}
+    plan: dict[tuple[str, ...], list[tuple[str, Placement]]] = defaultdict(list)
+    skipped_layers = set()
+    for key in keys:
+        if key in scale_keys:
+            if key[: -len("_scale_inv")] not in ckpt.key_file:
+                raise CheckpointError(f"{key} has no matching weight tensor in the checkpoint")
+            continue
+        placements = place(cfg, key)
+        if placements is None:
+            if key.startswith("model.layers."):
+                skipped_layers.add(int(key.split(".")[2]))
+            continue
+        for pl in placements:
+            if pl.path not in params:
+                raise CheckpointError(
+                    f"unexpected tensor {key!r}: this {cfg.model_type} model ({type(cfg).__name__}, head "
+                    f"{cfg.head}) has no parameter for it; check that config.json matches the weights")
+            plan[pl.path].append((key, pl))
+    if skipped_layers:
+        log.info("skipping checkpoint layers %s (multi-token-prediction layers beyond num_hidden_layers=%d)",
+                 sorted(skipped_layers), cfg.num_hidden_layers)
+    for path, var in params.items():
+        entries = plan.get(path)
+        name = ".".join(path)
+        if not entries:
+            raise CheckpointError(f"the checkpoint has no tensor for parameter {name} (shape {var.shape}); "
+                                  "the checkpoint is incomplete or config.json does not match it")
+        slots = _leading_slots(path)
+        filled = np.zeros(var.shape[:slots], dtype=bool)
+        for key, pl in entries:
+            # Check the shape this tensor will have after its transform.
+            src = ckpt.shape(key)
+            if pl.transform is not None:
+                probe = np.empty(src, dtype=np.bool_) if len(src) >= 2 else None
+                src = pl.transform(probe).shape if probe is not None else src
+            want = var.shape[len(pl.index):]
+            if tuple(src) != tuple(want):
+                raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {ckpt.shape(key)}, the model "
+                                      f"expects {tuple(want)} (after layout change) for {name}; check config.json")
+            filled[pl.index] = True
+        if not filled.all():
+            missing = [tuple(int(i) for i in ix) for ix in np.argwhere(~filled)[:3]]
+            raise CheckpointError(f"the checkpoint is missing slices of {name}: indices {missing} (layer[, expert or "
+                                  "head]) have no tensor; the checkpoint is incomplete")
+    return plan
+
+
+def _read(ckpt: Checkpoint, key: str) -> np.ndarray:
+    x = ckpt.get(key)
+    if x.dtype == ml_dtypes.float8_e4m3fn:
+        scale_key = key[: -len("weight")] + "weight_scale_inv"
+        if scale_key not in ckpt.key_file:
+            raise CheckpointError(f"{key} is float8 but {scale_key} is missing; the FP8 checkpoint is incomplete")
+        x = dequantize_fp8(x, ckpt.get(scale_key))
+    return x
+
+
+@jax.jit
+def _set_slice(buf, value, index):
+    return jax.lax.dynamic_update_slice(buf, value[None], (index,) + (0,) * value.ndim)
+
+
+_set_slice_donated = jax.jit(_set_slice.__wrapped__, donate_argnums=0)
+
+
+def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=None, progress: bool = True):
+    """Reads the checkpoint into the model's nnx State (values placed on device).
+
+    sharding_fn(path, var) -> jax.sharding.Sharding or None: where each parameter goes.
+    """
+    ckpt = Checkpoint(path)
+    abstract = abstract_model(cfg, dtype)
+    graphdef, abstract_state = nnx.split(abstract)
+    plan = plan_load(cfg, ckpt, abstract_state)
+    flat = []
+    items = list(nnx.to_flat_state(abstract_state))
+    bar = tqdm(items, desc="loading", unit="param", disable=not progress)
+    for p, var in bar:
+        name = tuple(str(x) for x in p)
+        target_dtype = var.dtype
+        sharding = sharding_fn(name, var) if sharding_fn else None
+        entries = plan[name]
+        slots = _leading_slots(name)
+        if slots == 0:
+            (key, pl), = entries
+            value = jax.device_put(_read(ckpt, key).astype(target_dtype), sharding)
+        else:
+            # Stacked parameter: fill one layer slice on the host at a time, write it into the device buffer.
+            by_layer = defaultdict(list)
+            for key, pl in entries:
+                by_layer[pl.index[0]].append((key, pl))
+            value = jax.jit(lambda: jnp.zeros(var.shape, target_dtype), out_shardings=sharding)()
+            for layer in range(var.shape[0]):
+                host = np.empty(var.shape[1:], dtype=target_dtype)
+                for key, pl in by_layer[layer]:
+                    x = _read(ckpt, key)
+                    if pl.transform is not None:
+                        x = pl.transform(x)
+                    host[pl.index[1:]] = x
+                value = _set_slice_donated(value, jnp.asarray(host), layer)
+        flat.append((p, var.replace(value=value)))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """A local directory, or a hub repo id downloaded with huggingface_hub (when online)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise FileNotFoundError(f"{name_or_path!r} is a file; pass the checkpoint directory that holds config.json")
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        except Exception as e:  # offline, unknown repo, gated repo ...
+            raise FileNotFoundError(f"{name_or_path!r} is not a local directory and could not be downloaded from "
+                                    f"the Hugging Face hub ({type(e).__name__}: {e})") from e
+    raise FileNotFoundError(f"checkpoint directory {name_or_path!r} does not exist")
+
+
+def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = True, progress: bool = True):
+    """Loads a Hugging Face checkpoint as a jaxmodels model (family from model_type, head from architectures).
+
+    dtype: parameter dtype (default: the checkpoint's config `dtype`/`torch_dtype`, else float32).
+    mesh: a jax.sharding.Mesh; parameters are created with their final shardings (see jaxmodels.sharding).
+    """
+    path = resolve_checkpoint(name_or_path)
+    cfg = load_config(path)
+    if dtype is None:
+        raw = dict(cfg.extra)
+        dtype = _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", jnp.float32)
+    sharding_fn = None
+    if mesh is not None:
+        from jaxmodels.sharding import param_sharding
+        sharding_fn = lambda name, var: param_sharding(var, mesh)  # noqa: E731
+    graphdef, state = load_state(path, cfg, dtype, sharding_fn=sharding_fn, progress=progress)
+    model = nnx.merge(graphdef, state)
+    model.scan = scan
+    return model
+
+
+def _to_numpy(x: jax.Array) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model, out_dir: str, *, max_shard_size: int = 5 * 1024**3, progress: bool = True) -> None:
+    """Writes config.json and safetensors in the hub's layout (per-layer, per-expert keys; sharded with
+    an index above `max_shard_size` bytes). Files are written to a temporary directory first and moved
+    into place at the end, so an interrupted save never leaves a half-written checkpoint behind."""
+    cfg: BaseConfig = model.config
+    state = nnx.state(model)
+    entries = []  # (hf_key, param value, index, transform)
+    for p, var in nnx.to_flat_state(state):
+        name = tuple(str(x) for x in p)
+        value = var.get_value()
+        for key, index, transform in export_keys(cfg, name, value.shape):
+            entries.append((key, value, index, transform))
+    sizes = [math.prod(v.shape[len(ix):]) * v.dtype.itemsize for _, v, ix, _ in entries]
+    shards, current, current_size = [], [], 0
+    for entry, size in zip(entries, sizes):
+        if current and current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(entry)
+        current_size += size
+    if current:
+        shards.append(current)
+    names = ([SINGLE_FILE] if len(shards) <= 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".jaxmodels-save-", dir=out_dir)
+    try:
+        weight_map = {}
+        bar = tqdm(total=len(entries), desc="saving", unit="tensor", disable=not progress)
+        for shard, fname in zip(shards, names):
+            tensors = {}
+            for key, value, index, transform in shard:
+                x = _to_numpy(value[index] if index else value)
+                tensors[key] = np.ascontiguousarray(transform(x) if transform else x)
+                weight_map[key] = fname
+                bar.update()
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+        bar.close()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            hf = cfg.to_hf()
+            hf["dtype"] = str(np.dtype(model.model.embed_tokens.weight.dtype))
+            json.dump(hf, f, indent=2)
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
+        # Move the new files in (each replace is atomic; config and index last), then drop stale shards.
+        for fname in names + ["config.json"] + ([INDEX_FILE] if len(shards) > 1 else []):
+            os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
+        for old in os.listdir(out_dir):
+            if (old.endswith(".safetensors") and old not in names) or (old == INDEX_FILE and len(shards) == 1):
+                os.remove(os.path.join(out_dir, old))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""Where each Hugging Face checkpoint tensor goes in a jaxmodels parameter tree, and back.
+
+jaxmodels keeps transformers' parameter names, so the map lists only the exceptions:
+* `model.layers.{i}.*` -> a layer stack with a leading `layers` axis (DeepSeek: `dense_layers` for
+  i < first_k_dense_replace, `moe_layers` after; StableLM: `layers`);
+* routed experts are stacked on an `experts` axis and stored [E, in, out] for `ragged_dot`, from the
+  hub's per-expert keys (`mlp.experts.{e}.gate_proj.weight`, [out, in]) or transformers' fused
+  tensors (`mlp.experts.gate_up_proj` [E, 2*inter, hidden], `mlp.experts.down_proj` [E, hidden, inter]);
+* StableLM's per-head q/k norms `self_attn.q_layernorm.norms.{h}.weight` stack on a heads axis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from jaxmodels.config import BaseConfig, DeepseekConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model (the message names the tensor and the fix)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One source tensor's destination: parameter path, index into its leading slot dims, transform."""
+
+    path: tuple[str, ...]
+    index: tuple[int, ...]
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_HEAD_NORM = re.compile(r"^self_attn\.(q_layernorm|k_layernorm)\.norms\.(\d+)\.weight$")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _transpose(x):
+    return np.swapaxes(x, -1, -2)
+
+
+def layer_stack(cfg: BaseConfig, layer: int) -> tuple[str, int]:
+    """Global layer index -> (stack attribute, index inside the stack)."""
+    if isinstance(cfg, DeepseekConfig):
+        if layer < cfg.num_dense_layers:
+            return "dense_layers", layer
+        return "moe_layers", layer - cfg.num_dense_layers
+    return "layers", layer
+
+
+def stack_offset(cfg: BaseConfig, stack: str) -> int:
+    return cfg.num_dense_layers if stack == "moe_layers" else 0
+
+
+def place(cfg: BaseConfig, key: str) -> list[Placement] | None:
+    """Destinations of checkpoint tensor `key`; None if it is deliberately skipped (MTP layers, buffers).
+
+    Raises CheckpointError for a key that has no place in this model.
+    """
+    if key.endswith(_IGNORED_SUFFIXES):
+        return None
+    m = _LAYER.match(key)
+    if not m:
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            return None  # tied: the output projection is the embedding
+        return [Placement(tuple(key.split(".")), ())]
+    layer, rest = int(m.group(1)), m.group(2)
+    if layer >= cfg.num_hidden_layers:
+        return None  # multi-token-prediction layers (e.g. DeepSeek-V3's layer 61)
+    stack, i = layer_stack(cfg, layer)
+    base = ("model", stack, "layers")
+    if (e := _EXPERT.match(rest)):
+        return [Placement(base + ("mlp", "experts", e.group(2)), (i, int(e.group(1))), _transpose)]
+    if rest == "mlp.experts.gate_up_proj":
+        inter = cfg.moe_intermediate_size
+        return [Placement(base + ("mlp", "experts", "gate_proj"), (i,), lambda x: _transpose(x[:, :inter])),
+                Placement(base + ("mlp", "experts", "up_proj"), (i,), lambda x: _transpose(x[:, inter:]))]
+    if rest == "mlp.experts.down_proj":
+        return [Placement(base + ("mlp", "experts", "down_proj"), (i,), _transpose)]
+    if (h := _HEAD_NORM.match(rest)):
+        return [Placement(base + ("self_attn", h.group(1), "weight"), (i, int(h.group(2))))]
+    return [Placement(base + tuple(rest.split(".")), (i,))]
+
+
+def export_keys(cfg: BaseConfig, path: tuple[str, ...], shape: tuple[int, ...]):
+    """The inverse of `place`: yields (hf_key, index, transform) for one jaxmodels parameter.
+
+    `index` selects the slice of the parameter that becomes the HF tensor.
+    """
+    if path[:1] != ("model",) or len(path) < 3 or path[2] != "layers":
+        yield ".".join(path), (), None
+        return
+    stack, rest = path[1], path[3:]
+    offset = stack_offset(cfg, stack)
+    for i in range(shape[0]):
+        prefix = f"model.layers.{offset + i}."
+        if rest[:2] == ("mlp", "experts"):
+            for e in range(shape[1]):
+                yield f"{prefix}mlp.experts.{e}.{rest[2]}.weight", (i, e), _transpose
+        elif rest[:2] in (("self_attn", "q_layernorm"), ("self_attn", "k_layernorm")):
+            for h in range(shape[1]):
+                yield f"{prefix}self_attn.{rest[1]}.norms.{h}.weight", (i, h), None
+        else:
+            yield prefix + ".".join(rest), (i,), None

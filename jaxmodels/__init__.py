@@ -1,0 +1,26 @@
+"""jaxmodels: DeepSeek-V2, DeepSeek-V3 and StableLM in JAX/Flax NNX, loaded from Hugging Face checkpoints."""
+
+from jaxmodels.config import (ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig, config_from_hf,
+                              load_config)
+from jaxmodels.model import CausalLM, ModelOutput, SequenceClassification, TokenClassification, abstract_model
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(name_or_path, dtype=None, **kwargs):
+    """Loads a Hugging Face checkpoint directory (or hub id, when online). See convert.hf.from_pretrained."""
+    from convert.hf import from_pretrained as _load  # the model library itself knows nothing of files
+
+    return _load(name_or_path, dtype, **kwargs)
+
+
+def save_pretrained(model, out_dir, **kwargs):
+    """Writes the model as a Hugging Face checkpoint (config.json + safetensors) transformers can load."""
+    from convert.hf import save_pretrained as _save
+
+    return _save(model, out_dir, **kwargs)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
+           "ModelOutput", "DeepseekV2Config", "DeepseekV3Config", "StableLmConfig", "ConfigError", "load_config",
+           "config_from_hf", "abstract_model"]

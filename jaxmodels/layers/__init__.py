@@ -1,0 +1,1 @@
+"""Building blocks: one concern per file."""

@@ -1,0 +1,111 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values are compressed into a latent `c_kv` [kv_lora_rank] plus one rotary key `k_pe`
+[qk_rope_head_dim] shared by all heads; only those two are ever cached. Two equivalent ways to attend:
+
+* expanded: decompress the latent into per-head K/V with `kv_b_proj` (cheap when queries are many, prefill);
+* absorbed: fold `W_UK` into the query and apply `W_UV` after attention, so attention runs over the
+  latent directly and past tokens are never decompressed (decode).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels.config import DeepseekConfig, DeepseekV3Config
+from jaxmodels.layers.attention import masked_softmax
+from jaxmodels.layers.linear import Linear
+from jaxmodels.layers.norms import RMSNorm
+from jaxmodels.layers.rope import apply_rope
+
+# transformers builds q_a_layernorm / kv_a_layernorm with the RMSNorm default eps, not rms_norm_eps.
+_LATENT_NORM_EPS = 1e-6
+
+
+class MLAttention(nnx.Module):
+    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
+        self.cfg = cfg
+        h, hid = cfg.num_attention_heads, cfg.hidden_size
+        kw = dict(dtype=dtype, rngs=rngs, std=std)
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(hid, h * cfg.qk_head_dim, axes=("heads", "embed"), **kw)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = Linear(hid, cfg.q_lora_rank, axes=("q_lora", "embed"), bias=cfg.attention_bias, **kw)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=_LATENT_NORM_EPS, dtype=dtype, axis_name="q_lora")
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, axes=("heads", "q_lora"), **kw)
+        self.kv_a_proj_with_mqa = Linear(hid, cfg.kv_lora_rank + cfg.qk_rope_head_dim, axes=(None, "embed"),
+                                         bias=cfg.attention_bias, **kw)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=_LATENT_NORM_EPS, dtype=dtype, axis_name="kv_lora")
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                axes=("heads", "kv_lora"), **kw)
+        self.o_proj = Linear(h * cfg.v_head_dim, hid, axes=("embed", "heads"), bias=cfg.attention_bias, **kw)
+
+    @property
+    def interleaved(self) -> bool:
+        # V2's complex-pair rope and V3's rope_interleave=True rotate adjacent pairs.
+        return not isinstance(self.cfg, DeepseekV3Config) or self.cfg.rope_interleave
+
+    def project_q(self, x, cos, sin):
+        """x [b, s, hidden] -> q_nope [b, s, heads, nope], rotated q_pe [b, s, heads, rope]."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(b, s, cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_pe, cos, sin, interleaved=self.interleaved)
+
+    def project_latent(self, x, cos, sin):
+        """x [b, s, hidden] -> normed latent c_kv [b, s, kv_lora_rank], rotated k_pe [b, s, rope]."""
+        cfg = self.cfg
+        ckv = self.kv_a_proj_with_mqa(x)  # [b, s, kv_lora_rank + rope]
+        c_kv, k_pe = ckv[..., :cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, interleaved=self.interleaved)
+
+    def _w_kv_b(self):
+        """kv_b_proj weight split per head: W_UK [heads, nope, lora], W_UV [heads, v, lora]."""
+        cfg = self.cfg
+        w = self.kv_b_proj.weight[...].reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
+                                               cfg.kv_lora_rank)
+        return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
+
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Decompresses the latent to per-head K/V. c_kv [b, t, lora], k_pe [b, t, rope]; mask [b, s, t]."""
+        cfg = self.cfg
+        b, s, h, _ = q_nope.shape
+        t = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).reshape(b, t, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [b, t, heads, *]
+        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope)
+                  + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale  # [b, heads, s, t]
+        probs = masked_softmax(scores, mask).astype(v.dtype)
+        out = jnp.einsum("bhst,bthv->bshv", probs, v)  # [b, s, heads, v]
+        return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention over the latent itself: W_UK folded into q, W_UV applied after. Same result."""
+        cfg = self.cfg
+        b, s, h, _ = q_nope.shape
+        w_uk, w_uv = self._w_kv_b()
+        q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [b, s, heads, lora]
+        scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_kv)
+                  + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale  # [b, heads, s, t]
+        probs = masked_softmax(scores, mask).astype(c_kv.dtype)
+        out_lat = jnp.einsum("bhst,btc->bshc", probs, c_kv)  # [b, s, heads, lora]
+        out = jnp.einsum("bshc,hvc->bshv", out_lat, w_uv)  # [b, s, heads, v]
+        return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
+
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+        with jax.named_scope("mla"):
+            q_nope, q_pe = self.project_q(x, cos, sin)
+            c_kv, k_pe = self.project_latent(x, cos, sin)
+            if cache is not None:
+                c_kv, k_pe, cache = cache.update(c_kv, k_pe)
+            attend = self.attend_absorbed if absorb else self.attend_expanded
+            return attend(q_nope, q_pe, c_kv, k_pe, mask), cache

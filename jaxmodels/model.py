@@ -1,0 +1,269 @@
+"""Decoder stacks (scanned over a leading `layers` axis) and the three heads.
+
+Parameter paths mirror transformers' names (`model.embed_tokens.weight`, `lm_head.weight`, ...), except
+that layers live in stacks: DeepSeek has `model.dense_layers` (the first `first_k_dense_replace`
+layers) and `model.moe_layers`; StableLM has `model.layers`. Each stack holds one layer's parameters
+with a leading `layers` axis and runs with `jax.lax.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxmodels.config import BaseConfig, ConfigError, DeepseekConfig, StableLmConfig
+from jaxmodels.layers.attention import StableLmAttention
+from jaxmodels.layers.linear import Embed, Linear
+from jaxmodels.layers.mla import MLAttention
+from jaxmodels.layers.mlp import MLP
+from jaxmodels.layers.moe import MoE
+from jaxmodels.layers.norms import LayerNorm, RMSNorm
+from jaxmodels.layers.rope import rope_tables
+
+
+@struct.dataclass
+class ModelOutput:
+    """What a model call returns. logits: [batch, seq, vocab] (CausalLM), [batch, num_labels]
+    (SequenceClassification) or [batch, seq, num_labels] (TokenClassification)."""
+
+    logits: jax.Array
+    hidden_states: jax.Array | None = None  # final-norm output [batch, seq, hidden]
+    cache: Any = None  # updated static cache, when one was passed in
+
+
+class DeepseekLayer(nnx.Module):
+    def __init__(self, cfg: DeepseekConfig, *, moe: bool, dtype, rngs: nnx.Rngs, std: float):
+        self.self_attn = MLAttention(cfg, dtype=dtype, rngs=rngs, std=std)
+        if moe:
+            self.mlp = MoE(cfg, dtype=dtype, rngs=rngs, std=std)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act,
+                           bias=getattr(cfg, "mlp_bias", False), dtype=dtype, rngs=rngs, std=std)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb=absorb)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class StableLmLayer(nnx.Module):
+    def __init__(self, cfg: StableLmConfig, *, dtype, rngs: nnx.Rngs, std: float):
+        self.parallel = cfg.use_parallel_residual
+        self.self_attn = StableLmAttention(cfg, dtype=dtype, rngs=rngs, std=std)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, dtype=dtype, rngs=rngs, std=std)
+        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = (
+            None if self.parallel else LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype))
+
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+        h = self.input_layernorm(x)
+        attn, cache = self.self_attn(h, cos, sin, mask, cache)
+        if self.parallel:
+            return x + attn + self.mlp(h), cache
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` copies of one layer, parameters stacked on a leading axis, run with lax.scan."""
+
+    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(r):
+            return make_layer(r)
+
+        self.layers = create(rngs)
+        self.num_layers = num_layers
+        for _, var in nnx.iter_graph(self.layers):
+            if isinstance(var, nnx.Variable):
+                var.set_metadata("axes", ("layers",) + tuple(var.get_metadata().get("axes", ())))
+
+    def __call__(self, x, cos, sin, mask, cache=None, *, scan: bool = True, absorb: bool = False):
+        """x [batch, seq, hidden]; cache: this stack's cache pytree with a leading layers axis, or None."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            layer_state, layer_cache = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(carry, cos, sin, mask, layer_cache, absorb=absorb)
+
+        if scan:
+            return jax.lax.scan(body, x, (state, cache))
+        caches = []
+        for i in range(self.num_layers):
+            x, c = body(x, jax.tree.map(lambda a: a[i], (state, cache)))
+            caches.append(c)
+        return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
+
+
+class Decoder(nnx.Module):
+    """Embeddings, the layer stack(s) and the final norm (transformers' `*Model`)."""
+
+    def __init__(self, cfg: BaseConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, std: float | None = None):
+        std = cfg.initializer_range if std is None else std
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, std=std)
+        if isinstance(cfg, DeepseekConfig):
+            def stack(n, moe):
+                if n == 0:
+                    return None
+                return LayerStack(lambda r: DeepseekLayer(cfg, moe=moe, dtype=dtype, rngs=r, std=std), n, rngs)
+
+            self.dense_layers = stack(cfg.num_dense_layers, False)
+            self.moe_layers = stack(cfg.num_moe_layers, True)
+            self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        elif isinstance(cfg, StableLmConfig):
+            self.layers = (LayerStack(lambda r: StableLmLayer(cfg, dtype=dtype, rngs=r, std=std),
+                                      cfg.num_hidden_layers, rngs) if cfg.num_hidden_layers else None)
+            self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        else:
+            raise ConfigError(f"no decoder for config type {type(cfg).__name__}")
+
+    def stacks(self) -> dict[str, LayerStack]:
+        """The non-empty layer stacks in execution order, by attribute name."""
+        names = ("dense_layers", "moe_layers") if isinstance(self.cfg, DeepseekConfig) else ("layers",)
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def __call__(self, input_ids, mask, positions, cache=None, *, scan: bool = True, absorb: bool = False):
+        """input_ids [b, s]; mask [b, s, t] bool (True = may attend); positions [b, s] int.
+
+        cache: dict stack name -> that stack's cache (leading layers axis), or None.
+        Returns (hidden [b, s, hidden] after the final norm, updated cache or None).
+        """
+        cfg = self.cfg
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
+        new_cache = {} if cache is not None else None
+        for name, stack in self.stacks().items():
+            with jax.named_scope(name):
+                x, c = stack(x, cos, sin, mask, None if cache is None else cache[name], scan=scan, absorb=absorb)
+            if cache is not None:
+                new_cache[name] = c
+        return self.norm(x), new_cache
+
+
+def causal_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
+    """[b, s, s] bool: causal, and keys that are padding (attention_mask == 0) are never attended."""
+    mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None]
+    if attention_mask is not None:
+        mask = mask & (attention_mask[:, None, :] != 0)
+    return jnp.broadcast_to(mask, (batch, seq, seq))
+
+
+def _check_inputs(cfg: BaseConfig, input_ids, attention_mask, positions):
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    if positions is not None and tuple(positions.shape) != tuple(input_ids.shape):
+        raise ValueError(f"positions shape {tuple(positions.shape)} != input_ids shape {tuple(input_ids.shape)}")
+
+
+class _Headed(nnx.Module):
+    head: str = ""
+
+    def __init__(self, cfg: BaseConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, std: float | None = None,
+                 scan: bool = True):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.scan = scan
+        self.model = Decoder(cfg, dtype=dtype, rngs=rngs, std=std)
+        self._make_head(cfg, dtype, rngs, cfg.initializer_range if std is None else std)
+
+    def _make_head(self, cfg, dtype, rngs, std):
+        raise NotImplementedError
+
+    def hidden(self, input_ids, attention_mask=None, positions=None):
+        """Final hidden states [b, s, hidden] for a full (uncached) forward pass."""
+        input_ids = jnp.asarray(input_ids)
+        _check_inputs(self.config, input_ids, attention_mask, positions)
+        b, s = input_ids.shape
+        if positions is None:
+            # Like transformers' forward: positions count from 0 regardless of padding.
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        am = None if attention_mask is None else jnp.asarray(attention_mask)
+        h, _ = self.model(input_ids, causal_mask(am, b, s), jnp.asarray(positions), scan=self.scan)
+        return h
+
+
+class CausalLM(_Headed):
+    """Language-model head: logits [batch, seq, vocab]; honours tie_word_embeddings."""
+
+    head = "causal_lm"
+
+    def _make_head(self, cfg, dtype, rngs, std):
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs,
+                               std=std))
+
+    def logits(self, h):
+        return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
+        """input_ids [b, s] int; attention_mask [b, s] (1 = token, 0 = padding); positions [b, s] optional."""
+        h = self.hidden(input_ids, attention_mask, positions)
+        return ModelOutput(logits=self.logits(h), hidden_states=h)
+
+
+class SequenceClassification(_Headed):
+    """Scores every position, then pools the rightmost non-pad token, exactly as transformers does."""
+
+    head = "sequence_classification"
+
+    def _make_head(self, cfg, dtype, rngs, std):
+        self.score = Linear(cfg.hidden_size, cfg.num_labels, axes=(None, "embed"), dtype=dtype, rngs=rngs, std=std)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
+        input_ids = jnp.asarray(input_ids)
+        h = self.hidden(input_ids, attention_mask, positions)
+        logits = self.score(h)  # [b, s, labels]
+        b, s = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if b != 1:
+                raise ValueError("Cannot pool a batch of more than one sequence: the config has no pad_token_id. "
+                                 "Set pad_token_id in config.json (transformers has the same rule).")
+            last = jnp.full((b,), s - 1)
+        else:
+            # Rightmost token that is not padding; works for left and right padding.
+            last = jnp.argmax(jnp.arange(s) * (input_ids != pad), axis=-1)
+        return ModelOutput(logits=logits[jnp.arange(b), last], hidden_states=h)
+
+
+class TokenClassification(_Headed):
+    """Per-token labels [batch, seq, num_labels] (dropout is inactive at inference)."""
+
+    head = "token_classification"
+
+    def _make_head(self, cfg, dtype, rngs, std):
+        self.score = Linear(cfg.hidden_size, cfg.num_labels, axes=(None, "embed"),
+                            bias=cfg.token_classification_bias, dtype=dtype, rngs=rngs, std=std)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
+        h = self.hidden(input_ids, attention_mask, positions)
+        return ModelOutput(logits=self.score(h), hidden_states=h)
+
+
+HEADS = {c.head: c for c in (CausalLM, SequenceClassification, TokenClassification)}
+
+
+def model_class(cfg: BaseConfig) -> type[_Headed]:
+    head = cfg.head
+    if head == "base":
+        head = "causal_lm"
+    return HEADS[head]
+
+
+def abstract_model(cfg: BaseConfig, dtype=jnp.float32, **kw) -> _Headed:
+    """The model with shapes and dtypes only (nothing allocated): for converters and planning."""
+    return nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(0), **kw))
