@@ -1,0 +1,1 @@
+"""Hugging Face safetensors checkpoints <-> jaxmodels parameter trees (load, FP8 dequant, export)."""
