@@ -3,6 +3,7 @@
 from jaxmodels.config import (ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig, config_from_hf,
                               load_config)
 from jaxmodels.model import CausalLM, ModelOutput, SequenceClassification, TokenClassification, abstract_model
+from jaxmodels.generate import generate  # noqa: E402  (the function shadows the submodule's name, as intended)
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,6 @@ def save_pretrained(model, out_dir, **kwargs):
     return _save(model, out_dir, **kwargs)
 
 
-__all__ = ["from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
+__all__ = ["generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
            "ModelOutput", "DeepseekV2Config", "DeepseekV3Config", "StableLmConfig", "ConfigError", "load_config",
            "config_from_hf", "abstract_model"]

@@ -94,6 +94,23 @@ class LayerStack(nnx.Module):
             layer = nnx.merge(graphdef, layer_state)
             return layer(carry, cos, sin, mask, layer_cache, absorb=absorb)
 
+        if cache is not None and hasattr(cache, "at_layer"):
+            # Static cache (jaxmodels.cache): the stacked buffers ride in the carry and each layer writes
+            # only its new slots in place, so the decode loop never re-stacks (copies) the whole cache.
+            def cached_body(carry, xs):
+                h, c = carry
+                layer_state, i = xs
+                layer = nnx.merge(graphdef, layer_state)
+                h, c = layer(h, cos, sin, mask, c.at_layer(i), absorb=absorb)
+                return (h, c), None
+
+            layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
+            if scan:
+                (x, cache), _ = jax.lax.scan(cached_body, (x, cache), (state, layer_ids))
+            else:
+                for i in range(self.num_layers):
+                    (x, cache), _ = cached_body((x, cache), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
+            return x, cache
         if scan:
             return jax.lax.scan(body, x, (state, cache))
         caches = []

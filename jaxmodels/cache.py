@@ -1,0 +1,124 @@
+"""Static KV caches: preallocated once per `generate` call, stacked by layer, updated in place.
+
+A cache holds every layer of one layer stack in a leading `layers` axis, exactly like the stack's
+parameters. It travels through the layer scan as part of the *carry* (not as scanned-over xs/ys), so
+each layer writes only its new tokens into the big buffer with `dynamic_update_slice` and XLA keeps
+one buffer for the whole decode loop instead of re-stacking a copy per step. The layer a cache
+object addresses is `layer` (set by `LayerStack` before each layer runs); `index` is the slot the
+first new token goes to (the same for every row: prompts are left-padded to one length).
+
+* `MLACache` (DeepSeek-V2/V3) holds only the normed latent `c_kv` [kv_lora_rank] and the rotated
+  shared rope key `k_pe` [qk_rope_head_dim] per token per layer; per-head K/V are never stored.
+* `KVCache` (StableLM) holds rotated K and V per KV head.
+
+`update(new...)` writes the new entries and returns what the layer attends to: the whole cache
+(decode), or with `fresh=True` (prefill into an empty cache) just the new entries themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxmodels.config import BaseConfig, DeepseekConfig, StableLmConfig
+
+
+def _write(buf: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """buf [layers, b, T, ...] <- new [b, s, ...] at (layer, :, index:index+s)."""
+    start = (layer, jnp.zeros((), jnp.int32), index) + (jnp.zeros((), jnp.int32),) * (buf.ndim - 3)
+    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), start)
+
+
+def _read(buf: jax.Array, layer: jax.Array) -> jax.Array:
+    """One layer's slice [b, T, ...] of buf [layers, b, T, ...]."""
+    return jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)
+
+
+@struct.dataclass
+class MLACache:
+    """c_kv [layers, batch, T, kv_lora_rank], k_pe [layers, batch, T, qk_rope_head_dim]."""
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+    index: jax.Array  # int32 scalar: slot of the first token written by the next update
+    layer: jax.Array  # int32 scalar: the layer of this stack the next update writes
+    fresh: bool = struct.field(pytree_node=False, default=False)
+
+    def update(self, c_kv: jax.Array, k_pe: jax.Array):
+        """c_kv [b, s, lora], k_pe [b, s, rope] -> (latents to attend to, rope keys, updated cache)."""
+        new = self.replace(c_kv=_write(self.c_kv, c_kv, self.layer, self.index),
+                           k_pe=_write(self.k_pe, k_pe, self.layer, self.index))
+        if self.fresh:
+            return c_kv, k_pe, new
+        return _read(new.c_kv, self.layer), _read(new.k_pe, self.layer), new
+
+    def at_layer(self, layer) -> "MLACache":
+        return self.replace(layer=jnp.asarray(layer, jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.c_kv.shape[2]
+
+
+@struct.dataclass
+class KVCache:
+    """k, v [layers, batch, T, kv_heads, head_dim] (k already rotated)."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    layer: jax.Array
+    fresh: bool = struct.field(pytree_node=False, default=False)
+
+    def update(self, k: jax.Array, v: jax.Array):
+        """k, v [b, s, kv_heads, d] -> (keys to attend to, values, updated cache)."""
+        new = self.replace(k=_write(self.k, k, self.layer, self.index), v=_write(self.v, v, self.layer, self.index))
+        if self.fresh:
+            return k, v, new
+        return _read(new.k, self.layer), _read(new.v, self.layer), new
+
+    def at_layer(self, layer) -> "KVCache":
+        return self.replace(layer=jnp.asarray(layer, jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def cache_shapes(cfg: BaseConfig, num_layers: int, batch: int, length: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one stack's cache buffers."""
+    if isinstance(cfg, DeepseekConfig):
+        return {"c_kv": (num_layers, batch, length, cfg.kv_lora_rank),
+                "k_pe": (num_layers, batch, length, cfg.qk_rope_head_dim)}
+    if isinstance(cfg, StableLmConfig):
+        shape = (num_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return {"k": shape, "v": shape}
+    raise TypeError(f"no cache layout for {type(cfg).__name__}")
+
+
+def init_cache(cfg: BaseConfig, stack_sizes: dict[str, int], batch: int, length: int, dtype) -> dict[str, Any]:
+    """Zeroed caches {stack name: cache} for `stack_sizes` {stack name: number of layers}."""
+    cls = MLACache if isinstance(cfg, DeepseekConfig) else KVCache
+    zero = jnp.zeros((), jnp.int32)
+    out = {}
+    for name, n in stack_sizes.items():
+        bufs = {k: jnp.zeros(s, dtype) for k, s in cache_shapes(cfg, n, batch, length).items()}
+        out[name] = cls(**bufs, index=zero, layer=zero)
+    return out
+
+
+def bytes_per_token(cfg: BaseConfig, dtype=jnp.bfloat16) -> int:
+    """Cache bytes one token costs across all layers."""
+    itemsize = jnp.dtype(dtype).itemsize
+    per_layer = sum(math.prod(s[3:]) for s in cache_shapes(cfg, 1, 1, 1).values())
+    return per_layer * itemsize * cfg.num_hidden_layers
+
+
+def set_position(cache: dict[str, Any], index, fresh: bool) -> dict[str, Any]:
+    """The same caches with write slot `index` and the prefill/decode mode `fresh`."""
+    index = jnp.asarray(index, jnp.int32)
+    return {k: c.replace(index=index, fresh=fresh) for k, c in cache.items()}

@@ -1,0 +1,316 @@
+"""Batch generation: prefill + decode loop in one jitted program over a static, preallocated cache.
+
+`generate(model, input_ids, ...)` works like transformers' `generate` (greedy or sampling, EOS, pad,
+left-padded batches) and returns the prompt followed by the new tokens. Under the hood:
+
+* the prompt is left-padded to a length bucket and the cache is allocated for
+  bucket(prompt + max_new_tokens) slots, so calls whose shapes fall in the same buckets reuse one
+  compiled program (max_new_tokens, temperature, top_p, seed, EOS and pad ids are traced values);
+* prefill runs the whole prompt (MLA in the expanded form), then a `lax.while_loop` decodes one token
+  per step (MLA in the absorbed form over the latent cache) until `max_new_tokens` or until every row
+  has produced an EOS;
+* positions come from the attention mask exactly as transformers computes `position_ids` for
+  left-padded batches (cumsum(mask) - 1), so padded rows generate what they would alone;
+* tokens can stream to the host as they are produced (`streamer=`), through an ordered
+  `io_callback` from inside the loop: one compiled program, no per-step dispatch from Python.
+
+`prefill` and `decode_step` expose the two halves (cache donated to `decode_step`) for callers who
+drive their own loop, and for the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from jaxmodels.cache import init_cache, set_position
+from jaxmodels.config import BaseConfig
+
+# Incremented each time the generation program is traced (i.e. compiled): tests use it to prove that a
+# second call in the same shape buckets does not recompile.
+TRACE_COUNT = {"generate": 0, "prefill": 0, "decode_step": 0}
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The length bucket of n: the next power of two, at least `minimum`."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+class GenerationError(ValueError):
+    """A bad argument to generate (the message says which and how to fix it)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
+    """transformers' order: temperature, then top-k, then top-p. logits [b, vocab] float32; removed
+    tokens get -inf. top_k is static (0 = off); temperature and top_p may be traced."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]  # [b, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    # top-p: drop the tokens whose ascending cumulative probability stays <= 1 - top_p (always keeps the
+    # most likely token), as TopPLogitsWarper does. With top_p == 1 nothing is removed.
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cum <= 1.0 - top_p).at[..., -1].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def select_tokens(logits: jax.Array, key, *, do_sample: bool, temperature, top_k: int, top_p) -> jax.Array:
+    """Next tokens [b] from last-position logits [b, vocab]: argmax, or a draw from the filtered softmax."""
+    logits = logits.astype(jnp.float32)
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prefill and one decode step (pure functions of the model state)
+# ----------------------------------------------------------------------------------------------------
+
+def prompt_positions(mask: jax.Array) -> jax.Array:
+    """transformers' position_ids for a (left-)padded prompt: cumsum(mask) - 1, padding set to 1."""
+    pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.where(mask != 0, pos, 1)
+
+
+def _stack_sizes(model) -> dict[str, int]:
+    return {name: stack.num_layers for name, stack in model.model.stacks().items()}
+
+
+def _last_logits(model, h):
+    return model.logits(h[:, -1:, :])[:, 0].astype(jnp.float32)  # [b, vocab]
+
+
+def _prefill(model, ids, mask, cache_len: int):
+    """ids, mask [b, p] (left-padded) -> (last logits [b, vocab], cache, kv_valid [b, T], next positions [b])."""
+    b, p = ids.shape
+    dtype = model.model.embed_tokens.weight.dtype
+    cache = init_cache(model.config, _stack_sizes(model), b, cache_len, dtype)
+    cache = set_position(cache, 0, fresh=True)
+    positions = prompt_positions(mask)
+    attn = jnp.tril(jnp.ones((p, p), bool))[None] & (mask[:, None, :] != 0)  # [b, p, p]
+    h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False)
+    kv_valid = jnp.concatenate([mask != 0, jnp.ones((b, cache_len - p), bool)], axis=1)  # [b, T]
+    next_pos = jnp.sum(mask != 0, axis=-1).astype(jnp.int32)  # position of the first new token
+    return _last_logits(model, h), set_position(cache, p, fresh=False), kv_valid, next_pos
+
+
+def _decode(model, cache, tokens, positions, kv_valid):
+    """One token per row: tokens, positions [b] -> (logits [b, vocab], cache with index advanced)."""
+    index = next(iter(cache.values())).index
+    t = kv_valid.shape[1]
+    attn = (kv_valid & (jnp.arange(t) <= index)[None])[:, None, :]  # [b, 1, T]
+    h, cache = model.model(tokens[:, None], attn, positions[:, None], cache, scan=model.scan, absorb=True)
+    return _last_logits(model, h), set_position(cache, index + 1, fresh=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill_jit(graphdef, state, ids, mask, cache_len):
+    TRACE_COUNT["prefill"] += 1
+    return _prefill(nnx.merge(graphdef, state), ids, mask, cache_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode_jit(graphdef, state, cache, tokens, positions, kv_valid):
+    TRACE_COUNT["decode_step"] += 1
+    return _decode(nnx.merge(graphdef, state), cache, tokens, positions, kv_valid)
+
+
+def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None):
+    """Runs the prompt and fills a fresh static cache.
+
+    input_ids, attention_mask [b, p] (left padding only). cache_len: slots to allocate (default p).
+    Returns (logits [b, vocab] float32 at the last position, cache {stack: cache}, kv_valid [b, cache_len]
+    bool, positions [b] of the next token).
+    """
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    cache_len = ids.shape[1] if cache_len is None else int(cache_len)
+    if cache_len < ids.shape[1]:
+        raise GenerationError(f"cache_len={cache_len} is shorter than the prompt ({ids.shape[1]} tokens)")
+    graphdef, state = nnx.split(model)
+    return _prefill_jit(graphdef, state, ids, mask, cache_len)
+
+
+def decode_step(model, cache, tokens, positions, kv_valid):
+    """Feeds one token per row. tokens, positions [b] int; kv_valid [b, T] from `prefill`.
+
+    The cache is donated (updated in place): use only the returned one. Returns (logits [b, vocab], cache).
+    """
+    graphdef, state = nnx.split(model)
+    return _decode_jit(graphdef, state, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                       kv_valid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole loop
+# ----------------------------------------------------------------------------------------------------
+
+_STREAMERS: list[Callable[[int, np.ndarray], None]] = []
+
+
+def _stream_to_host(step, tokens):
+    if _STREAMERS:
+        _STREAMERS[-1](int(step), np.asarray(tokens))
+
+
+def _emit(step, tokens, stream: bool):
+    if stream:
+        io_callback(_stream_to_host, None, step, tokens, ordered=True)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))
+def _generate_jit(state, ids, mask, max_new, temperature, top_p, seed, eos, pad, *, graphdef, cache_len: int,
+                  do_sample: bool, top_k: int, stream: bool):
+    TRACE_COUNT["generate"] += 1
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    capacity = cache_len - p
+    key = jax.random.key(seed)
+    pick = functools.partial(select_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def finish(step, tokens, unfinished):
+        tokens = jnp.where(unfinished, tokens, pad)  # rows that already ended get padding
+        unfinished = unfinished & ~jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+        _emit(step, tokens, stream)
+        return tokens, unfinished
+
+    with jax.named_scope("prefill"):
+        logits, cache, kv_valid, pos = _prefill(model, ids, mask, cache_len)
+    tok, unfinished = finish(0, pick(logits, jax.random.fold_in(key, 0)), jnp.ones((b,), bool))
+    out = jnp.full((b, capacity), pad, jnp.int32).at[:, 0].set(tok)
+
+    def cond(carry):
+        step, _, _, _, _, unfinished = carry
+        return (step < max_new) & jnp.any(unfinished)
+
+    def body(carry):
+        step, out, tok, pos, cache, unfinished = carry
+        with jax.named_scope("decode"):
+            logits, cache = _decode(model, cache, tok, pos, kv_valid)
+        tok, unfinished = finish(step, pick(logits, jax.random.fold_in(key, step)), unfinished)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+        return step + 1, out, tok, pos + 1, cache, unfinished
+
+    carry = (jnp.asarray(1, jnp.int32), out, tok, pos, cache, unfinished)
+    steps, out, *_ = jax.lax.while_loop(cond, body, carry)
+    return out, steps
+
+
+def _eos_list(eos_token_id, cfg: BaseConfig) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return cfg.eos_token_ids
+    if isinstance(eos_token_id, (int, np.integer)):
+        return (int(eos_token_id),)
+    return tuple(int(e) for e in eos_token_id)
+
+
+def _check_args(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p):
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "logits"):
+        raise GenerationError(f"generate needs a jaxmodels CausalLM, got {type(model).__name__}; load one with "
+                              "jaxmodels.from_pretrained on a *ForCausalLM checkpoint")
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise GenerationError(f"input_ids must be a non-empty [batch, seq] array, got shape {tuple(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise GenerationError(f"input_ids must be integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise GenerationError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                              f"[{ids.min()}, {ids.max()}]")
+    if mask.shape != ids.shape:
+        raise GenerationError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
+    if (mask[:, -1] == 0).any() or (np.diff(mask.astype(np.int8), axis=1) < 0).any():
+        raise GenerationError("attention_mask must be left-padded (zeros only before the tokens of each row); "
+                              "use a tokenizer with padding_side='left'")
+    if (mask.sum(axis=1) == 0).any():
+        raise GenerationError("a row of attention_mask is all zeros: every prompt needs at least one token")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be a float in (0, 1] (1 disables it), got {top_p!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or not np.isfinite(temperature):
+        raise GenerationError(f"temperature must be a finite float > 0, got {temperature!r}; use do_sample=False "
+                              "for greedy decoding")
+    limit = cfg.max_position_embeddings
+    if ids.shape[1] > limit:
+        raise GenerationError(f"the prompt has {ids.shape[1]} tokens, more than the model's "
+                              f"max_position_embeddings={limit}; shorten the prompt")
+    longest = int(mask.sum(axis=1).max())
+    if longest + max_new_tokens > limit:
+        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                              f"max_position_embeddings={limit}; lower max_new_tokens to at most {limit - longest}")
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
+             seed: int = 0, *, streamer: Callable[[int, np.ndarray], None] | None = None,
+             cache_len: int | None = None) -> np.ndarray:
+    """Generates continuations of a batch of prompts, like transformers' `generate`.
+
+    model: a jaxmodels CausalLM. input_ids [batch, prompt] int; attention_mask [batch, prompt] with 0 on
+    left padding (default: all ones). do_sample=False is greedy; otherwise tokens are drawn after
+    `temperature`, `top_k` (0 = off) and `top_p` (1 = off), reproducibly for a given `seed`.
+    eos_token_id: int or list (default: the config's); rows stop at their first EOS and are padded with
+    `pad_token_id` (default: the config's, else the first EOS) until every row has stopped or
+    `max_new_tokens` were produced. streamer(step, tokens [batch]) is called on the host as each step's
+    tokens are produced. cache_len: cache slots (default: the bucket of the padded prompt + new tokens).
+
+    Returns int32 [batch, prompt + new] numpy ids, the prompt first; `new` <= max_new_tokens.
+    """
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    _check_args(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+    cfg: BaseConfig = model.config
+    eos = _eos_list(eos_token_id, cfg)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    b, p = ids.shape
+    pb = bucket(p)
+    need = pb + int(max_new_tokens)
+    if cache_len is None:
+        cache_len = bucket(need)
+    elif cache_len < need:
+        raise GenerationError(f"cache_len={cache_len} is too small for the padded prompt ({pb}) + max_new_tokens "
+                              f"({max_new_tokens}) = {need} slots")
+    # Left-pad to the bucket: masked slots change nothing, and the compiled program is reused.
+    ids_b = np.zeros((b, pb), np.int32)
+    mask_b = np.zeros((b, pb), np.int32)
+    ids_b[:, pb - p:] = ids
+    mask_b[:, pb - p:] = mask
+    eos_arr = np.asarray(eos if eos else (-1,), np.int32)
+    graphdef, state = nnx.split(model)
+    if streamer is not None:
+        _STREAMERS.append(streamer)
+    try:
+        out, steps = _generate_jit(state, ids_b, mask_b, np.int32(max_new_tokens), np.float32(temperature),
+                                   np.float32(top_p), np.int32(seed), eos_arr, np.int32(pad_token_id),
+                                   graphdef=graphdef, cache_len=int(cache_len), do_sample=bool(do_sample),
+                                   top_k=int(top_k), stream=streamer is not None)
+        if streamer is not None:
+            jax.effects_barrier()
+    finally:
+        if streamer is not None:
+            _STREAMERS.pop()
+    steps = int(steps)
+    return np.concatenate([ids.astype(np.int32), np.asarray(out)[:, :steps]], axis=1)
+
+
+__all__ = ["generate", "prefill", "decode_step", "bucket", "filter_logits", "select_tokens", "GenerationError",
+           "TRACE_COUNT"]
