@@ -59,9 +59,29 @@ def _keep_top_groups(scores, group_scores, cfg: DeepseekConfig, fill):
     return jnp.where(expert_mask, scores, fill)
 
 
+# Decode-sized calls (at most this many token-slots, tokens * top-k) read only the chosen experts'
+# weights (`gathered_experts`) instead of running the grouped matmul, whose GPU lowering touches every
+# expert. Static (trace time); benchmarks/bench_generate.py measures the crossover.
+GATHER_MAX_SLOTS = 32
+
+
+def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
+    """Expert compute for a few tokens: each token-slot multiplies by its own expert's weights, so a decode
+    step reads k experts per token and never the others. Same arguments and result as grouped_experts."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)  # [slots]
+    xs = jnp.repeat(x, k, axis=0)  # [slots, hidden]
+    gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, flat, axis=0))  # [slots, inter]
+    up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, flat, axis=0))  # [slots, inter]
+    y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
+    return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1).astype(jnp.float32), weights).astype(x.dtype)
+
+
 def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts: int):
     """Dropless expert compute. x [tokens, hidden]; ids/weights [tokens, k]; gate/up [E, hidden, inter],
     down [E, inter, hidden] -> [tokens, hidden]."""
+    if ids.size <= GATHER_MAX_SLOTS:
+        return gathered_experts(x, ids, weights, gate_w, up_w, down_w, act)
     t, k = ids.shape
     flat = ids.reshape(-1)  # [tokens * k]
     order = jnp.argsort(flat, stable=True)
