@@ -7,6 +7,7 @@ stays near one layer's slice of one parameter, never the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -182,6 +183,149 @@ def _read(ckpt: Checkpoint, key: str) -> np.ndarray:
     return x
 
 
+class _LazySlice:
+    """A view of one safetensors tensor that reads nothing until `read()`.
+
+    It supports what the key map's layout transforms do (np.swapaxes, basic slicing), so the loader can
+    apply a transform first and then cut out one device's block: only that block is read from the file.
+    """
+
+    def __init__(self, handle, key: str):
+        self._sl = handle.get_slice(key)
+        self._sel: list = [slice(0, n) for n in self._sl.get_shape()]  # per source axis: slice or int
+        self._axes = list(range(len(self._sel)))  # view dimension -> source axis
+
+    def _copy(self) -> "_LazySlice":
+        new = object.__new__(_LazySlice)
+        new._sl, new._sel, new._axes = self._sl, list(self._sel), list(self._axes)
+        return new
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._sel[a].stop - self._sel[a].start for a in self._axes)
+
+    @property
+    def ndim(self) -> int:
+        return len(self._axes)
+
+    def swapaxes(self, a: int, b: int) -> "_LazySlice":
+        new = self._copy()
+        a, b = a % self.ndim, b % self.ndim
+        new._axes[a], new._axes[b] = new._axes[b], new._axes[a]
+        return new
+
+    def __getitem__(self, idx) -> "_LazySlice":
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis for i in idx):
+            at = idx.index(Ellipsis)
+            idx = idx[:at] + (slice(None),) * (self.ndim - len(idx) + 1) + idx[at + 1:]
+        if len(idx) > self.ndim:
+            raise IndexError(f"too many indices for a {self.ndim}-d tensor")
+        new, keep = self._copy(), []
+        for v, a in enumerate(self._axes):
+            cur = self._sel[a]
+            n = cur.stop - cur.start
+            i = idx[v] if v < len(idx) else slice(None)
+            if isinstance(i, slice):
+                start, stop, step = i.indices(n)
+                if step != 1:
+                    raise TypeError("strided slices are not supported lazily")
+                new._sel[a] = slice(cur.start + start, cur.start + max(stop, start))
+                keep.append(a)
+            elif isinstance(i, (int, np.integer)):
+                i = int(i) + (n if int(i) < 0 else 0)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {int(idx[v])} out of range for size {n}")
+                new._sel[a] = cur.start + i
+            else:
+                raise TypeError(f"index {i!r} is not supported lazily")
+        new._axes = keep
+        return new
+
+    def read(self) -> np.ndarray:
+        sel = tuple(s if isinstance(s, slice) else slice(s, s + 1) for s in self._sel)
+        remaining = [a for a, s in enumerate(self._sel) if isinstance(s, slice)]
+        x = self._sl[sel].reshape([self._sel[a].stop - self._sel[a].start for a in remaining])
+        return x.transpose([remaining.index(a) for a in self._axes])
+
+
+def _read_block(ckpt: Checkpoint, key: str, pl: Placement, index: tuple) -> np.ndarray:
+    """The block `index` (slices over the parameter's trailing dims) of checkpoint tensor `key` after its
+    layout transform, reading only that block where the transform allows (else the one whole tensor)."""
+    file = ckpt.key_file[key]
+    try:
+        if ckpt.dtype(key) not in ("F8_E4M3",):  # FP8 needs whole 128x128 scale blocks: read it whole
+            lazy = _LazySlice(ckpt._handle(file), key)
+            view = pl.transform(lazy) if pl.transform is not None else lazy
+            if isinstance(view, _LazySlice):
+                return view[index].read()
+    except (TypeError, AttributeError, IndexError):
+        pass  # a transform the lazy view cannot follow: fall back to the whole tensor (still one tensor)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"could not read {key!r} from {file} ({e}); the file is corrupt or truncated, "
+                              "re-download it") from e
+    x = _read(ckpt, key)
+    if pl.transform is not None:
+        x = pl.transform(x)
+    return np.ascontiguousarray(x[index])
+
+
+def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_block(buf, value, offsets):
+    return jax.lax.dynamic_update_slice(buf, value, offsets)
+
+
+# A device block up to this size (or one checkpoint tensor, if larger) is assembled on the host and sent
+# in one transfer; larger blocks are assembled on the device one tensor slice at a time. Either way host
+# memory stays about max(one tensor, HOST_BLOCK_BYTES), never a layer or a model.
+HOST_BLOCK_BYTES = 4 << 20
+
+
+def _load_sharded(ckpt: Checkpoint, var, entries, slots: int, sharding, dtype) -> jax.Array:
+    """One parameter created directly with `sharding`: each distinct device block is built from the
+    checkpoint slices that fall in it (replicas get a device-to-device copy of the first one), reading
+    only those slices from the files."""
+    shape = tuple(var.shape)
+    itemsize = np.dtype(dtype).itemsize
+    groups: dict[tuple, list] = defaultdict(list)
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        groups[tuple((s.start, s.stop) for s in _norm_index(index, shape))].append(device)
+    bound = max(HOST_BLOCK_BYTES, math.prod(shape[slots:]) * itemsize)
+    arrays = {}
+    for bounds, devices in groups.items():
+        index = tuple(slice(a, b) for a, b in bounds)
+        block = tuple(b - a for a, b in bounds)
+        if slots == 0:
+            (key, pl), = entries
+            first = jax.device_put(_read_block(ckpt, key, pl, index).astype(dtype), devices[0])
+        else:
+            mine = [(key, pl) for key, pl in entries
+                    if all(bounds[j][0] <= pl.index[j] < bounds[j][1] for j in range(len(pl.index)))]
+            on_host = math.prod(block) * itemsize <= bound
+            buf = np.empty(block, dtype) if on_host else jnp.zeros(block, dtype, device=devices[0])
+            for key, pl in mine:
+                lead = pl.index
+                piece = _read_block(ckpt, key, pl, index[len(lead):]).astype(dtype)
+                at = tuple(lead[j] - bounds[j][0] for j in range(len(lead)))
+                if on_host:
+                    buf[at] = piece
+                else:
+                    offsets = tuple(np.int32(i) for i in at) + (np.int32(0),) * (len(shape) - len(lead))
+                    piece = jax.device_put(piece.reshape((1,) * len(lead) + piece.shape), devices[0])
+                    buf = _write_block(buf, piece, offsets)
+                del piece
+            first = jax.device_put(buf, devices[0]) if on_host else buf
+            del buf
+        arrays[devices[0]] = first
+        for d in devices[1:]:
+            arrays[d] = jax.device_put(first, d)
+    return jax.make_array_from_single_device_arrays(shape, sharding, list(arrays.values()))
+
+
 @jax.jit
 def _set_slice(buf, value, index):
     return jax.lax.dynamic_update_slice(buf, value[None], (index,) + (0,) * value.ndim)
@@ -208,7 +352,10 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
         sharding = sharding_fn(name, var) if sharding_fn else None
         entries = plan[name]
         slots = _leading_slots(name)
-        if slots == 0:
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            # On a mesh: every device block is read from its own slices of the file (host ~ one tensor).
+            value = _load_sharded(ckpt, var, entries, slots, sharding, target_dtype)
+        elif slots == 0:
             (key, pl), = entries
             value = jax.device_put(_read(ckpt, key).astype(target_dtype), sharding)
         else:
@@ -245,11 +392,14 @@ def resolve_checkpoint(name_or_path: str) -> str:
     raise FileNotFoundError(f"checkpoint directory {name_or_path!r} does not exist")
 
 
-def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = True, progress: bool = True):
+def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = True, progress: bool = True,
+                    rules=None):
     """Loads a Hugging Face checkpoint as a jaxmodels model (family from model_type, head from architectures).
 
     dtype: parameter dtype (default: the checkpoint's config `dtype`/`torch_dtype`, else float32).
-    mesh: a jax.sharding.Mesh; parameters are created with their final shardings (see jaxmodels.sharding).
+    mesh: a jax.sharding.Mesh; parameters are created with their final shardings (see jaxmodels.sharding),
+        each device reading only its slices of the files, and the model runs on that mesh.
+    rules: overrides of the logical-axis -> mesh-axis table (jaxmodels.sharding.RULES), with `mesh`.
     """
     path = resolve_checkpoint(name_or_path)
     cfg = load_config(path)
@@ -259,10 +409,13 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     sharding_fn = None
     if mesh is not None:
         from jaxmodels.sharding import param_sharding
-        sharding_fn = lambda name, var: param_sharding(var, mesh)  # noqa: E731
+        sharding_fn = lambda name, var: param_sharding(var, mesh, rules)  # noqa: E731
     graphdef, state = load_state(path, cfg, dtype, sharding_fn=sharding_fn, progress=progress)
     model = nnx.merge(graphdef, state)
     model.scan = scan
+    if mesh is not None:
+        from jaxmodels.sharding import attach_mesh
+        attach_mesh(model, mesh, rules)
     return model
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxmodels import sharding
 from jaxmodels.config import BaseConfig, ConfigError, DeepseekConfig, StableLmConfig
 from jaxmodels.layers.attention import StableLmAttention
 from jaxmodels.layers.linear import Embed, Linear
@@ -46,6 +47,7 @@ class DeepseekLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+        x = sharding.constrain(x, sharding.ACTIVATION_AXES)  # block boundary: [batch, seq, hidden]
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb=absorb)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -62,6 +64,7 @@ class StableLmLayer(nnx.Module):
             None if self.parallel else LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype))
 
     def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+        x = sharding.constrain(x, sharding.ACTIVATION_AXES)  # block boundary: [batch, seq, hidden]
         h = self.input_layernorm(x)
         attn, cache = self.self_attn(h, cos, sin, mask, cache)
         if self.parallel:
@@ -148,6 +151,10 @@ class Decoder(nnx.Module):
         names = ("dense_layers", "moe_layers") if isinstance(self.cfg, DeepseekConfig) else ("layers",)
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    mesh = None  # a jax Mesh once the model is placed on one (jaxmodels.sharding.attach_mesh)
+    sharding_rules = None
+
+    @sharding.with_module_mesh
     def __call__(self, input_ids, mask, positions, cache=None, *, scan: bool = True, absorb: bool = False):
         """input_ids [b, s]; mask [b, s, t] bool (True = may attend); positions [b, s] int.
 
@@ -155,7 +162,7 @@ class Decoder(nnx.Module):
         Returns (hidden [b, s, hidden] after the final norm, updated cache or None).
         """
         cfg = self.cfg
-        x = self.embed_tokens(input_ids)
+        x = sharding.constrain(self.embed_tokens(input_ids), sharding.ACTIVATION_AXES)
         cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
         new_cache = {} if cache is not None else None
         for name, stack in self.stacks().items():
@@ -223,8 +230,10 @@ class CausalLM(_Headed):
                         Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs,
                                std=std))
 
+    @sharding.with_module_mesh
     def logits(self, h):
-        return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return sharding.constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",))
 
     def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
         """input_ids [b, s] int; attention_mask [b, s] (1 = token, 0 = padding); positions [b, s] optional."""

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.linear import ACTIVATIONS, param
 from jaxmodels.layers.mlp import MLP
@@ -94,6 +95,61 @@ def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
+def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts: int, mesh, rules):
+    """`grouped_experts` with the experts split over the mesh (expert parallelism), still dropless.
+
+    Scheme: all-gather tokens, compute local experts, reduce-scatter. Inside `jax.shard_map` each device
+    holds E / |expert| experts (and 1 / |tensor| of their intermediate dimension). It all-gathers the
+    token-slots of its expert group (the tokens are split over `expert` as a batch axis elsewhere), sorts
+    them by expert with the slots of other devices' experts sorted last, and runs the same grouped matmuls
+    over its local experts only: ragged_dot leaves rows beyond the local groups at zero. The partial
+    outputs are then reduce-scattered over `expert` (psum'd over `tensor`) back to each device's tokens.
+
+    Why not all-to-all: a dropless all-to-all needs either a capacity (which drops tokens) or receive
+    buffers sized for the worst case (every slot to one device, |expert| x the slots) plus a ragged
+    all-to-all that the CPU backend lacks. The all-gather / reduce-scatter moves tokens x hidden per
+    device in each direction, independent of routing, keeps static shapes, and never drops a token.
+    """
+    spec_w = sharding.logical_to_spec(("experts", None, "moe_mlp"), rules, mesh, gate_w.shape)
+    spec_d = sharding.logical_to_spec(("experts", "moe_mlp", None), rules, mesh, down_w.shape)
+    spec_t = sharding.logical_to_spec(("batch", None), rules, mesh, x.shape)
+    exp_axes = sharding.mesh_axes_of_spec(spec_w, 0)  # the axes that really split E (those that divide it)
+    red_axes = exp_axes + tuple(a for a in sharding.mesh_axes_of_spec(spec_w, 2) if a not in exp_axes)
+    tok_axes = sharding.mesh_axes_of_spec(spec_t, 0)
+    gather = tuple(a for a in tok_axes if a in red_axes)  # token shards that must meet every expert shard
+    summed = tuple(a for a in red_axes if a not in gather)
+
+    def local(x, ids, weights, gate_w, up_w, down_w):
+        if gather:
+            x = jax.lax.all_gather(x, gather, axis=0, tiled=True)  # [tokens of the group, hidden]
+            ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
+            weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
+        t, k = ids.shape
+        e_local = gate_w.shape[0]
+        first = jax.lax.axis_index(exp_axes) * e_local if exp_axes else 0
+        local_ids = ids.reshape(-1) - first
+        # Slots of other devices' experts get key e_local and sort after every local group.
+        key = jnp.where((local_ids >= 0) & (local_ids < e_local), local_ids, e_local)
+        order = jnp.argsort(key, stable=True)
+        x_sorted = jnp.take(x, order // k, axis=0)  # [t * k, hidden]
+        group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
+        h = ACTIVATIONS[act](jax.lax.ragged_dot(x_sorted, gate_w, group_sizes)) * jax.lax.ragged_dot(
+            x_sorted, up_w, group_sizes)  # [t * k, inter / |tensor|]
+        y_sorted = jax.lax.ragged_dot(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
+        mine = jnp.arange(t * k) < group_sizes.sum()
+        y_sorted = jnp.where(mine[:, None], y_sorted, 0)
+        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
+        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)  # [t, hidden] float32
+        if gather:
+            out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
+        if summed:
+            out = jax.lax.psum(out, summed)
+        return out.astype(x.dtype)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec_t, spec_t, spec_t, spec_w, spec_w, spec_d),
+                         out_specs=spec_t)(x, ids, weights, gate_w, up_w, down_w)
+
+
 class Experts(nnx.Module):
     """Routed experts' weights stacked on a leading expert axis, laid out [E, in, out] for ragged_dot."""
 
@@ -137,8 +193,13 @@ class MoE(nnx.Module):
             with jax.named_scope("router"):
                 weights, ids = route(cfg, self.gate.logits(flat), bias)
             with jax.named_scope("experts"):
-                y = grouped_experts(flat, ids, weights, self.experts.gate_proj[...], self.experts.up_proj[...],
-                                    self.experts.down_proj[...], cfg.hidden_act, cfg.n_routed_experts)
+                experts = (self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
+                mesh, rules = sharding.current()
+                if mesh is None:
+                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act, cfg.n_routed_experts)
+                else:
+                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, cfg.n_routed_experts,
+                                        mesh, rules)
             y = y.reshape(b, s, d)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
