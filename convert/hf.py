@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -26,10 +27,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from convert.fp8 import BLOCK as FP8_BLOCK
 from convert.fp8 import dequantize_fp8
-from convert.keymap import CheckpointError, Placement, export_keys, place
+from convert.keymap import CheckpointError, Placement, export_keys, mtp_layers, place
 from jaxmodels.config import BaseConfig, load_config
-from jaxmodels.model import abstract_model
+from jaxmodels.model import abstract_model, model_class
 
 log = logging.getLogger("jaxmodels.convert")
 
@@ -38,6 +40,8 @@ if not hasattr(np, "float8_e4m3fn"):
     np.float8_e4m3fn = ml_dtypes.float8_e4m3fn
 
 INDEX_FILE = "model.safetensors.index.json"
+_FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
+_SAFETENSORS_DTYPE_NAMES = {"F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu"}
 SINGLE_FILE = "model.safetensors"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -121,6 +125,29 @@ def _leading_slots(path: tuple[str, ...]) -> int:
     return 0
 
 
+def _check_fp8(ckpt: Checkpoint, key: str) -> None:
+    """A float8 weight needs its 128x128-block `weight_scale_inv`, and a scale needs a float8 weight
+    (checked from the headers, before any data is read)."""
+    dtype = ckpt.dtype(key)
+    scale_key = key[: -len("weight")] + "weight_scale_inv" if key.endswith("weight") else None
+    has_scale = scale_key is not None and scale_key in ckpt.key_file
+    if dtype.startswith("F8"):
+        if dtype != _FP8_DTYPE:
+            raise CheckpointError(f"{key} is {_SAFETENSORS_DTYPE_NAMES.get(dtype, dtype)}; only float8_e4m3fn "
+                                  "(DeepSeek-V3's FP8 format) with 128x128 weight_scale_inv blocks can be dequantised")
+        if not has_scale:
+            raise CheckpointError(f"{key} is float8 but {scale_key} is missing; the FP8 checkpoint is incomplete, "
+                                  "re-download it")
+        shape, scale = ckpt.shape(key), ckpt.shape(scale_key)
+        want = tuple(-(-d // FP8_BLOCK) for d in shape)
+        if len(shape) != 2 or scale != want:
+            raise CheckpointError(f"{scale_key} has shape {scale} but {key} {shape} needs {want} "
+                                  f"({FP8_BLOCK}x{FP8_BLOCK} blocks); the FP8 checkpoint is corrupt")
+    elif has_scale:
+        raise CheckpointError(f"{scale_key} is present but {key} is {dtype}, not float8; the checkpoint mixes "
+                              "quantised and dequantised files, re-download it")
+
+
 def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
     """Validates names and shapes before any data is read: {param path: [(key, Placement), ...]}."""
     params = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(abstract_state)}
@@ -131,13 +158,15 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
     for key in keys:
         if key in scale_keys:
             if key[: -len("_scale_inv")] not in ckpt.key_file:
-                raise CheckpointError(f"{key} has no matching weight tensor in the checkpoint")
+                raise CheckpointError(f"{key} has no matching weight tensor in the checkpoint; the FP8 checkpoint "
+                                      "is incomplete, re-download it")
             continue
         placements = place(cfg, key)
         if placements is None:
             if key.startswith("model.layers."):
                 skipped_layers.add(int(key.split(".")[2]))
             continue
+        _check_fp8(ckpt, key)
         for pl in placements:
             if pl.path not in params:
                 raise CheckpointError(
@@ -145,14 +174,16 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
                     f"{cfg.head}) has no parameter for it; check that config.json matches the weights")
             plan[pl.path].append((key, pl))
     if skipped_layers:
-        log.info("skipping checkpoint layers %s (multi-token-prediction layers beyond num_hidden_layers=%d)",
-                 sorted(skipped_layers), cfg.num_hidden_layers)
+        assert skipped_layers <= set(mtp_layers(cfg))  # place() refuses any other layer beyond the config
+        log.info("skipping checkpoint layer(s) %s: DeepSeek multi-token-prediction modules (layers >= "
+                 "num_hidden_layers=%d) are not used by jaxmodels", sorted(skipped_layers), cfg.num_hidden_layers)
     for path, var in params.items():
         entries = plan.get(path)
         name = ".".join(path)
         if not entries:
-            raise CheckpointError(f"the checkpoint has no tensor for parameter {name} (shape {var.shape}); "
-                                  "the checkpoint is incomplete or config.json does not match it")
+            want = [k for k, _, _ in export_keys(cfg, path, var.shape)]
+            raise CheckpointError(f"the checkpoint has no tensor {_few(want)} for parameter {name} (shape "
+                                  f"{var.shape}); the checkpoint is incomplete or config.json does not match it")
         slots = _leading_slots(path)
         filled = np.zeros(var.shape[:slots], dtype=bool)
         for key, pl in entries:
@@ -167,19 +198,23 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
                                       f"expects {tuple(want)} (after layout change) for {name}; check config.json")
             filled[pl.index] = True
         if not filled.all():
-            missing = [tuple(int(i) for i in ix) for ix in np.argwhere(~filled)[:3]]
-            raise CheckpointError(f"the checkpoint is missing slices of {name}: indices {missing} (layer[, expert or "
-                                  "head]) have no tensor; the checkpoint is incomplete")
+            missing = [k for k, index, _ in export_keys(cfg, path, var.shape) if not filled[index]]
+            raise CheckpointError(f"the checkpoint is missing tensor {_few(missing)} (part of {name}); the checkpoint "
+                                  "is incomplete or config.json does not match it")
     return plan
 
 
+def _few(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def _read(ckpt: Checkpoint, key: str) -> np.ndarray:
+    """One checkpoint tensor as numpy; FP8 weights come back dequantised to float32 (plan_load has
+    checked that each has its scale)."""
     x = ckpt.get(key)
     if x.dtype == ml_dtypes.float8_e4m3fn:
-        scale_key = key[: -len("weight")] + "weight_scale_inv"
-        if scale_key not in ckpt.key_file:
-            raise CheckpointError(f"{key} is float8 but {scale_key} is missing; the FP8 checkpoint is incomplete")
-        x = dequantize_fp8(x, ckpt.get(scale_key))
+        x = dequantize_fp8(x, ckpt.get(key[: -len("weight")] + "weight_scale_inv"))
     return x
 
 
@@ -376,6 +411,12 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
     return graphdef, nnx.from_flat_state(flat)
 
 
+def _default_dtype(cfg: BaseConfig):
+    """The checkpoint's own dtype (config.json `dtype`/`torch_dtype`), else float32."""
+    raw = dict(cfg.extra)
+    return _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", jnp.float32)
+
+
 def resolve_checkpoint(name_or_path: str) -> str:
     """A local directory, or a hub repo id downloaded with huggingface_hub (when online)."""
     if os.path.isdir(name_or_path):
@@ -404,8 +445,7 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     path = resolve_checkpoint(name_or_path)
     cfg = load_config(path)
     if dtype is None:
-        raw = dict(cfg.extra)
-        dtype = _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", jnp.float32)
+        dtype = _default_dtype(cfg)
     sharding_fn = None
     if mesh is not None:
         from jaxmodels.sharding import param_sharding
@@ -419,60 +459,188 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     return model
 
 
-def _to_numpy(x: jax.Array) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def save_pretrained(model, out_dir: str, *, max_shard_size: int = 5 * 1024**3, progress: bool = True) -> None:
-    """Writes config.json and safetensors in the hub's layout (per-layer, per-expert keys; sharded with
-    an index above `max_shard_size` bytes). Files are written to a temporary directory first and moved
-    into place at the end, so an interrupted save never leaves a half-written checkpoint behind."""
-    cfg: BaseConfig = model.config
-    state = nnx.state(model)
-    entries = []  # (hf_key, param value, index, transform)
-    for p, var in nnx.to_flat_state(state):
-        name = tuple(str(x) for x in p)
-        value = var.get_value()
-        for key, index, transform in export_keys(cfg, name, value.shape):
-            entries.append((key, value, index, transform))
-    sizes = [math.prod(v.shape[len(ix):]) * v.dtype.itemsize for _, v, ix, _ in entries]
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string as transformers reads `max_shard_size`: '5GB' = 5e9, '5GiB' = 5 * 2**30."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = _SIZE.match(str(size))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+_HEAD_ARCH = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification",
+              "token_classification": "ForTokenClassification", "base": "ForCausalLM"}
+
+
+def export_config(cfg: BaseConfig, head: str, dtype) -> dict[str, Any]:
+    """config.json of an exported checkpoint: the head it really has, its parameter dtype, and no
+    quantization_config (weights are written dequantised)."""
+    hf = cfg.to_hf()
+    hf.pop("quantization_config", None)
+    hf.pop("torch_dtype", None)
+    hf["dtype"] = np.dtype(dtype).name
+    hf["architectures"] = [cfg.hf_class_prefix + _HEAD_ARCH[head]]
+    return hf
+
+
+class _HostSlices:
+    """Fetches a parameter to the host one layer slice at a time, so exporting per-expert keys costs
+    one device->host copy per layer (not one per expert) and host memory stays near one layer."""
+
+    def __init__(self):
+        self._key, self._host = None, None
+
+    def get(self, value: jax.Array, index: tuple[int, ...]) -> np.ndarray:
+        if not index:
+            return np.asarray(jax.device_get(value))
+        key = (id(value), index[0])
+        if self._key != key:
+            self._key, self._host = None, None  # drop the previous slice before fetching the next
+            self._host = np.asarray(jax.device_get(value[index[0]]))
+            self._key = key
+        return self._host[index[1:]]
+
+
+def _write_checkpoint(out_dir: str, entries: list, config: dict[str, Any], max_shard_size: int | str,
+                      progress: bool) -> int:
+    """Writes `entries` [(hf_key, nbytes, fetch)] (fetch() -> the tensor in HF layout, called once, in
+    order) as safetensors shards plus config.json (and the index when sharded). Returns the file count.
+
+    Shards are filled in order up to `max_shard_size` (a tensor larger than that gets a shard of its own).
+    Everything is written to a temporary directory inside out_dir and moved into place only once complete,
+    so a failure leaves the checkpoint out_dir held before intact (and no temporary files)."""
+    max_shard_size = parse_size(max_shard_size)
     shards, current, current_size = [], [], 0
-    for entry, size in zip(entries, sizes):
-        if current and current_size + size > max_shard_size:
+    for entry in entries:
+        if current and current_size + entry[1] > max_shard_size:
             shards.append(current)
             current, current_size = [], 0
         current.append(entry)
-        current_size += size
-    if current:
+        current_size += entry[1]
+    if current or not shards:
         shards.append(current)
-    names = ([SINGLE_FILE] if len(shards) <= 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    sharded = len(shards) > 1
+    names = ([f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))] if sharded
+             else [SINGLE_FILE])
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".jaxmodels-save-", dir=out_dir)
+    bar = tqdm(total=len(entries), desc="writing", unit="tensor", disable=not progress)
     try:
         weight_map = {}
-        bar = tqdm(total=len(entries), desc="saving", unit="tensor", disable=not progress)
         for shard, fname in zip(shards, names):
             tensors = {}
-            for key, value, index, transform in shard:
-                x = _to_numpy(value[index] if index else value)
-                tensors[key] = np.ascontiguousarray(transform(x) if transform else x)
+            for key, _, fetch in shard:
+                tensors[key] = np.ascontiguousarray(fetch())
                 weight_map[key] = fname
                 bar.update()
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-        bar.close()
+            del tensors
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            hf = cfg.to_hf()
-            hf["dtype"] = str(np.dtype(model.model.embed_tokens.weight.dtype))
-            json.dump(hf, f, indent=2)
-        if len(shards) > 1:
+            json.dump(config, f, indent=2)
+        if sharded:
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}, f, indent=2)
-        # Move the new files in (each replace is atomic; config and index last), then drop stale shards.
-        for fname in names + ["config.json"] + ([INDEX_FILE] if len(shards) > 1 else []):
+                total = int(sum(n for _, n, _ in entries))
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        # Everything is written: move it in (each rename is atomic; config and index last), then drop the
+        # previous checkpoint's files that the new one does not overwrite.
+        for fname in names + ["config.json"] + ([INDEX_FILE] if sharded else []):
             os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
         for old in os.listdir(out_dir):
-            if (old.endswith(".safetensors") and old not in names) or (old == INDEX_FILE and len(shards) == 1):
+            if (old.endswith(".safetensors") and old not in names) or (old == INDEX_FILE and not sharded):
                 os.remove(os.path.join(out_dir, old))
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %d tensors in %d file(s) to %s", len(entries), len(shards), out_dir)
+    return len(names)
+
+
+def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", progress: bool = True) -> str:
+    """Writes `model` as a Hugging Face checkpoint transformers loads: config.json and safetensors in the
+    hub's layout (per-layer, per-expert keys, [out, in] weights), sharded with model.safetensors.index.json
+    when larger than `max_shard_size` (bytes, or a string such as "5GB").
+
+    Files are written to a temporary directory inside out_dir and moved into place only once all of them
+    are complete, so a save that fails leaves whatever checkpoint out_dir held before intact. Returns out_dir.
+    """
+    out_dir = os.fspath(out_dir)
+    cfg: BaseConfig = model.config
+    host = _HostSlices()
+    entries = []
+    for p, var in nnx.to_flat_state(nnx.state(model)):  # every variable load_state fills (Params, Buffers)
+        name = tuple(str(x) for x in p)
+        value = var.get_value()
+        for key, index, transform in export_keys(cfg, name, value.shape):
+            def fetch(value=value, index=index, transform=transform):
+                x = host.get(value, index)
+                return transform(x) if transform else x
+            entries.append((key, math.prod(value.shape[len(index):]) * value.dtype.itemsize, fetch))
+    config = export_config(cfg, model.head, model.model.embed_tokens.weight.dtype)
+    _write_checkpoint(out_dir, entries, config, max_shard_size, progress)
+    return out_dir
+
+
+class _SourceTensors:
+    """The last checkpoint tensor read, after its placement transform (model layout), so the per-expert
+    or per-layer exports cut from one fused source tensor read it once."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self._key, self._value = ckpt, None, None
+
+    def get(self, key: str, pl: Placement) -> np.ndarray:
+        if self._key != (key, pl.path):
+            self._key, self._value = None, None
+            x = _read(self.ckpt, key)
+            self._value = pl.transform(x) if pl.transform is not None else x
+            self._key = (key, pl.path)
+        return self._value
+
+
+def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard_size: int | str = "5GB",
+                       progress: bool = True) -> str:
+    """Rewrites a Hugging Face checkpoint in `dtype` (e.g. DeepSeek-V3 FP8 -> bfloat16) without building
+    the model: the checkpoint is validated exactly as `from_pretrained` validates it (every name, shape,
+    FP8 scale; MTP layers skipped), then streamed tensor by tensor into new shards, so host memory stays
+    near one shard whatever the model size. The result is what `save_pretrained(from_pretrained(...))`
+    writes, tensor for tensor. Returns out_dir."""
+    path = resolve_checkpoint(os.fspath(name_or_path))
+    out_dir = os.fspath(out_dir)
+    cfg = load_config(path)
+    dtype = _default_dtype(cfg) if dtype is None else dtype
+    ckpt = Checkpoint(path)
+    abstract = abstract_model(cfg, dtype)
+    _, abstract_state = nnx.split(abstract)
+    plan = plan_load(cfg, ckpt, abstract_state)
+    source = _SourceTensors(ckpt)
+    entries = []
+    for p, var in nnx.to_flat_state(abstract_state):
+        name = tuple(str(x) for x in p)
+        by_index = {pl.index: (key, pl) for key, pl in plan[name]}
+        for hf_key, index, transform in export_keys(cfg, name, var.shape):
+            # The source tensor that holds this slice: per-expert (index (layer, expert)), or a fused
+            # tensor of the whole layer (index (layer,)) to cut the expert from.
+            n = next(n for n in range(len(index), -1, -1) if index[:n] in by_index)
+            key, pl = by_index[index[:n]]
+
+            def fetch(key=key, pl=pl, rest=index[n:], transform=transform, target=var.dtype):
+                x = source.get(key, pl)[rest].astype(target)
+                return transform(x) if transform else x
+            entries.append((hf_key, math.prod(var.shape[len(index):]) * np.dtype(var.dtype).itemsize, fetch))
+    head = model_class(cfg).head
+    _write_checkpoint(out_dir, entries, export_config(cfg, head, abstract.model.embed_tokens.weight.dtype),
+                      max_shard_size, progress)
+    return out_dir

@@ -56,6 +56,13 @@ def stack_offset(cfg: BaseConfig, stack: str) -> int:
     return cfg.num_dense_layers if stack == "moe_layers" else 0
 
 
+def mtp_layers(cfg: BaseConfig) -> range:
+    """Checkpoint layer indices that hold DeepSeek-V3's multi-token-prediction modules (not loaded:
+    jaxmodels predicts one token at a time). Empty for families without MTP."""
+    n = getattr(cfg, "num_nextn_predict_layers", 0) or 0
+    return range(cfg.num_hidden_layers, cfg.num_hidden_layers + n)
+
+
 def place(cfg: BaseConfig, key: str) -> list[Placement] | None:
     """Destinations of checkpoint tensor `key`; None if it is deliberately skipped (MTP layers, buffers).
 
@@ -70,7 +77,13 @@ def place(cfg: BaseConfig, key: str) -> list[Placement] | None:
         return [Placement(tuple(key.split(".")), ())]
     layer, rest = int(m.group(1)), m.group(2)
     if layer >= cfg.num_hidden_layers:
-        return None  # multi-token-prediction layers (e.g. DeepSeek-V3's layer 61)
+        if layer in mtp_layers(cfg):
+            return None  # multi-token-prediction layers (e.g. DeepSeek-V3's layer 61)
+        raise CheckpointError(
+            f"unexpected tensor {key!r}: layer {layer} is beyond num_hidden_layers={cfg.num_hidden_layers}"
+            + (f" (+ num_nextn_predict_layers={len(mtp_layers(cfg))} MTP layers)" if hasattr(
+                cfg, "num_nextn_predict_layers") else "")
+            + "; check that config.json matches the weights")
     stack, i = layer_stack(cfg, layer)
     base = ("model", stack, "layers")
     if (e := _EXPERT.match(rest)):

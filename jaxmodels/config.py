@@ -106,11 +106,29 @@ class RopeConfig:
         return out
 
 
+class FrozenDict(tuple):
+    """A JSON object kept hashable inside a frozen config: a tuple of (key, value) pairs that
+    remembers it was a dict, so `to_hf()` writes it back as an object (not a list of pairs)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _untupled(v) for k, v in self}
+
+
 def _tupled(value):
+    """JSON value -> hashable value (lists -> tuples, objects -> FrozenDict), recursively."""
     if isinstance(value, list):
         return tuple(_tupled(v) for v in value)
     if isinstance(value, dict):
-        return tuple((k, _tupled(v)) for k, v in value.items())
+        return FrozenDict((k, _tupled(v)) for k, v in value.items())
+    return value
+
+
+def _untupled(value):
+    """The inverse of `_tupled`: the JSON value config.json had."""
+    if isinstance(value, FrozenDict):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_untupled(v) for v in value]
     return value
 
 
@@ -151,6 +169,8 @@ class BaseConfig:
         "model_type", "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "label2id",
         "transformers_version", "head_dim", "qk_head_dim",
     )
+    # Other names transformers accepts for a field (its configs' `attribute_map`).
+    _aliases: ClassVar[dict[str, str]] = {}
     # Keys accepted and dropped: they only matter to PyTorch training or HF bookkeeping.
     _ignored: ClassVar[tuple[str, ...]] = (
         "dtype", "torch_dtype", "output_router_logits", "return_dict", "output_hidden_states", "output_attentions",
@@ -162,6 +182,8 @@ class BaseConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.architectures is None:  # transformers writes `"architectures": null` for a bare config
+            object.__setattr__(self, "architectures", ())
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
         for name in ("vocab_size", "hidden_size", "num_attention_heads"):
@@ -179,6 +201,7 @@ class BaseConfig:
         kwargs: dict[str, Any] = {}
         extra = []
         for key, value in raw.items():
+            key = cls._aliases.get(key, key)
             if key in names:
                 kwargs[key] = _tupled(value) if isinstance(value, (list, dict)) else value
             elif key in cls._ignored:
@@ -207,17 +230,15 @@ class BaseConfig:
         for f in dataclasses.fields(self):
             if f.name in ("rope", "extra", "id2label"):
                 continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            out[f.name] = _untupled(getattr(self, f.name))
         if self.id2label is not None:
             out["id2label"] = {k: v for k, v in self.id2label}
             out["label2id"] = {v: int(k) for k, v in self.id2label}
         out["rope_parameters"] = self.rope.to_hf()
         for key, value in self.extra:
-            if key not in ("dtype", "torch_dtype"):
-                out[key] = value
+            out[key] = _untupled(value)
         if not out["architectures"]:
-            out["architectures"] = [self.default_architecture()]
+            out["architectures"] = None  # as transformers writes a config that names no head
         return out
 
     def default_architecture(self) -> str:
@@ -344,6 +365,8 @@ class DeepseekV2Config(DeepseekConfig):
     eos_token_id: int | tuple[int, ...] | None = 2
     mlp_bias: bool = False
 
+    _aliases: ClassVar[dict[str, str]] = {"num_experts": "n_routed_experts"}
+
     def __post_init__(self):
         super().__post_init__()
         if self.is_moe and self.topk_method not in ("greedy", "group_limited_greedy"):
@@ -380,7 +403,10 @@ class DeepseekV3Config(DeepseekConfig):
     topk_method: str = "noaux_tc"
     scoring_func: str = "sigmoid"
     num_nextn_predict_layers: int = 1
-    quantization_config: tuple | None = None
+    quantization_config: FrozenDict | None = None
+
+    _aliases: ClassVar[dict[str, str]] = {"num_local_experts": "n_routed_experts",
+                                          "num_mtp_layers": "num_nextn_predict_layers"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -390,15 +416,12 @@ class DeepseekV3Config(DeepseekConfig):
         if self.scoring_func != "sigmoid":
             raise ConfigError(f"scoring_func={self.scoring_func!r} is not supported for deepseek_v3; only 'sigmoid'")
         if self.quantization_config is not None:
-            q = dict(self.quantization_config)
-            if q.get("quant_method") != "fp8" or tuple(q.get("weight_block_size", (128, 128))) != (128, 128):
-                raise ConfigError(f"quantization_config={q} is not supported; only DeepSeek's fp8 with "
-                                  "weight_block_size [128, 128] (dequantised at load)")
+            q = _untupled(self.quantization_config)
+            if (not isinstance(q, dict) or q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3"
+                    or list(q.get("weight_block_size", [128, 128])) != [128, 128]):
+                raise ConfigError(f"quantization_config={q} is not supported; only DeepSeek's fp8 (fmt e4m3, "
+                                  "weight_block_size [128, 128]) is, dequantised at load")
 
-    def to_hf(self) -> dict[str, Any]:
-        out = super().to_hf()
-        out.pop("quantization_config")  # weights are exported dequantised
-        return out
 
 
 @dataclass(frozen=True)
@@ -421,6 +444,7 @@ class StableLmConfig(BaseConfig):
     hidden_dropout: float = 0.0
     bos_token_id: int | None = 0
     eos_token_id: int | tuple[int, ...] | None = 0
+    rope: RopeConfig = field(default_factory=lambda: RopeConfig(partial_rotary_factor=0.25))
 
     @classmethod
     def _default_partial_rotary(cls) -> float:

@@ -1,0 +1,540 @@
+"""The converter: HF safetensors (single, sharded, fused experts, FP8, MTP layers) -> jaxmodels -> HF again.
+
+transformers is the oracle: every checkpoint here is written by its save_pretrained (or rewritten from
+one with safetensors), and every export is read back by its from_pretrained.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import convert.hf
+import jaxmodels
+from convert.fp8 import dequantize_fp8
+from convert.hf import INDEX_FILE, convert_checkpoint, parse_size
+from convert.keymap import CheckpointError
+from jaxmodels.config import ConfigError
+from tiny import HEAD_CLASSES, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
+
+TOL = 1e-4  # float32 parity, relative to max |logit|
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+_JITTED = {}
+
+
+def logits(model, ids, mask):
+    """The model's logits, jitted once per model structure (eager calls are slow on 2 CPU cores)."""
+    graphdef, state = nnx.split(model)
+    fn = _JITTED.get(graphdef)
+    if fn is None:
+        fn = _JITTED[graphdef] = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, attention_mask=m).logits)
+    return np.asarray(fn(state, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def params(model) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def assert_same_params(a, b):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert pa[k].dtype == pb[k].dtype and pa[k].shape == pb[k].shape, k
+        assert np.array_equal(pa[k], pb[k]), k
+
+
+def load(path, **kw):
+    return jaxmodels.from_pretrained(os.fspath(path), progress=False, **kw)
+
+
+def read_tensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory (single file or shards)."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def write_checkpoint(src, dst, tensors, config_changes=None):
+    """A copy of checkpoint `src`'s config.json (with changes) and `tensors` as one model.safetensors."""
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(config_changes or {})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return os.fspath(dst)
+
+
+def dir_digest(path) -> dict[str, str]:
+    return {n: hashlib.sha256(open(os.path.join(path, n), "rb").read()).hexdigest() for n in sorted(os.listdir(path))}
+
+
+def quantize_fp8(w: np.ndarray, block: int = 128):
+    """DeepSeek's block quantisation: per 128x128 block, scale = amax / 448 (stored as weight_scale_inv,
+    the dequantisation multiplier) and q = w / scale in float8_e4m3fn."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    padded = np.zeros((rows * block, cols * block), np.float32)
+    padded[: w.shape[0], : w.shape[1]] = w
+    blocks = padded.reshape(rows, block, cols, block)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).reshape(rows * block, cols * block)[: w.shape[0], : w.shape[1]]
+    return q.astype(FP8), scale.astype(np.float32)
+
+
+def dequantize_reference(q: np.ndarray, scale: np.ndarray, block: int = 128) -> np.ndarray:
+    """An independent reference: an explicit loop over blocks."""
+    out = np.empty(q.shape, np.float32)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rs, cs = slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block)
+            out[rs, cs] = q[rs, cs].astype(np.float32) * np.float32(scale[i, j])
+    return out
+
+
+def is_fp8_weight(key: str, x: np.ndarray) -> bool:
+    """The tensors DeepSeek-V3's official checkpoint stores in FP8: every linear weight in the layers
+    except the router (embeddings, lm_head, norms, router and its bias stay high precision)."""
+    return (key.startswith("model.layers.") and key.endswith("_proj.weight") and x.ndim == 2)
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """One tiny transformers checkpoint per family: {family: (path, hf_model)}."""
+    root = tmp_path_factory.mktemp("hf")
+    return {f: make_checkpoint(root, f) for f in ("deepseek_v2", "deepseek_v3", "stablelm")}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return random_batch(96, pad_left=2)
+
+
+@pytest.fixture(scope="module")
+def v3_model(ckpts):
+    return load(ckpts["deepseek_v3"][0])
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("5GiB") == 5 * 2**30
+    assert parse_size("20KB") == 20_000 and parse_size("1.5MB") == 1_500_000 and parse_size(123) == 123
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size("five gigs")
+
+
+def test_sharded_checkpoint_with_index(tmp_path, ckpts, batch, v3_model):
+    """transformers' own sharded save (model.safetensors.index.json + several shards) loads to the
+    same parameters as the single file, and the same logits as transformers."""
+    _, hf = ckpts["deepseek_v3"]
+    path = tmp_path / "sharded"
+    hf.save_pretrained(path, max_shard_size="40KB")
+    shards = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+    assert (path / INDEX_FILE).exists() and len(shards) >= 3, shards
+    model = load(path)
+    assert_same_params(model, v3_model)
+    ids, mask = batch
+    err = max_rel_err(logits(model, ids, mask), hf_logits(hf, ids, mask), mask)
+    print(f"sharded ({len(shards)} shards) max rel err {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+def test_fused_expert_tensors(tmp_path, ckpts, batch, v3_model, family):
+    """transformers' in-memory layout (`mlp.experts.gate_up_proj` [E, 2*inter, hidden], gate first;
+    `mlp.experts.down_proj` [E, hidden, inter]) loads to exactly the per-expert parameters."""
+    src, hf = ckpts[family]
+    tensors = read_tensors(src)
+    per_expert = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups = {}
+    for key in list(tensors):
+        if (m := per_expert.match(key)):
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = tensors.pop(key)
+    assert groups, "the tiny checkpoint should have per-expert keys"
+    for prefix, g in groups.items():
+        n = len(g["gate_proj"])
+        tensors[f"{prefix}.gate_up_proj"] = np.stack(
+            [np.concatenate([g["gate_proj"][e], g["up_proj"][e]], axis=0) for e in range(n)])
+        tensors[f"{prefix}.down_proj"] = np.stack([g["down_proj"][e] for e in range(n)])
+        assert tensors[f"{prefix}.gate_up_proj"].shape == (n, 2 * hf.config.moe_intermediate_size,
+                                                           hf.config.hidden_size)
+    fused_path = write_checkpoint(src, tmp_path / "fused", tensors)
+    fused = load(fused_path)
+    reference = v3_model if family == "deepseek_v3" else load(src)
+    assert_same_params(fused, reference)
+    # The streaming converter cuts the same per-expert tensors from the fused ones.
+    back = read_tensors(convert_checkpoint(fused_path, tmp_path / "unfused", progress=False))
+    original = read_tensors(src)
+    assert sorted(back) == sorted(original)
+    for k in original:
+        np.testing.assert_array_equal(back[k], original[k], err_msg=k)
+    ids, mask = batch
+    err = max_rel_err(logits(fused, ids, mask), hf_logits(hf, ids, mask), mask)
+    print(f"{family} fused experts max rel err {err:.2e}")
+    assert err < TOL
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (300, 200), (7, 129), (1, 1)])
+def test_dequantize_fp8_matches_reference(shape):
+    """Block b of the weight is multiplied by scale_inv[b], including partial edge blocks; scales that
+    differ by powers of two per block catch a transposed or shifted scale grid."""
+    rng = np.random.default_rng(0)
+    rows, cols = -(-shape[0] // 128), -(-shape[1] // 128)
+    q = rng.normal(0, 100, size=shape).clip(-448, 448).astype(FP8)
+    scale = (2.0 ** rng.integers(-8, 8, size=(rows, cols)) * rng.uniform(0.5, 1.5, size=(rows, cols))).astype(
+        np.float32)
+    got = dequantize_fp8(q, scale)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, dequantize_reference(q, scale))
+    with pytest.raises(ValueError, match="weight_scale_inv shape"):
+        dequantize_fp8(q, np.ones((rows + 1, cols), np.float32))
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    """A tiny DeepSeek-V3 with dims > 128 (so weights span several, partial, 128x128 blocks), quantised
+    the way DeepSeek ships V3 (float8_e4m3fn + weight_scale_inv, quantization_config), plus an MTP
+    layer; and the dequantised float32 reference checkpoint (no MTP layer) with its transformers model."""
+    root = tmp_path_factory.mktemp("fp8")
+    hf = make_hf_model("deepseek_v3", num_hidden_layers=2, hidden_size=160, intermediate_size=288,
+                       moe_intermediate_size=144, q_lora_rank=136, kv_lora_rank=144, initializer_range=0.05)
+    plain = os.fspath(root / "plain")
+    hf.save_pretrained(plain)
+    tensors = read_tensors(plain)
+    rng = np.random.default_rng(1)
+    quantised, dequantised, n_blocks = {}, {}, 0
+    for key, x in tensors.items():
+        if is_fp8_weight(key, x):
+            # Per-block magnitudes that differ, so each block's scale matters.
+            rows, cols = -(-x.shape[0] // 128), -(-x.shape[1] // 128)
+            factor = np.repeat(np.repeat(rng.uniform(0.5, 2.0, (rows, cols)), 128, 0), 128, 1)
+            q, s = quantize_fp8(x * factor[: x.shape[0], : x.shape[1]])
+            quantised[key], quantised[key[: -len("weight")] + "weight_scale_inv"] = q, s
+            dequantised[key] = dequantize_reference(q, s)
+            n_blocks += s.size
+        else:
+            quantised[key] = dequantised[key] = x
+    assert n_blocks > 2 * sum(1 for k in quantised if k.endswith("_scale_inv"))  # most weights span >1 block
+    # DeepSeek's MTP module is stored as layer num_hidden_layers (FP8 too); it must be skipped.
+    n = hf.config.num_hidden_layers
+    for key in list(quantised):
+        if key.startswith(f"model.layers.{n - 1}."):
+            quantised[key.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = quantised[key]
+    quantised[f"model.layers.{n}.eh_proj.weight"], quantised[f"model.layers.{n}.eh_proj.weight_scale_inv"] = \
+        quantize_fp8(rng.normal(size=(160, 320)).astype(np.float32))
+    for extra in ("enorm", "hnorm", "shared_head.norm"):
+        quantised[f"model.layers.{n}.{extra}.weight"] = np.ones(160, np.float32)
+    quantised[f"model.layers.{n}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+    quantised[f"model.layers.{n}.shared_head.head.weight"] = tensors["lm_head.weight"]
+    fp8 = write_checkpoint(plain, root / "fp8", quantised, {"quantization_config": FP8_QUANT,
+                                                            "dtype": "bfloat16"})
+    ref = write_checkpoint(plain, root / "ref", dequantised)
+    ref_hf = HEAD_CLASSES["causal_lm"].from_pretrained(ref, dtype=torch.float32).eval()
+    return fp8, ref, ref_hf, dequantised
+
+
+def test_fp8_checkpoint_dequantised_at_load(fp8_checkpoints, batch, caplog):
+    """An FP8 DeepSeek-V3 checkpoint loads to exactly the dequantised weights (and logits of
+    transformers running those weights), and its MTP layer is skipped with a logged note."""
+    fp8, ref, ref_hf, dequantised = fp8_checkpoints
+    with caplog.at_level(logging.INFO, logger="jaxmodels.convert"):
+        model = load(fp8, dtype=jnp.float32)
+    assert re.search(r"skipping checkpoint layer.*\[2\].*multi-token-prediction", caplog.text), caplog.text
+    assert_same_params(model, load(ref))
+    ours = params(model)
+    np.testing.assert_array_equal(  # an FP8 expert weight, through the [E, in, out] stacking
+        ours["model.moe_layers.layers.mlp.experts.down_proj"][0, 5],
+        dequantised["model.layers.1.mlp.experts.5.down_proj.weight"].T)
+    ids, mask = batch
+    err = max_rel_err(logits(model, ids, mask), hf_logits(ref_hf, ids, mask), mask)
+    print(f"fp8 checkpoint max rel err vs dequantised transformers {err:.2e}")
+    assert err < TOL
+
+
+def test_mtp_layers_skipped_with_note(tmp_path, ckpts, v3_model, caplog):
+    """Keys `model.layers.{num_hidden_layers}.*` (DeepSeek-V3's multi-token-prediction module) are not
+    loaded, and the log says so; the rest of the model is untouched."""
+    src, hf = ckpts["deepseek_v3"]
+    n = hf.config.num_hidden_layers
+    tensors = read_tensors(src)
+    for key in list(tensors):
+        if key.startswith(f"model.layers.{n - 1}."):
+            tensors[key.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")] = tensors[key] + 1.0
+    tensors[f"model.layers.{n}.eh_proj.weight"] = np.ones((32, 64), np.float32)
+    tensors[f"model.layers.{n}.enorm.weight"] = np.ones(32, np.float32)
+    path = write_checkpoint(src, tmp_path / "mtp", tensors)
+    with caplog.at_level(logging.INFO, logger="jaxmodels.convert"):
+        model = load(path)
+    notes = [r for r in caplog.records if r.name == "jaxmodels.convert" and "multi-token-prediction" in r.message]
+    assert len(notes) == 1 and f"[{n}]" in notes[0].getMessage()
+    assert_same_params(model, v3_model)
+
+
+def test_bf16_checkpoint(tmp_path, ckpts):
+    """A bfloat16 checkpoint (how DeepSeek-V2 and StableLM ship) loads in its own dtype by default,
+    and upcasts exactly to float32 on request."""
+    _, hf = ckpts["stablelm"]
+    path = tmp_path / "bf16"
+    hf.to(torch.bfloat16).save_pretrained(path)
+    hf.to(torch.float32)
+    model = load(path)
+    p = params(model)
+    assert all(v.dtype == jnp.bfloat16 for v in p.values())
+    f32 = params(load(path, dtype=jnp.float32))
+    for k in p:
+        np.testing.assert_array_equal(p[k].astype(np.float32), f32[k])
+    src = read_tensors(path)
+    np.testing.assert_array_equal(f32["model.embed_tokens.weight"], src["model.embed_tokens.weight"].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def _break(kind, tmp_path, ckpts):
+    """Writes a broken checkpoint of kind `kind`; returns its path."""
+    src, hf = ckpts["stablelm"]
+    dst = tmp_path / kind
+    if kind == "missing_dir":
+        return tmp_path / "does-not-exist"
+    shutil.copytree(src, dst)
+    st = dst / "model.safetensors"
+    if kind == "missing_config":
+        os.remove(dst / "config.json")
+    elif kind == "no_safetensors":
+        os.remove(st)
+    elif kind in ("missing_shard", "stale_index"):
+        shutil.rmtree(dst)
+        hf.save_pretrained(dst, max_shard_size="20KB")
+        shards = sorted(n for n in os.listdir(dst) if n.endswith(".safetensors"))
+        assert len(shards) >= 2
+        if kind == "missing_shard":
+            os.remove(dst / shards[1])
+        else:  # the index promises a tensor in a shard that does not hold it
+            index = json.loads((dst / INDEX_FILE).read_text())
+            index["weight_map"]["model.norm.weight"] = shards[-1] if index["weight_map"][
+                "model.norm.weight"] != shards[-1] else shards[0]
+            (dst / INDEX_FILE).write_text(json.dumps(index))
+    elif kind == "truncated_data":
+        data = st.read_bytes()
+        st.write_bytes(data[: len(data) // 2])
+    elif kind == "truncated_header":
+        st.write_bytes(st.read_bytes()[:6])
+    elif kind == "garbage":
+        st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header!!!" + b"\0" * 64)
+    elif kind == "bad_index":
+        shutil.copy(st, dst / "model-00001-of-00001.safetensors")
+        (dst / INDEX_FILE).write_text("{\"weight_map\": ")
+    else:
+        tensors = load_file(st)
+        config_changes = {}
+        if kind == "missing_tensor":
+            del tensors["model.layers.1.self_attn.k_proj.weight"]
+        elif kind == "missing_norm":
+            del tensors["model.norm.weight"]
+        elif kind == "unexpected_tensor":
+            tensors["model.layers.0.self_attn.mystery.weight"] = np.zeros((4, 4), np.float32)
+        elif kind == "extra_layer":  # StableLM has no MTP layers: a layer beyond the config is a mismatch
+            tensors["model.layers.2.input_layernorm.weight"] = np.ones(32, np.float32)
+        elif kind == "shape_mismatch":
+            tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((40, 32), np.float32)
+        elif kind == "wrong_config":
+            config_changes = {"intermediate_size": 64}
+        elif kind == "model_type":
+            config_changes = {"model_type": "llama"}
+        elif kind == "rope_type":
+            config_changes = {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}
+        elif kind == "activation":
+            config_changes = {"hidden_act": "tanh"}
+        elif kind == "fp8_without_scale":
+            tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].astype(FP8)
+        elif kind == "scale_without_fp8":
+            tensors["model.layers.0.mlp.up_proj.weight_scale_inv"] = np.ones((1, 1), np.float32)
+        elif kind == "fp8_e5m2":
+            tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].astype(
+                ml_dtypes.float8_e5m2)
+            tensors["model.layers.0.mlp.up_proj.weight_scale_inv"] = np.ones((1, 1), np.float32)
+        shutil.rmtree(dst)
+        write_checkpoint(src, dst, tensors, config_changes)
+    return dst
+
+
+ERRORS = [  # kind, exception, the message must match (cause ... fix)
+    ("missing_dir", FileNotFoundError, r"does-not-exist.*does not exist"),
+    ("missing_config", FileNotFoundError, r"no config\.json.*pass a Hugging Face checkpoint directory"),
+    ("no_safetensors", FileNotFoundError, r"no model\.safetensors or model\.safetensors\.index\.json.*save_pretrained"),
+    ("missing_shard", FileNotFoundError, r"lists model-00002-of-\d+\.safetensors, which is missing.*download"),
+    ("stale_index", CheckpointError, r"lacks tensors its index promises.*model\.norm\.weight.*re-download"),
+    ("bad_index", CheckpointError, r"not a valid safetensors index.*re-download"),
+    ("truncated_data", CheckpointError, r"model\.safetensors.*corrupt or truncated.*re-download"),
+    ("truncated_header", CheckpointError, r"model\.safetensors.*corrupt or truncated.*re-download"),
+    ("garbage", CheckpointError, r"model\.safetensors.*corrupt or truncated.*re-download"),
+    ("missing_tensor", CheckpointError, r"missing.*model\.layers\.1\.self_attn\.k_proj\.weight.*incomplete"),
+    ("missing_norm", CheckpointError, r"no tensor.*'model\.norm\.weight'.*incomplete"),
+    ("unexpected_tensor", CheckpointError, r"unexpected tensor 'model\.layers\.0\.self_attn\.mystery\.weight'"
+                                           r".*config\.json"),
+    ("extra_layer", CheckpointError, r"unexpected tensor 'model\.layers\.2\.input_layernorm\.weight'.*"
+                                     r"num_hidden_layers=2"),
+    ("shape_mismatch", CheckpointError, r"shape mismatch for 'model\.layers\.0\.mlp\.up_proj\.weight': checkpoint "
+                                        r"has \(40, 32\), the model expects \(48, 32\).*config\.json"),
+    ("wrong_config", CheckpointError, r"shape mismatch.*config\.json"),
+    ("model_type", ConfigError, r"model_type='llama' is not supported.*deepseek_v2"),
+    ("rope_type", ConfigError, r"rope_type='longrope' is not supported; use one of"),
+    ("activation", ConfigError, r"hidden_act='tanh' is not supported; use one of"),
+    ("fp8_without_scale", CheckpointError, r"up_proj\.weight is float8.*weight_scale_inv is missing"),
+    ("scale_without_fp8", CheckpointError, r"up_proj\.weight_scale_inv.*not float8"),
+    ("fp8_e5m2", CheckpointError, r"float8_e5m2.*only float8_e4m3fn"),
+]
+
+
+@pytest.mark.parametrize("kind,exc,message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_converter_errors(tmp_path, ckpts, kind, exc, message):
+    path = _break(kind, tmp_path, ckpts)
+    with pytest.raises(exc, match=message):
+        load(path)
+
+
+# ----------------------------------------------------------------------------------------------- export
+EXPORTS = [
+    ("deepseek_v2", "causal_lm", {}),
+    ("deepseek_v3", "causal_lm", {}),
+    ("stablelm", "causal_lm", {"tie_word_embeddings": True, "qk_layernorm": True, "use_qkv_bias": True}),
+    ("deepseek_v3", "sequence_classification", {}),
+    ("stablelm", "token_classification", {}),
+]
+
+
+@pytest.mark.parametrize("family,head,overrides", EXPORTS, ids=[f"{f}-{h}" for f, h, _ in EXPORTS])
+def test_export_round_trip(tmp_path, batch, family, head, overrides):
+    """save_pretrained writes a sharded HF checkpoint (index + several shards) that transformers loads
+    with no missing/unexpected keys and the same logits; jaxmodels re-loads it to identical parameters."""
+    src, hf = make_checkpoint(tmp_path, family, head, **overrides)
+    model = load(src)
+    out = tmp_path / "export"
+    jaxmodels.save_pretrained(model, out, max_shard_size="30KB", progress=False)
+    shards = [n for n in os.listdir(out) if n.endswith(".safetensors")]
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert len(shards) >= 2 and set(index["weight_map"].values()) == set(shards)
+    assert not [n for n in os.listdir(out) if n.startswith(".")], "temporary files left behind"
+    # The hub's names and layouts: the export holds exactly the tensors transformers saved.
+    theirs, ours = read_tensors(src), read_tensors(out)
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    back, info = HEAD_CLASSES[head].from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    assert type(back) is type(hf)
+    ids, mask = batch
+    ref = hf_logits(hf, ids, mask)
+    np.testing.assert_array_equal(hf_logits(back.eval(), ids, mask), ref)
+    keep = mask if head != "sequence_classification" else None
+    err = max_rel_err(logits(model, ids, mask), hf_logits(back.eval(), ids, mask), keep)
+    print(f"export {family}/{head}: transformers(export) vs jaxmodels max rel err {err:.2e}")
+    assert err < TOL
+    assert_same_params(load(out), model)
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch):
+    """A save that fails mid-write (2nd shard) leaves the checkpoint already in out_dir byte-identical
+    and loadable, and no temporary directory behind; a later successful save replaces it whole."""
+    src, _ = ckpts["stablelm"]
+    model = load(src)
+    out = tmp_path / "out"
+    jaxmodels.save_pretrained(model, out, max_shard_size="20KB", progress=False)
+    before = dir_digest(out)
+    assert INDEX_FILE in before
+
+    other, _ = make_checkpoint(tmp_path / "other", "stablelm", seed=1)
+    other_model = load(other)
+    real_save, calls = convert.hf.save_file, []
+
+    def failing_save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(convert.hf, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        jaxmodels.save_pretrained(other_model, out, max_shard_size="20KB", progress=False)
+    assert len(calls) == 2
+    assert dir_digest(out) == before  # nothing added, removed or changed (no temp dir either)
+    assert_same_params(load(out), model)
+
+    # After the failure, a successful single-file save replaces the sharded one (stale shards removed).
+    monkeypatch.setattr(convert.hf, "save_file", real_save)
+    jaxmodels.save_pretrained(other_model, out, progress=False)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert_same_params(load(out), other_model)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def test_cli_convert_fp8_to_bf16(tmp_path, fp8_checkpoints, batch):
+    """`jaxmodels convert` turns an FP8 checkpoint into a bf16 HF checkpoint (sharded), which equals
+    the dequantised weights rounded to bf16 and loads in transformers."""
+    from jaxmodels.cli import main
+
+    fp8, ref, ref_hf, dequantised = fp8_checkpoints
+    out = tmp_path / "bf16"
+    assert main(["convert", "--model", fp8, "--out", os.fspath(out), "--dtype", "bf16",
+                 "--max-shard-size", "300KB"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+    assert (out / INDEX_FILE).exists()
+    tensors = read_tensors(out)
+    assert sorted(tensors) == sorted(dequantised)  # no scales, no MTP layer
+    for k, v in dequantised.items():
+        # The router's correction bias only ranks experts: it stays float32, as in DeepSeek's release.
+        want = np.float32 if k.endswith("e_score_correction_bias") else ml_dtypes.bfloat16
+        assert tensors[k].dtype == want, k
+        np.testing.assert_array_equal(tensors[k], v.astype(want), err_msg=k)
+    # Streaming conversion writes what loading then saving writes, file for file.
+    saved = tmp_path / "saved"
+    jaxmodels.save_pretrained(load(fp8, dtype=jnp.bfloat16), saved, max_shard_size="300KB", progress=False)
+    assert sorted(os.listdir(saved)) == sorted(os.listdir(out))
+    assert json.loads((saved / "config.json").read_text()) == cfg
+    assert json.loads((saved / INDEX_FILE).read_text()) == json.loads((out / INDEX_FILE).read_text())
+    for k, v in read_tensors(saved).items():
+        np.testing.assert_array_equal(v, tensors[k], err_msg=k)
+    back, info = HEAD_CLASSES["causal_lm"].from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    # transformers and jaxmodels agree on the converted file (bf16 weights computed in float32). (Against
+    # the float32 reference the logits move by up to ~40% here: rounding to bf16 flips expert choices.)
+    ids, mask = batch
+    err = max_rel_err(logits(load(out, dtype=jnp.float32), ids, mask), hf_logits(back.eval(), ids, mask), mask)
+    print(f"cli fp8 -> bf16: jaxmodels vs transformers on the converted checkpoint max rel err {err:.2e}")
+    assert err < TOL
+
+
+def test_cli_convert_f32_is_lossless(tmp_path, ckpts, capsys):
+    from jaxmodels.cli import main
+
+    src, _ = ckpts["deepseek_v2"]
+    out = tmp_path / "f32"
+    assert main(["convert", "--model", src, "--out", os.fspath(out), "--dtype", "f32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    theirs, ours = read_tensors(src), read_tensors(out)
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    # Errors are reported as one clear line and exit code 1, not a traceback.
+    assert main(["convert", "--model", os.fspath(tmp_path / "nope"), "--out", os.fspath(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["convert", "--model", src, "--out", src]) == 1
+    assert "--out" in capsys.readouterr().err
