@@ -336,7 +336,7 @@ def _load_sharded(ckpt: Checkpoint, var, entries, slots: int, sharding, dtype) -
         block = tuple(b - a for a, b in bounds)
         if slots == 0:
             (key, pl), = entries
-            first = jax.device_put(_read_block(ckpt, key, pl, index).astype(dtype), devices[0])
+            first = jax.device_put(_read_block(ckpt, key, pl, index).astype(dtype, copy=False), devices[0])
         else:
             mine = [(key, pl) for key, pl in entries
                     if all(bounds[j][0] <= pl.index[j] < bounds[j][1] for j in range(len(pl.index)))]
@@ -344,7 +344,7 @@ def _load_sharded(ckpt: Checkpoint, var, entries, slots: int, sharding, dtype) -
             buf = np.empty(block, dtype) if on_host else jnp.zeros(block, dtype, device=devices[0])
             for key, pl in mine:
                 lead = pl.index
-                piece = _read_block(ckpt, key, pl, index[len(lead):]).astype(dtype)
+                piece = _read_block(ckpt, key, pl, index[len(lead):]).astype(dtype, copy=False)
                 at = tuple(lead[j] - bounds[j][0] for j in range(len(lead)))
                 if on_host:
                     buf[at] = piece

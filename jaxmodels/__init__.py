@@ -4,6 +4,7 @@ from jaxmodels.config import (ConfigError, DeepseekV2Config, DeepseekV3Config, S
                               load_config)
 from jaxmodels.model import CausalLM, ModelOutput, SequenceClassification, TokenClassification, abstract_model
 from jaxmodels.generate import generate  # noqa: E402  (the function shadows the submodule's name, as intended)
+from jaxmodels.sharding import make_mesh
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,4 @@ def save_pretrained(model, out_dir, **kwargs):
 
 __all__ = ["generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
            "ModelOutput", "DeepseekV2Config", "DeepseekV3Config", "StableLmConfig", "ConfigError", "load_config",
-           "config_from_hf", "abstract_model"]
+           "config_from_hf", "abstract_model", "make_mesh"]

@@ -164,6 +164,7 @@ class Decoder(nnx.Module):
         cfg = self.cfg
         x = sharding.constrain(self.embed_tokens(input_ids), sharding.ACTIVATION_AXES)
         cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
+        cache = sharding.constrain_cache(cache)  # the table's layout: batch split, latent/heads as it says
         new_cache = {} if cache is not None else None
         for name, stack in self.stacks().items():
             with jax.named_scope(name):

@@ -52,8 +52,10 @@ RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "moe_mlp": "tensor",
     "experts": "expert",
+    # MLA's up-projections have no `embed` dimension; FSDP splits kv_b_proj over its latent input instead.
+    # (q_b_proj cannot do the same with q_lora: q_a_proj names (q_lora, embed), which would use fsdp twice.)
     "q_lora": None,
-    "kv_lora": None,
+    "kv_lora": "fsdp",
     # ---- activations, batches, caches ----
     # The batch also splits over `expert`: outside the MoE blocks the expert devices would otherwise all
     # compute the same attention; inside, the MoE block all-gathers tokens over `expert` (see moe.py).
@@ -68,7 +70,7 @@ ACTIVATION_AXES = ("batch", "seq", "act_embed")  # [batch, seq, hidden] between 
 
 # Static cache buffers (jaxmodels.cache), by field name: [layers, batch, T, ...].
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "c_kv": ("layers", "batch", "cache_seq", "kv_lora"),
+    "c_kv": ("layers", "batch", "cache_seq", None),
     "k_pe": ("layers", "batch", "cache_seq", None),
     "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
     "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
@@ -353,6 +355,14 @@ def cache_shardings(cache, mesh: Mesh, rules=None):
         return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, np.shape(leaf)))
 
     return jax.tree_util.tree_map_with_path(one, cache)
+
+
+def constrain_cache(cache):
+    """Constrains a static cache pytree to the table's layout under the current mesh (no-op without one)."""
+    mesh, rules = current()
+    if mesh is None or cache is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, rules))
 
 
 def shard_cache(cache, mesh: Mesh, rules=None):

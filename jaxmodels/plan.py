@@ -1,0 +1,201 @@
+"""`jaxmodels plan`: bytes per device of a model on a mesh, from abstract shapes only (no devices, no files).
+
+    jaxmodels plan --model deepseek-v3 --mesh fsdp=32,expert=8 --batch 8 --seq 4096 --device-memory 80GB
+
+Parameters are placed by the same rules table the model uses (`jaxmodels.sharding.RULES`); the AdamW
+state is two float32 moments per trained parameter, placed like the parameter; the static cache is the
+MLA latent (DeepSeek) or K/V (StableLM) cache for `batch` x `seq` tokens, placed by `CACHE_AXES`.
+Activations and compiler temporaries are not counted: leave headroom for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodels import sharding
+from jaxmodels.config import (BaseConfig, ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig,
+                              load_config)
+
+# Named shapes that need no files (the published configs' shape fields; rope details do not change bytes).
+PRESETS: dict[str, BaseConfig] = {
+    "deepseek-v3": DeepseekV3Config(),  # transformers' defaults are DeepSeek-V3 (671B with the MTP layer)
+    "deepseek-v2": DeepseekV2Config(
+        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, n_routed_experts=160,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="group_limited_greedy", n_group=8,
+        topk_group=3, routed_scaling_factor=16.0, max_position_embeddings=163840),
+    "deepseek-v2-lite": DeepseekV2Config(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy",
+        max_position_embeddings=163840),
+    "stablelm-2-1.6b": StableLmConfig(
+        vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
+        num_key_value_heads=32, use_qkv_bias=True, max_position_embeddings=4096),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "fp32": jnp.float32,
+           "bf16": jnp.bfloat16, "fp16": jnp.float16}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' -> 80e9, '141GiB' -> 141 * 2**30, '1e9' -> 1e9."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"bad size {text!r}: use e.g. 80GB or 141GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def resolve_model(name_or_path: str) -> BaseConfig:
+    """A preset name, a checkpoint directory holding config.json, or a config.json path."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    if os.path.exists(name_or_path):
+        return load_config(name_or_path)
+    raise ConfigError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a path to a "
+                      "checkpoint directory / config.json")
+
+
+@dataclass
+class Plan:
+    config: BaseConfig
+    mesh: dict[str, int]
+    num_params: int
+    params: int  # bytes per device
+    optimizer: int
+    gradients: int
+    cache: int
+    largest: tuple[str, tuple[int, ...], tuple[int, ...]]  # (name, global shape, per-device shape)
+
+    @property
+    def inference(self) -> int:
+        return self.params + self.cache
+
+    @property
+    def training(self) -> int:
+        return self.params + self.gradients + self.optimizer
+
+
+def make_plan(cfg: BaseConfig, mesh: dict[str, int], *, batch: int = 1, seq: int = 4096, dtype=jnp.bfloat16,
+              cache_dtype=None, rules=None) -> Plan:
+    """Bytes per device of parameters, AdamW state, gradients and the static cache (shapes only)."""
+    from jaxmodels.cache import cache_shapes
+    from jaxmodels.model import abstract_model
+
+    mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
+    state = nnx.state(abstract_model(cfg, dtype))
+    num = params = optimizer = gradients = 0
+    largest = ("", (), ())
+    best = -1
+    for path, var in nnx.to_flat_state(state):
+        axes = sharding.var_axes(var)
+        spec = sharding.logical_to_spec(axes, rules, mesh, tuple(var.shape))
+        local = sharding.shard_shape(tuple(var.shape), spec, mesh)
+        n_local = math.prod(local)
+        params += n_local * jnp.dtype(var.dtype).itemsize
+        if isinstance(var, nnx.Param):
+            num += math.prod(var.shape)
+            optimizer += 2 * 4 * n_local  # AdamW mu and nu in float32
+            gradients += n_local * jnp.dtype(var.dtype).itemsize
+        if n_local > best:
+            best, largest = n_local, (".".join(map(str, path)), tuple(var.shape), local)
+    cache = 0
+    if batch and seq:
+        cdtype = jnp.dtype(cache_dtype or dtype)
+        stacks = ({"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
+                  if hasattr(cfg, "num_moe_layers") else {"layers": cfg.num_hidden_layers})
+        for n in stacks.values():
+            if not n:
+                continue
+            for field, shape in cache_shapes(cfg, n, batch, seq).items():
+                cache += sharding.bytes_per_device(shape, cdtype, sharding.CACHE_AXES[field], mesh, rules)
+    return Plan(cfg, mesh, num, params, optimizer, gradients, cache, largest)
+
+
+def format_plan(plan: Plan, *, batch: int, seq: int, dtype_name: str, device_memory: int | None) -> str:
+    cfg = plan.config
+    n_dev = math.prod(plan.mesh.values())
+    lines = [
+        f"model        {cfg.model_type}: {plan.num_params / 1e9:.2f}B parameters ({dtype_name}), "
+        f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}"
+        + (f", {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}" if getattr(cfg, "is_moe", False) else ""),
+        f"mesh         {sharding.describe(plan.mesh)} ({n_dev} devices)",
+        f"largest      {plan.largest[0]} {list(plan.largest[1])} -> {list(plan.largest[2])} per device",
+        "",
+        "per device",
+        f"  parameters              {human(plan.params):>12}",
+        f"  gradients               {human(plan.gradients):>12}",
+        f"  AdamW state (2 x fp32)  {human(plan.optimizer):>12}",
+        f"  static cache            {human(plan.cache):>12}   (batch {batch} x {seq} tokens)",
+        f"  inference: params + cache               {human(plan.inference):>12}",
+        f"  training:  params + grads + AdamW       {human(plan.training):>12}",
+        "  (activations and compiler temporaries not included)",
+    ]
+    if device_memory:
+        lines.append("")
+        for what, need in (("inference", plan.inference), ("training", plan.training)):
+            verdict = "fits" if need <= device_memory else "does NOT fit"
+            lines.append(f"{what:<10} {verdict} in {human(device_memory)} per device "
+                         f"({100 * need / device_memory:.0f}% used)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help=f"a preset ({', '.join(PRESETS)}), a checkpoint directory or a config.json")
+    parser.add_argument("--mesh", default="", help="mesh axis sizes, e.g. fsdp=64,expert=8 (missing axes are 1)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size for the static cache")
+    parser.add_argument("--seq", type=int, default=4096, help="cache length (prompt + new tokens)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="parameter dtype")
+    parser.add_argument("--cache-dtype", default=None, choices=sorted(_DTYPES), help="default: --dtype")
+    parser.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB or 141GiB")
+    parser.add_argument("--rules", default="",
+                        help="overrides of the rules table, e.g. 'embed=fsdp+tensor,vocab=' (+ joins axes, "
+                             "empty = replicated)")
+
+
+def parse_rules(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, _, v = part.partition("=")
+        axes = tuple(a for a in v.split("+") if a)
+        out[k.strip()] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return out
+
+
+def run(args) -> int:
+    try:
+        cfg = resolve_model(args.model)
+        mesh = sharding.parse_mesh(args.mesh)
+        dev_mem = parse_bytes(args.device_memory) if args.device_memory else None
+        dtype = _DTYPES[args.dtype]
+        plan = make_plan(cfg, mesh, batch=args.batch, seq=args.seq, dtype=dtype,
+                         cache_dtype=_DTYPES[args.cache_dtype] if args.cache_dtype else None,
+                         rules=parse_rules(args.rules))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"jaxmodels plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, batch=args.batch, seq=args.seq, dtype_name=args.dtype, device_memory=dev_mem))
+    if dev_mem is not None and plan.inference > dev_mem:
+        return 1
+    return 0

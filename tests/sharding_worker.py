@@ -1,0 +1,218 @@
+"""Runs in a subprocess with simulated CPU devices (XLA_FLAGS is set before jax is imported).
+
+    python tests/sharding_worker.py forward FAMILY CKPT OUT.json      # 8 devices: meshes vs 1 device
+    python tests/sharding_worker.py memory OUT.json                   # 8 devices: peak host memory of loading
+    python tests/sharding_worker.py multihost PROC PORT CKPT OUT.npy  # 4 devices per process, 2 processes
+
+Each mode writes its measurements to OUT; the pytest side (test_sharding.py, test_multihost.py) asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+MODE = sys.argv[1]
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
+    " --xla_force_host_platform_device_count=4" if MODE == "multihost" else
+    " --xla_force_host_platform_device_count=8")
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxmodels  # noqa: E402
+from jaxmodels import sharding  # noqa: E402
+from mesh_batch import batch  # noqa: E402  (tests/ is this script's directory)
+
+MESHES = {
+    "data=8": dict(data=8),
+    "fsdp=2,expert=2,tensor=2": dict(fsdp=2, expert=2, tensor=2),
+    "expert=4,tensor=2": dict(expert=4, tensor=2),
+    "fsdp=8": dict(fsdp=8),
+}
+GENERATE_MESHES = ("fsdp=2,expert=2,tensor=2",)  # every axis at once; compiling generate is the slow part
+
+
+def forward_fn(model):
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda st, i, m: nnx.merge(graphdef, st)(i, attention_mask=m).logits)
+    return f, state
+
+
+def check_params(model, mesh) -> dict:
+    """Every parameter's sharding is the table's; expert weights are split by the expert axis."""
+    bad, experts = [], {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = ".".join(map(str, path))
+        arr = var.get_value()
+        want = sharding.param_spec(var, mesh)
+        got = arr.sharding.spec
+        if tuple(got) + (None,) * (arr.ndim - len(got)) != tuple(want) + (None,) * (arr.ndim - len(want)):
+            bad.append(f"{name}: {got} != {want}")
+        local = sharding.shard_shape(arr.shape, want, mesh)
+        for shard in arr.addressable_shards:
+            if tuple(shard.data.shape) != tuple(local):
+                bad.append(f"{name}: shard {shard.data.shape} != {local}")
+        if "experts" in sharding.var_axes(var):
+            ax = sharding.var_axes(var).index("experts")
+            per_device = {}
+            for shard in arr.addressable_shards:
+                idx = shard.index[ax]
+                per_device.setdefault(shard.device.id, set()).update(range(*idx.indices(arr.shape[ax])))
+            experts[name] = {"total": arr.shape[ax], "max_per_device": max(len(v) for v in per_device.values()),
+                             "spec": str(want)}
+    return {"bad": bad, "experts": experts}
+
+
+def fsdp_gathers(hlo: str, model) -> dict:
+    """FSDP: weights are all-gathered per layer inside the scan, never as whole stacks."""
+    stacked = set()
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        axes = sharding.var_axes(var)
+        if axes and axes[0] == "layers" and var.shape[0] > 1:
+            stacked.add(tuple(var.shape))
+    in_body = whole = 0
+    for line in hlo.splitlines():
+        if " all-gather(" not in line:
+            continue
+        shape = line.split("=", 1)[1].strip().split("{")[0].split("[", 1)[1].split("]")[0]
+        dims = tuple(int(d) for d in shape.split(",") if d)
+        if "while/body" in line:
+            in_body += 1
+        if dims in stacked:
+            whole += 1
+    return {"in_body": in_body, "whole_stack": whole}
+
+
+def forward(family: str, ckpt: str, out: str) -> None:
+    base = jaxmodels.from_pretrained(ckpt, progress=False)
+    ids, mask = batch(base.config.vocab_size)
+    f, state = forward_fn(base)
+    ref = np.asarray(f(state, jnp.asarray(ids), jnp.asarray(mask)))
+    try:
+        from jaxmodels.generate import generate
+    except ImportError:
+        generate = None
+    ref_gen = None if generate is None else np.asarray(generate(base, ids, mask, max_new_tokens=3))
+    results = {"devices": jax.device_count(), "meshes": {}}
+    for label, axes in MESHES.items():
+        mesh = sharding.make_mesh(**axes)
+        model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh)
+        f, state = forward_fn(model)
+        sids, smask = sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh)
+        compiled = f.lower(state, sids, smask).compile()
+        logits = compiled(state, sids, smask)
+        err = float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max())
+        r = {"rel_err": err, "params": check_params(model, mesh), "logits_spec": str(logits.sharding.spec),
+             "ids_spec": str(sids.sharding.spec)}
+        # `jaxmodels plan` (shapes only) against the bytes the devices really hold.
+        from jaxmodels.plan import make_plan
+        plan = make_plan(base.config, axes, batch=0, seq=0, dtype=jnp.float32)
+        held = {}
+        for _, var in nnx.to_flat_state(nnx.state(model)):
+            for shard in var.get_value().addressable_shards:
+                held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+        r["plan_param_bytes"], r["held_param_bytes"] = plan.params, max(held.values())
+        if label == "fsdp=8":
+            r["fsdp"] = fsdp_gathers(compiled.as_text(), model)
+        if generate is not None and label in GENERATE_MESHES:
+            r["generate_equal"] = bool((np.asarray(generate(model, sids, smask, max_new_tokens=3)) == ref_gen).all())
+            from jaxmodels.generate import prefill
+            _, cache, _, _ = prefill(model, sids, smask)
+            r["cache_specs"] = {f"{stack}.{k}": str(getattr(c, k).sharding.spec) for stack, c in cache.items()
+                                for k in sharding.CACHE_AXES if hasattr(c, k)}
+        results["meshes"][label] = r
+    # The rules table is the user's: batch not split over `expert` -> the MoE takes its psum-only path.
+    if not getattr(base.config, "is_moe", False):
+        with open(out, "w") as fh:
+            json.dump(results, fh, indent=1)
+        return
+    mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
+    rules = {"batch": ("data", "fsdp")}
+    model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh, rules=rules)
+    f, state = forward_fn(model)
+    logits = f(state, sharding.shard_batch(ids, mesh, rules), sharding.shard_batch(mask, mesh, rules))
+    results["override_rules"] = {
+        "rel_err": float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()),
+        "params": check_params(model, mesh)}
+    with open(out, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+def memory(out: str) -> None:
+    """Peak host memory (tracemalloc: numpy buffers and Python objects, not device buffers) while loading a
+    checkpoint much larger than one tensor onto a mesh."""
+    import gc
+    import math
+    import tempfile
+    import tracemalloc
+
+    from convert import hf
+    from jaxmodels.config import DeepseekV2Config
+
+    cfg = DeepseekV2Config(
+        vocab_size=256, hidden_size=256, intermediate_size=512, moe_intermediate_size=1024, num_hidden_layers=4,
+        first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16, max_position_embeddings=64)
+    tmp = tempfile.mkdtemp()
+    model = jaxmodels.CausalLM(cfg, rngs=nnx.Rngs(0))
+    jaxmodels.save_pretrained(model, tmp, progress=False)
+    del model
+    gc.collect()
+    ckpt = hf.Checkpoint(tmp)
+    sizes = [math.prod(ckpt.shape(k)) * 4 for k in ckpt.keys()]
+    mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
+    results = {"checkpoint_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "num_tensors": len(sizes),
+               "host_block_bytes": hf.HOST_BLOCK_BYTES}
+    for label, kw in (("mesh", dict(mesh=mesh)), ("mesh_again", dict(mesh=mesh))):
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        loaded = jaxmodels.from_pretrained(tmp, progress=False, **kw)
+        jax.block_until_ready(nnx.state(loaded))
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        results[label + "_peak"] = peak
+        gate = loaded.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+        results[label + "_expert_shard"] = list(gate.addressable_shards[0].data.shape)
+        del loaded, gate
+    with open(out, "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+def multihost(proc: int, port: int, ckpt: str, out: str) -> None:
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=proc)
+    from jax.experimental import multihost_utils
+
+    mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
+    model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh)
+    ids, mask = batch(model.config.vocab_size)
+    f, state = forward_fn(model)
+    logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
+    full = multihost_utils.process_allgather(logits, tiled=True)
+    gate = model.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+    info = {"process_count": jax.process_count(), "local_devices": jax.local_device_count(),
+            "global_devices": jax.device_count(), "addressable_expert_shards": len(gate.addressable_shards),
+            "expert_shard": list(gate.addressable_shards[0].data.shape)}
+    if proc == 0:
+        np.save(out, np.asarray(full))
+        with open(out + ".json", "w") as fh:
+            json.dump(info, fh)
+    multihost_utils.sync_global_devices("done")
+
+
+if __name__ == "__main__":
+    if MODE == "forward":
+        forward(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif MODE == "memory":
+        memory(sys.argv[2])
+    elif MODE == "multihost":
+        multihost(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    else:
+        raise SystemExit(f"unknown mode {MODE}")
