@@ -558,7 +558,7 @@ def _write_checkpoint(out_dir: str, entries: list, config: dict[str, Any], max_s
             if (old.endswith(".safetensors") and old not in names) or (old == INDEX_FILE and not sharded):
                 os.remove(os.path.join(out_dir, old))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (also in finally; first, so out_dir can be removed)
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)
         raise

@@ -368,10 +368,11 @@ class DeepseekV2Config(DeepseekConfig):
     _aliases: ClassVar[dict[str, str]] = {"num_experts": "n_routed_experts"}
 
     def __post_init__(self):
-        super().__post_init__()
+        # The family's router methods first: a V3 router in a V2 config should be named as such.
         if self.is_moe and self.topk_method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(f"topk_method={self.topk_method!r} is not a DeepSeek-V2 router; use 'greedy' or "
                               "'group_limited_greedy' (or model_type deepseek_v3 for 'noaux_tc')")
+        super().__post_init__()
         if self.scoring_func != "softmax":
             raise ConfigError(f"scoring_func={self.scoring_func!r} is not supported for deepseek_v2; only 'softmax'")
 
@@ -409,10 +410,10 @@ class DeepseekV3Config(DeepseekConfig):
                                           "num_mtp_layers": "num_nextn_predict_layers"}
 
     def __post_init__(self):
-        super().__post_init__()
         if self.is_moe and self.topk_method != "noaux_tc":
             raise ConfigError(f"topk_method={self.topk_method!r} is not supported for deepseek_v3; transformers "
                               "implements only 'noaux_tc' (sigmoid + e_score_correction_bias)")
+        super().__post_init__()
         if self.scoring_func != "sigmoid":
             raise ConfigError(f"scoring_func={self.scoring_func!r} is not supported for deepseek_v3; only 'sigmoid'")
         if self.quantization_config is not None:

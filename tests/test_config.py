@@ -90,6 +90,15 @@ def test_defaults_match_transformers(family):
         assert _norm(getattr(ours, name)) == _norm(theirs), (family, name, getattr(ours, name), theirs)
         checked += 1
     assert checked >= 15
+    # Our fields transformers' class lacks: hub (remote-code) keys we honour or validate, and the heads'.
+    ours_only = ours_fields - set(hf_defaults) - {"rope", "extra"}
+    hub_keys = {"deepseek_v2": {"scoring_func", "moe_layer_freq"},
+                "deepseek_v3": {"scoring_func", "moe_layer_freq", "topk_method", "quantization_config",
+                                "num_nextn_predict_layers"},  # transformers' num_mtp_layers (attribute_map)
+                "stablelm": set()}[family]
+    assert ours_only == hub_keys | {"num_labels", "classifier_dropout", "token_classification_bias"}
+    if family == "deepseek_v3":
+        assert ours.num_nextn_predict_layers == hf_defaults["num_mtp_layers"]
     # rope: transformers' instance default, through our parser, equals our dataclass default.
     assert RopeConfig.from_hf({"rope_parameters": dict(hf_cls().rope_parameters)}) == ours.rope
     # and a default-constructed transformers config, through from_hf, is our default config.

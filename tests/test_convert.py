@@ -309,7 +309,7 @@ def test_bf16_checkpoint(tmp_path, ckpts):
 # ----------------------------------------------------------------------------------------------- errors
 def _break(kind, tmp_path, ckpts):
     """Writes a broken checkpoint of kind `kind`; returns its path."""
-    src, hf = ckpts["stablelm"]
+    src, hf = ckpts["deepseek_v2" if kind == "router" else "stablelm"]
     dst = tmp_path / kind
     if kind == "missing_dir":
         return tmp_path / "does-not-exist"
@@ -362,6 +362,8 @@ def _break(kind, tmp_path, ckpts):
             config_changes = {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0}}
         elif kind == "activation":
             config_changes = {"hidden_act": "tanh"}
+        elif kind == "router":
+            config_changes = {"topk_method": "noaux_tc"}
         elif kind == "fp8_without_scale":
             tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].astype(FP8)
         elif kind == "scale_without_fp8":
@@ -397,6 +399,8 @@ ERRORS = [  # kind, exception, the message must match (cause ... fix)
     ("model_type", ConfigError, r"model_type='llama' is not supported.*deepseek_v2"),
     ("rope_type", ConfigError, r"rope_type='longrope' is not supported; use one of"),
     ("activation", ConfigError, r"hidden_act='tanh' is not supported; use one of"),
+    ("router", ConfigError, r"topk_method='noaux_tc' is not a DeepSeek-V2 router; use 'greedy' or "
+                            r"'group_limited_greedy'"),
     ("fp8_without_scale", CheckpointError, r"up_proj\.weight is float8.*weight_scale_inv is missing"),
     ("scale_without_fp8", CheckpointError, r"up_proj\.weight_scale_inv.*not float8"),
     ("fp8_e5m2", CheckpointError, r"float8_e5m2.*only float8_e4m3fn"),
