@@ -1,0 +1,468 @@
+"""Generation speed on one GPU: jaxmodels vs transformers, against the HBM roofline.
+
+Real-size configurations with random bf16 weights (nothing is downloaded):
+  deepseek-v2-lite  27 layers, hidden 2048, 64 routed experts (top-6) + 2 shared, MLA kv_lora_rank 512
+  stablelm-3b       32 layers, hidden 2560, partial rotary 0.25
+  deepseek-v3-3l    DeepSeek-V3 at full width (hidden 7168, 128 heads, 256 experts top-8), 3 layers
+                    (1 dense + 2 MoE)
+
+Measured: prefill tokens/s (1x2048 and 8x512) and decode tokens/s at batch 1, 8, 32 (prompt 128, 128
+new tokens; a decode step's time is (t(128 new) - t(1 new)) / 127 with one compiled program). With
+--compare-hf, transformers runs the same configuration (bf16, sdpa, random weights) on the same GPU in
+the same invocation. Each (implementation, model) runs in its own subprocess so GPU memory is returned
+between them.
+
+Roofline: a decode step must read every weight its tokens use (all non-expert weights, the lm_head,
+and per MoE layer the experts its tokens pick: E * (1 - (1 - k/E)^batch) expected distinct experts under
+uniform routing) plus the cache of every row (prompt + on average half the new tokens). floor = bytes /
+bandwidth, with bandwidth from a 4 GiB device-to-device copy in the same run; "% roofline" = floor /
+measured step time.
+
+  python benchmarks/bench_generate.py --compare-hf                  # full table, appended to RESULTS.md
+  python benchmarks/bench_generate.py --models stablelm-3b --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707), rope_theta=10000, bos_token_id=100000,
+        eos_token_id=100001,
+    ),
+    "stablelm-3b": dict(
+        model_type="stablelm", vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, rope_theta=10000,
+        max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False, qk_layernorm=False,
+        use_parallel_residual=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    ),
+    "deepseek-v3-3l": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=128,
+        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+        topk_group=4, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+        v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=1.0), rope_theta=10000, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1,
+    ),
+}
+PREFILL = [(1, 2048), (8, 512)]
+DECODE_BATCHES = [1, 8, 32]
+PROMPT = 128
+NEW = 128
+if os.environ.get("BENCH_SMOKE"):  # a CPU smoke run of the script itself: tiny shapes, same code paths
+    for _cfg in MODELS.values():
+        _cfg.update(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=4)
+        if "kv_lora_rank" in _cfg:
+            _cfg.update(moe_intermediate_size=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                        v_head_dim=16, q_lora_rank=_cfg["q_lora_rank"] and 24)
+    PREFILL, DECODE_BATCHES, PROMPT, NEW = [(1, 64), (2, 32)], [1, 4], 16, 8
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Byte counting (no device needed)
+# ------------------------------------------------------------------------------------------------------
+
+def param_counts(name: str) -> dict:
+    """Parameter counts: total, routed experts (per MoE layer, per expert), embedding table."""
+    from jaxmodels.config import DeepseekConfig, config_from_hf
+    cfg = config_from_hf(MODELS[name])
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmodels.model import abstract_model
+    state = nnx.state(abstract_model(cfg, jnp.bfloat16))
+    total = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
+    out = dict(total=total, embed=cfg.vocab_size * cfg.hidden_size, moe_layers=0, experts=0, expert=0, k=0)
+    if isinstance(cfg, DeepseekConfig) and cfg.is_moe:
+        out.update(moe_layers=cfg.num_moe_layers, experts=cfg.n_routed_experts, k=cfg.num_experts_per_tok,
+                   expert=3 * cfg.hidden_size * cfg.moe_intermediate_size)
+    from jaxmodels.cache import bytes_per_token
+    out["cache_bytes_per_token"] = bytes_per_token(cfg, jnp.bfloat16)
+    del jax
+    return out
+
+
+def decode_floor_bytes(counts: dict, batch: int, prompt: int = PROMPT, new: int = NEW) -> float:
+    bf16 = 2
+    routed_total = counts["moe_layers"] * counts["experts"] * counts["expert"]
+    dense = counts["total"] - routed_total - counts["embed"]  # the embedding table is only gathered
+    used = 0.0
+    if counts["experts"]:
+        e, k = counts["experts"], counts["k"]
+        used = counts["moe_layers"] * e * (1 - (1 - k / e) ** batch) * counts["expert"]
+    cache = batch * (prompt + new / 2) * counts["cache_bytes_per_token"]
+    return (dense + used) * bf16 + cache
+
+
+# ------------------------------------------------------------------------------------------------------
+# Workers
+# ------------------------------------------------------------------------------------------------------
+
+def random_state(cfg, dtype, seed=0):
+    """Random bf16 parameters (std 0.02; norms 1; biases 0) built leaf by leaf on the device."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmodels.model import abstract_model
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    key = jax.random.key(seed)
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        name = ".".join(str(p) for p in path)
+        shape, dt = var.shape, var.dtype
+        parent = name.split(".")[-2] if len(path) > 1 else ""
+        if "norm" in parent:
+            value = jnp.ones(shape, dt)
+        elif name.endswith("bias"):
+            value = jnp.zeros(shape, dt)
+        else:
+            value = jax.jit(lambda k, shape=shape, dt=dt: jax.random.normal(k, shape, dt) * jnp.asarray(0.02, dt))(
+                jax.random.fold_in(key, i))
+        leaves.append((path, var.replace(value=value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def bandwidth_gbs() -> float:
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((2 * 1024**3,), jnp.bfloat16)  # 4 GiB
+    f = jax.jit(lambda a: a * jnp.asarray(1.5, a.dtype))
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * x.nbytes / median(ts) / 1e9
+
+
+def worker_ours(name: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import jaxmodels.layers.moe as moe
+    from jaxmodels.config import config_from_hf
+    from jaxmodels.generate import _generate_jit, _prefill_jit, bucket
+
+    cfg = config_from_hf(MODELS[name])
+    t0 = time.perf_counter()
+    model = random_state(cfg, jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    jax.block_until_ready(state)
+    res = {"device": jax.devices()[0].device_kind, "init_s": time.perf_counter() - t0, "prefill": {},
+           "decode": {}, "compile_s": {}}
+    res["bandwidth_gbs"] = bandwidth_gbs()
+    rng = np.random.default_rng(0)
+
+    for b, p in PREFILL:
+        ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
+        mask = np.ones_like(ids)
+        t = time.perf_counter()
+        jax.block_until_ready(_prefill_jit(graphdef, state, ids, mask, p))
+        res["compile_s"][f"prefill {b}x{p}"] = time.perf_counter() - t
+        ts = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            jax.block_until_ready(_prefill_jit(graphdef, state, ids, mask, p))
+            ts.append(time.perf_counter() - t)
+        res["prefill"][f"{b}x{p}"] = b * p / median(ts)
+        print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
+
+    def decode_rate(b, tag=""):
+        ids = rng.integers(10, cfg.vocab_size, (b, PROMPT)).astype(np.int32)
+        mask = np.ones_like(ids)
+        cache_len = bucket(bucket(PROMPT) + NEW)
+
+        def run(n):
+            out, steps = _generate_jit(state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0), np.int32(0),
+                                       np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
+                                       cache_len=cache_len, do_sample=False, top_k=0, stream=False)
+            jax.block_until_ready(out)
+            assert int(steps) == n, (int(steps), n)
+
+        t = time.perf_counter()
+        run(NEW)
+        res["compile_s"][f"generate b{b}{tag}"] = time.perf_counter() - t
+        t_full, t_one = [], []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            run(NEW)
+            t_full.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            run(1)
+            t_one.append(time.perf_counter() - t)
+        step = (median(t_full) - median(t_one)) / (NEW - 1)
+        print(f"[ours {name}{tag}] decode b{b}: {step * 1e3:.3f} ms/step, {b / step:.0f} tok/s", flush=True)
+        return step
+
+    for b in DECODE_BATCHES:
+        res["decode"][str(b)] = decode_rate(b)
+
+    if args.explore and name == "deepseek-v2-lite":
+        # MoE decode variants: gather chosen experts' weights vs one ragged_dot over all experts.
+        res["explore"] = {}
+        default = moe.GATHER_MAX_SLOTS
+        for label, slots in (("ragged_only", 0), ("gather_always", 1 << 30)):
+            moe.GATHER_MAX_SLOTS = slots
+            jax.clear_caches()
+            for b in DECODE_BATCHES:
+                res["explore"][f"{label} b{b}"] = decode_rate(b, tag=f" {label}")
+        moe.GATHER_MAX_SLOTS = default
+        # Prefill with the Pallas Mosaic-GPU grouped matmul instead of XLA's ragged_dot.
+        try:
+            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+            orig = jax.lax.ragged_dot
+
+            def mgpu(lhs, rhs, group_sizes, **kw):
+                return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_m=128, block_n=128,
+                                                  block_k=64, max_concurrent_steps=4, grid_block_n=1)
+
+            jax.lax.ragged_dot = mgpu
+            jax.clear_caches()
+            b, p = PREFILL[0]
+            ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
+            jax.block_until_ready(_prefill_jit(graphdef, state, ids, np.ones_like(ids), p))
+            ts = []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                jax.block_until_ready(_prefill_jit(graphdef, state, ids, np.ones_like(ids), p))
+                ts.append(time.perf_counter() - t)
+            res["explore"][f"prefill {b}x{p} mgpu tok/s"] = b * p / median(ts)
+            print(f"[ours {name} mgpu] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
+            jax.lax.ragged_dot = orig
+        except Exception as e:  # noqa: BLE001 - exploratory
+            print(f"[ours {name} mgpu] failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            jax.lax.ragged_dot = orig
+        jax.clear_caches()
+        model.scan = False
+        graphdef, state = nnx.split(model)
+        res["explore"]["unrolled b1"] = decode_rate(1, tag=" unrolled")
+        if args.out:
+            ids = np.ones((1, PROMPT), np.int32)
+            lowered = _generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
+                                          np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
+                                          cache_len=256, do_sample=False, top_k=0, stream=False)
+            with open(os.path.join(args.out, f"hlo_{name}_unrolled_b1.txt"), "w") as f:
+                f.write(lowered.compile().as_text())
+        model.scan = True
+        graphdef, state = nnx.split(model)
+        if args.out:
+            ids = np.ones((1, PROMPT), np.int32)
+            lowered = _generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
+                                          np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
+                                          cache_len=256, do_sample=False, top_k=0, stream=False)
+            with open(os.path.join(args.out, f"hlo_{name}_scan_b1.txt"), "w") as f:
+                f.write(lowered.compile().as_text())
+        if args.profile and args.out:
+            ids = rng.integers(10, cfg.vocab_size, (1, PROMPT)).astype(np.int32)
+            run_args = (state, ids, np.ones_like(ids), np.int32(16), np.float32(1), np.float32(1), np.int32(0),
+                        np.asarray([-1], np.int32), np.int32(0))
+            kw = dict(graphdef=graphdef, cache_len=256, do_sample=False, top_k=0, stream=False)
+            jax.block_until_ready(_generate_jit(*run_args, **kw))
+            jax.profiler.start_trace(os.path.join(args.out, "trace"))
+            jax.block_until_ready(_generate_jit(*run_args, **kw))
+            jax.profiler.stop_trace()
+    return res
+
+
+def worker_hf(name: str, args) -> dict:
+    import torch
+    import transformers
+
+    raw = dict(MODELS[name])
+    model_type = raw.pop("model_type")
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **raw)
+    hf_cfg._attn_implementation = "sdpa"
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    with torch.device(dev):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").eval()
+    sync()
+    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "init_s": time.perf_counter() - t0, "prefill": {}, "decode": {}}
+    g = torch.Generator().manual_seed(0)
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for b, p in PREFILL:
+            ids = torch.randint(10, hf_cfg.vocab_size, (b, p), generator=g).to(dev)
+            fn = lambda: model(input_ids=ids, use_cache=True)  # noqa: E731
+            timed(fn)
+            ts = [timed(fn) for _ in range(args.reps)]
+            res["prefill"][f"{b}x{p}"] = b * p / median(ts)
+            print(f"[hf {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
+        n = args.hf_new_tokens
+        for b in DECODE_BATCHES:
+            ids = torch.randint(10, hf_cfg.vocab_size, (b, PROMPT), generator=g).to(dev)
+            mask = torch.ones_like(ids)
+
+            def gen(k):
+                return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
+                                              do_sample=False, pad_token_id=0)
+
+            timed(gen(2))
+            t_full = median([timed(gen(n)) for _ in range(max(1, args.reps - 1))])
+            t_one = median([timed(gen(1)) for _ in range(max(1, args.reps - 1))])
+            step = (t_full - t_one) / (n - 1)
+            res["decode"][str(b)] = step
+            print(f"[hf {name}] decode b{b}: {step * 1e3:.2f} ms/step, {b / step:.0f} tok/s", flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------------
+
+def run_worker(kind: str, name: str, args) -> dict | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", name, "--reps", str(args.reps),
+           "--hf-new-tokens", str(args.hf_new_tokens)]
+    if args.explore:
+        cmd.append("--explore")
+    if args.profile:
+        cmd.append("--profile")
+    if args.out:
+        cmd += ["--out", args.out]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_PYTHON_CLIENT_ALLOCATOR="platform", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result, lines = None, []
+    for line in proc.stdout:  # stream the worker's progress as it comes
+        line = line.rstrip("\n")
+        lines.append(line)
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        elif "Warning" not in line and "warn(" not in line:
+            print(line, flush=True)
+    proc.wait()
+    if proc.returncode or result is None:
+        print(f"!! {kind} {name} failed (rc {proc.returncode}) after {time.perf_counter() - t:.0f}s", flush=True)
+        if args.out:
+            with open(os.path.join(args.out, f"fail_{kind}_{name}.log"), "w") as f:
+                f.write("\n".join(lines))
+        return None
+    print(f"-- {kind} {name} done in {time.perf_counter() - t:.0f}s", flush=True)
+    return result
+
+
+def fmt(x, spec=".0f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(results: dict, args) -> str:
+    rows = ["| model | measurement | jaxmodels tok/s | transformers tok/s | ratio | % HBM roofline |",
+            "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name in args.models:
+        ours, hf = results.get(("ours", name)), results.get(("hf", name))
+        counts = param_counts(name)
+        bw = ours["bandwidth_gbs"] * 1e9 if ours else None
+        for b, p in PREFILL:
+            key = f"{b}x{p}"
+            o = ours["prefill"].get(key) if ours else None
+            h = hf["prefill"].get(key) if hf else None
+            rows.append(f"| {name} | prefill {key} | {fmt(o)} | {fmt(h)} | {fmt(o / h if o and h else None, '.2f')} | |")
+        for b in DECODE_BATCHES:
+            o = ours["decode"].get(str(b)) if ours else None
+            h = hf["decode"].get(str(b)) if hf else None
+            roof = decode_floor_bytes(counts, b) / bw / o if (o and bw) else None
+            rows.append(f"| {name} | decode b{b} (prompt {PROMPT}, {NEW} new) | {fmt(b / o if o else None)} | "
+                        f"{fmt(b / h if h else None)} | {fmt(h / o if o and h else None, '.1f')} | "
+                        f"{fmt(100 * roof if roof else None, '.0f')} |")
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    ap.add_argument("--compare-hf", action="store_true", help="also run transformers (bf16, sdpa) on the same GPU")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--hf-new-tokens", type=int, default=32, help="new tokens per transformers decode timing")
+    ap.add_argument("--explore", action="store_true", help="also time MoE decode variants and the unrolled stack")
+    ap.add_argument("--profile", action="store_true", help="with --explore and --out: a jax profiler trace")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs / HLO (default $OUT)")
+    ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    for m in args.models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")
+
+    if args.worker:
+        fn = worker_ours if args.worker == "ours" else worker_hf
+        print("RESULT " + json.dumps(fn(args.models[0], args)), flush=True)
+        return
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for name in args.models:
+        if args.compare_hf:
+            results[("hf", name)] = run_worker("hf", name, args)
+        results[("ours", name)] = run_worker("ours", name, args)
+        if args.out:  # partial results survive a run cut short
+            with open(os.path.join(args.out, "bench.json"), "w") as f:
+                json.dump({f"{k[0]}:{k[1]}": v for k, v in results.items()}, f, indent=1)
+    if args.out:
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({f"{k[0]}:{k[1]}": v for k, v in results.items()}, f, indent=1)
+    text = table(results, args)
+    any_res = next((r for r in results.values() if r), None)
+    device = any_res["device"] if any_res else "?"
+    bw = next((r["bandwidth_gbs"] for (k, _), r in results.items() if r and k == "ours"), None)
+    header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {device}, "
+              f"copy bandwidth {fmt(bw)} GB/s\n\n`python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`\n")
+    print()
+    print(header)
+    print(text)
+    for (kind, name), r in results.items():
+        if r and r.get("explore"):
+            print(f"\nexplore {name}: " + ", ".join(f"{k}: {v * 1e3:.3f} ms/step" if v < 1 else f"{k}: {v:.0f}"
+                                                   for k, v in r["explore"].items()))
+        if r and r.get("compile_s"):
+            print(f"compile {kind} {name}: " + ", ".join(f"{k}: {v:.0f}s" for k, v in r["compile_s"].items()))
+    if not args.no_write:
+        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
+            f.write("\n" + header + "\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
