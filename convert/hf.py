@@ -196,6 +196,11 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
             if tuple(src) != tuple(want):
                 raise CheckpointError(f"shape mismatch for {key!r}: checkpoint has {ckpt.shape(key)}, the model "
                                       f"expects {tuple(want)} (after layout change) for {name}; check config.json")
+            if filled[pl.index].any():
+                other = next(k for k, o in entries if o is not pl and
+                             o.index[: len(pl.index)] == pl.index[: len(o.index)])
+                raise CheckpointError(f"tensors {key!r} and {other!r} overlap (both fill {name}{list(pl.index)}); "
+                                      "a checkpoint holds per-expert or fused expert tensors, not both")
             filled[pl.index] = True
         if not filled.all():
             missing = [k for k, index, _ in export_keys(cfg, path, var.shape) if not filled[index]]

@@ -289,13 +289,11 @@ def test_mtp_layers_skipped_with_note(tmp_path, ckpts, v3_model, caplog):
     assert_same_params(model, v3_model)
 
 
-def test_bf16_checkpoint(tmp_path, ckpts):
+def test_bf16_checkpoint(tmp_path):
     """A bfloat16 checkpoint (how DeepSeek-V2 and StableLM ship) loads in its own dtype by default,
     and upcasts exactly to float32 on request."""
-    _, hf = ckpts["stablelm"]
     path = tmp_path / "bf16"
-    hf.to(torch.bfloat16).save_pretrained(path)
-    hf.to(torch.float32)
+    make_hf_model("stablelm").to(torch.bfloat16).save_pretrained(path)
     model = load(path)
     p = params(model)
     assert all(v.dtype == jnp.bfloat16 for v in p.values())
@@ -309,7 +307,8 @@ def test_bf16_checkpoint(tmp_path, ckpts):
 # ----------------------------------------------------------------------------------------------- errors
 def _break(kind, tmp_path, ckpts):
     """Writes a broken checkpoint of kind `kind`; returns its path."""
-    src, hf = ckpts["deepseek_v2" if kind == "router" else "stablelm"]
+    family = {"router": "deepseek_v2", "duplicate_experts": "deepseek_v3"}.get(kind, "stablelm")
+    src, hf = ckpts[family]
     dst = tmp_path / kind
     if kind == "missing_dir":
         return tmp_path / "does-not-exist"
@@ -364,6 +363,9 @@ def _break(kind, tmp_path, ckpts):
             config_changes = {"hidden_act": "tanh"}
         elif kind == "router":
             config_changes = {"topk_method": "noaux_tc"}
+        elif kind == "duplicate_experts":  # per-expert keys and a fused tensor for the same layer
+            tensors["model.layers.1.mlp.experts.down_proj"] = np.stack(
+                [tensors[f"model.layers.1.mlp.experts.{e}.down_proj.weight"] for e in range(8)])
         elif kind == "fp8_without_scale":
             tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].astype(FP8)
         elif kind == "scale_without_fp8":
@@ -401,6 +403,9 @@ ERRORS = [  # kind, exception, the message must match (cause ... fix)
     ("activation", ConfigError, r"hidden_act='tanh' is not supported; use one of"),
     ("router", ConfigError, r"topk_method='noaux_tc' is not a DeepSeek-V2 router; use 'greedy' or "
                             r"'group_limited_greedy'"),
+    ("duplicate_experts", CheckpointError, r"'model\.layers\.1\.mlp\.experts\.down_proj' and "
+                                           r"'model\.layers\.1\.mlp\.experts\.0\.down_proj\.weight' overlap"
+                                           r".*not both"),
     ("fp8_without_scale", CheckpointError, r"up_proj\.weight is float8.*weight_scale_inv is missing"),
     ("scale_without_fp8", CheckpointError, r"up_proj\.weight_scale_inv.*not float8"),
     ("fp8_e5m2", CheckpointError, r"float8_e5m2.*only float8_e4m3fn"),
