@@ -84,6 +84,24 @@ def write_checkpoint(src, dst, tensors, config_changes=None):
     return os.fspath(dst)
 
 
+def fuse_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert keys -> transformers' fused `mlp.experts.gate_up_proj` [E, 2*inter, hidden] (gate rows
+    first, as its `.chunk(2)` reads them) and `mlp.experts.down_proj` [E, hidden, inter]."""
+    tensors = dict(tensors)
+    per_expert = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups = {}
+    for key in list(tensors):
+        if (m := per_expert.match(key)):
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = tensors.pop(key)
+    assert groups, "the checkpoint should have per-expert keys"
+    for prefix, g in groups.items():
+        n = len(g["gate_proj"])
+        tensors[f"{prefix}.gate_up_proj"] = np.stack(
+            [np.concatenate([g["gate_proj"][e], g["up_proj"][e]], axis=0) for e in range(n)])
+        tensors[f"{prefix}.down_proj"] = np.stack([g["down_proj"][e] for e in range(n)])
+    return tensors
+
+
 def dir_digest(path) -> dict[str, str]:
     return {n: hashlib.sha256(open(os.path.join(path, n), "rb").read()).hexdigest() for n in sorted(os.listdir(path))}
 
@@ -163,20 +181,11 @@ def test_fused_expert_tensors(tmp_path, ckpts, batch, v3_model, family):
     """transformers' in-memory layout (`mlp.experts.gate_up_proj` [E, 2*inter, hidden], gate first;
     `mlp.experts.down_proj` [E, hidden, inter]) loads to exactly the per-expert parameters."""
     src, hf = ckpts[family]
-    tensors = read_tensors(src)
-    per_expert = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-    groups = {}
-    for key in list(tensors):
-        if (m := per_expert.match(key)):
-            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = tensors.pop(key)
-    assert groups, "the tiny checkpoint should have per-expert keys"
-    for prefix, g in groups.items():
-        n = len(g["gate_proj"])
-        tensors[f"{prefix}.gate_up_proj"] = np.stack(
-            [np.concatenate([g["gate_proj"][e], g["up_proj"][e]], axis=0) for e in range(n)])
-        tensors[f"{prefix}.down_proj"] = np.stack([g["down_proj"][e] for e in range(n)])
-        assert tensors[f"{prefix}.gate_up_proj"].shape == (n, 2 * hf.config.moe_intermediate_size,
-                                                           hf.config.hidden_size)
+    tensors = fuse_experts(read_tensors(src))
+    for e in range(hf.config.num_hidden_layers):
+        if f"model.layers.{e}.mlp.experts.gate_up_proj" in tensors:
+            assert tensors[f"model.layers.{e}.mlp.experts.gate_up_proj"].shape == (
+                hf.config.n_routed_experts, 2 * hf.config.moe_intermediate_size, hf.config.hidden_size)
     fused_path = write_checkpoint(src, tmp_path / "fused", tensors)
     fused = load(fused_path)
     reference = v3_model if family == "deepseek_v3" else load(src)
@@ -547,3 +556,38 @@ def test_cli_convert_f32_is_lossless(tmp_path, ckpts, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["convert", "--model", src, "--out", src]) == 1
     assert "--out" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- on a mesh
+MESH_WORKER = """
+import sys
+import numpy as np, jax.numpy as jnp
+sys.path[:0] = sys.argv[1:3]
+import test_convert as T
+from jaxmodels.sharding import make_mesh
+assert len(__import__("jax").devices()) == 4
+for path in sys.argv[3:]:
+    ref = T.params(T.load(path, dtype=jnp.float32))
+    for shape in (dict(expert=2, tensor=2), dict(fsdp=2, tensor=2), dict(expert=4)):
+        got = T.params(T.load(path, dtype=jnp.float32, mesh=make_mesh(**shape)))
+        bad = [k for k in ref if not np.array_equal(ref[k], got[k])]
+        assert not bad, (path, shape, bad)
+        print("ok", path, shape)
+"""
+
+
+def test_fp8_mtp_and_fused_experts_on_a_mesh(tmp_path, fp8_checkpoints, ckpts):
+    """Loading straight onto a 4-device mesh (each device reads its own slices) gives the same
+    parameters for an FP8 checkpoint with an MTP layer and for fused expert tensors."""
+    import subprocess
+    import sys
+
+    fp8 = fp8_checkpoints[0]
+    src, _ = ckpts["deepseek_v3"]
+    fused = write_checkpoint(src, tmp_path / "fused", fuse_experts(read_tensors(src)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", MESH_WORKER, here, os.path.dirname(here), fp8, fused],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok ") == 6
