@@ -43,6 +43,23 @@ HEAD_CLASSES = {
 }
 
 
+def _deepseek_v2_token_classification():
+    """transformers has no DeepSeek-V2 token-classification head. V3's is nothing but transformers'
+    GenericForTokenClassification on the family's PreTrainedModel; this builds V2's the same way, from
+    transformers' own pieces, so the oracle is still transformers code."""
+    from transformers.modeling_layers import GenericForTokenClassification
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2PreTrainedModel
+
+    return type("DeepseekV2ForTokenClassification", (GenericForTokenClassification, DeepseekV2PreTrainedModel), {})
+
+
+def hf_head_class(family: str, head: str):
+    """The transformers class that builds `head` for `family` (an Auto class, or V2's composed token head)."""
+    if family == "deepseek_v2" and head == "token_classification":
+        return _deepseek_v2_token_classification()
+    return HEAD_CLASSES[head]
+
+
 def hf_config(family: str, **overrides):
     kwargs = {**TINY[family], "initializer_range": 0.15, **overrides}
     return CONFIG_CLASSES[family](**kwargs)
@@ -52,7 +69,11 @@ def make_hf_model(family: str, head: str = "causal_lm", seed: int = 0, **overrid
     """A float32 transformers model with O(1) logits."""
     torch.manual_seed(seed)
     cfg = hf_config(family, **overrides)
-    model = HEAD_CLASSES[head].from_config(cfg, dtype=torch.float32).eval()
+    cls = hf_head_class(family, head)
+    if cls is HEAD_CLASSES.get(head):
+        model = cls.from_config(cfg, dtype=torch.float32).eval()
+    else:
+        model = cls._from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

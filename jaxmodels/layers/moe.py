@@ -177,7 +177,10 @@ class MoE(nnx.Module):
         self.cfg = cfg
         self.gate = Router(cfg, dtype=dtype, rngs=rngs, std=std)
         self.experts = Experts(cfg, dtype=dtype, rngs=rngs, std=std)
-        if cfg.n_shared_experts:
+        # As transformers and DeepSeek's own code: shared experts exist unless n_shared_experts is None. With
+        # n_shared_experts=0 the checkpoint holds zero-width tensors; keep them (they add exactly zero) so the
+        # parameter tree matches the checkpoint key for key, in both directions.
+        if cfg.n_shared_experts is not None:
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
                                       act=cfg.hidden_act, bias=getattr(cfg, "mlp_bias", False), dtype=dtype,
                                       rngs=rngs, std=std)
