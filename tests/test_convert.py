@@ -468,6 +468,35 @@ def test_export_round_trip(tmp_path, batch, family, head, overrides):
     assert_same_params(load(out), model)
 
 
+VARIANTS = [
+    ("deepseek_v2", "causal_lm", dict(q_lora_rank=None, attention_bias=True, mlp_bias=True, first_k_dense_replace=0)),
+    ("deepseek_v2", "sequence_classification", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+    ("deepseek_v3", "causal_lm", dict(first_k_dense_replace=3)),  # no MoE layers
+    ("deepseek_v3", "token_classification", dict(first_k_dense_replace=0, tie_word_embeddings=True)),
+    ("stablelm", "causal_lm", dict(use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True)),
+]
+
+
+@pytest.mark.parametrize("family,head,overrides", VARIANTS, ids=[f"{f}-{h}" for f, h, _ in VARIANTS])
+def test_export_writes_the_hub_tensors(tmp_path, family, head, overrides):
+    """For every layout variant (biases, no q_lora, dense-only or MoE-only stacks, per-head q/k norms,
+    classification heads), load -> save_pretrained writes exactly the tensors transformers saved, under
+    the same names, and a config.json transformers reads back to the same config."""
+    src, hf = make_checkpoint(tmp_path, family, head, **overrides)
+    out = jaxmodels.save_pretrained(load(src), tmp_path / "export", progress=False)
+    theirs, ours = read_tensors(src), read_tensors(out)
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    cfg = jaxmodels.load_config(out)
+    assert cfg == jaxmodels.load_config(src)
+    back = type(hf.config).from_pretrained(out)
+    for name in ("num_hidden_layers", "first_k_dense_replace", "q_lora_rank", "attention_bias", "mlp_bias",
+                 "topk_method", "tie_word_embeddings", "qk_layernorm", "use_parallel_residual", "architectures"):
+        if hasattr(hf.config, name):
+            assert getattr(back, name) == getattr(hf.config, name), name
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch):
     """A save that fails mid-write (2nd shard) leaves the checkpoint already in out_dir byte-identical
     and loadable, and no temporary directory behind; a later successful save replaces it whole."""
