@@ -104,6 +104,7 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
     them by expert with the slots of other devices' experts sorted last, and runs the same grouped matmuls
     over its local experts only: ragged_dot leaves rows beyond the local groups at zero. The partial
     outputs are then reduce-scattered over `expert` (psum'd over `tensor`) back to each device's tokens.
+    Decode-sized calls (at most GATHER_MAX_SLOTS slots) gather the chosen local experts' weights instead.
 
     Why not all-to-all: a dropless all-to-all needs either a capacity (which drops tokens) or receive
     buffers sized for the worst case (every slot to one device, |expert| x the slots) plus a ragged
@@ -128,23 +129,36 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
         e_local = gate_w.shape[0]
         first = jax.lax.axis_index(exp_axes) * e_local if exp_axes else 0
         local_ids = ids.reshape(-1) - first
+        mine = (local_ids >= 0) & (local_ids < e_local)  # [t * k] slots this device computes
+        if t * k <= GATHER_MAX_SLOTS:
+            # Decode-sized: gather each slot's expert weights (a non-local slot reads local expert 0 and
+            # gets weight 0), instead of a grouped matmul that would stream every local expert.
+            lid = jnp.where(mine, local_ids, 0)
+            xs = jnp.repeat(x, k, axis=0)  # [t * k, hidden]
+            gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, lid, axis=0))  # [t * k, inter / |tensor|]
+            up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, lid, axis=0))
+            y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, lid, axis=0))
+            y = jnp.where(mine[:, None], y, 0).reshape(t, k, -1)  # [t, k, hidden], partial over tensor
+            return reduce(jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)).astype(x.dtype)
         # Slots of other devices' experts get key e_local and sort after every local group.
-        key = jnp.where((local_ids >= 0) & (local_ids < e_local), local_ids, e_local)
+        key = jnp.where(mine, local_ids, e_local)
         order = jnp.argsort(key, stable=True)
         x_sorted = jnp.take(x, order // k, axis=0)  # [t * k, hidden]
         group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
         h = ACTIVATIONS[act](jax.lax.ragged_dot(x_sorted, gate_w, group_sizes)) * jax.lax.ragged_dot(
             x_sorted, up_w, group_sizes)  # [t * k, inter / |tensor|]
         y_sorted = jax.lax.ragged_dot(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
-        mine = jnp.arange(t * k) < group_sizes.sum()
-        y_sorted = jnp.where(mine[:, None], y_sorted, 0)
+        valid = jnp.arange(t * k) < group_sizes.sum()  # rows past the local groups
+        y_sorted = jnp.where(valid[:, None], y_sorted, 0)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-        out = jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)  # [t, hidden] float32
+        return reduce(jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)).astype(x.dtype)
+
+    def reduce(out):  # [t, hidden] float32 partial sums -> this device's tokens, summed over experts/tensor
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
             out = jax.lax.psum(out, summed)
-        return out.astype(x.dtype)
+        return out
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec_t, spec_t, spec_t, spec_w, spec_w, spec_d),
                          out_specs=spec_t)(x, ids, weights, gate_w, up_w, down_w)
