@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import convert.hf
@@ -484,10 +483,14 @@ def test_export_writes_the_hub_tensors(tmp_path, family, head, overrides):
     the same names, and a config.json transformers reads back to the same config."""
     src, hf = make_checkpoint(tmp_path, family, head, **overrides)
     out = jaxmodels.save_pretrained(load(src), tmp_path / "export", progress=False)
-    theirs, ours = read_tensors(src), read_tensors(out)
-    assert sorted(ours) == sorted(theirs)
-    for k in theirs:
-        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    streamed = convert_checkpoint(src, tmp_path / "streamed", progress=False)  # without building the model
+    theirs = read_tensors(src)
+    for ours in (read_tensors(out), read_tensors(streamed)):
+        assert sorted(ours) == sorted(theirs)
+        for k in theirs:
+            np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    assert json.loads(open(os.path.join(out, "config.json")).read()) == json.loads(
+        open(os.path.join(streamed, "config.json")).read())
     cfg = jaxmodels.load_config(out)
     assert cfg == jaxmodels.load_config(src)
     back = type(hf.config).from_pretrained(out)
