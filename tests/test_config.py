@@ -49,6 +49,35 @@ HUB_V3 = {
 }
 
 
+# DeepSeek-V2-Lite's and StableLM-2-1.6B's config.json as the hub ships them.
+HUB_V2 = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}, "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+    "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                                            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                                            "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+HUB_STABLELM = {
+    "architectures": ["StableLmForCausalLM"], "bos_token_id": 100257, "eos_token_id": 100257, "hidden_act": "silu",
+    "hidden_dropout": 0.0, "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+    "layer_norm_eps": 1e-05, "max_position_embeddings": 4096, "model_type": "stablelm", "num_attention_heads": 32,
+    "num_hidden_layers": 24, "num_key_value_heads": 32, "partial_rotary_factor": 0.25, "qk_layernorm": False,
+    "rope_scaling": None, "rope_theta": 10000, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.0.dev0", "use_cache": True, "use_parallel_residual": False, "use_qkv_bias": True,
+    "vocab_size": 100352,
+}
+HUB = {"deepseek_v2": HUB_V2, "deepseek_v3": HUB_V3, "stablelm": HUB_STABLELM}
+
+
 def _norm(v):
     """Compare JSON-ish values: lists and tuples alike, dicts by items."""
     if isinstance(v, (list, tuple)):
@@ -112,12 +141,18 @@ def test_round_trip_is_identity(family):
              config_from_hf(hf_config(family, tie_word_embeddings=True, eos_token_id=[1, 2],
                                       architectures=[CONFIG_CLASSES[family].hf_class_prefix + "ForTokenClassification"],
                                       num_labels=3).to_dict())]
-    if family == "deepseek_v3":
-        cases.append(config_from_hf(HUB_V3))
+    cases.append(config_from_hf(HUB[family]))
     for cfg in cases:
         again = config_from_hf(json.loads(json.dumps(cfg.to_hf())))
         assert again == cfg
         assert hash(again) == hash(cfg)
+
+
+def test_hub_configs_parse():
+    v2, lm = config_from_hf(HUB_V2), config_from_hf(HUB_STABLELM)
+    assert v2.q_lora_rank is None and v2.rope.rope_type == "yarn" and v2.rope.mscale_all_dim == 0.707
+    assert v2.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * 0.707 * __import__("math").log(40) + 1) ** 2)
+    assert lm.rope.partial_rotary_factor == 0.25 and lm.use_qkv_bias and lm.rotary_dim == 16
 
 
 def test_hub_v3_config_parses_every_key():
@@ -137,9 +172,7 @@ def test_hub_v3_config_parses_every_key():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_to_hf_accepted_by_autoconfig(tmp_path, family):
     """to_hf() -> config.json -> transformers.AutoConfig: same class, and every shared field equal."""
-    variants = [hf_config(family).to_dict()]
-    if family == "deepseek_v3":
-        variants.append(HUB_V3)
+    variants = [hf_config(family).to_dict(), HUB[family]]
     if family == "stablelm":
         variants.append(hf_config(family, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True,
                                   rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
