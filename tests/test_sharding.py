@@ -176,3 +176,35 @@ def test_plan_cli(capsys, tmp_path):
     assert main(["plan", "--model", path, "--mesh", "tensor=2", "--dtype", "float32"]) == 0
     assert "stablelm" in capsys.readouterr().out
     assert main(["plan", "--model", "no-such-model"]) == 2
+
+
+def test_lazy_slices_follow_the_key_map_transforms(tmp_path, monkeypatch):
+    """Loading onto a mesh reads a device's block through the layout transform (fused gate_up, transposes);
+    a transform the lazy view cannot follow falls back to the whole tensor, with the same result."""
+    from safetensors.numpy import save_file
+
+    from convert import hf
+    from convert.keymap import Placement, _transpose
+
+    rng = np.random.default_rng(0)
+    fused = rng.standard_normal((4, 2 * 6, 10)).astype(np.float32)  # [E, 2 * inter, hidden]
+    save_file({"fused": fused, "plain": fused[0]}, str(tmp_path / "model.safetensors"))
+    ckpt = hf.Checkpoint(str(tmp_path))
+    cases = [
+        (Placement(("p",), (), lambda x: _transpose(x[:, :6])), "fused", True),  # gate half, [E, hidden, inter]
+        (Placement(("p",), (), lambda x: _transpose(x[:, 6:])), "fused", True),  # up half
+        (Placement(("p",), (), _transpose), "plain", True),
+        (Placement(("p",), (), None), "plain", True),
+        (Placement(("p",), (), lambda x: np.flip(x, 0)), "plain", False),  # not lazily expressible: falls back
+    ]
+    whole_reads = []
+    real_read = hf._read
+    monkeypatch.setattr(hf, "_read", lambda c, k: whole_reads.append(k) or real_read(c, k))
+    for pl, key, lazy in cases:
+        full = pl.transform(ckpt.get(key)) if pl.transform else ckpt.get(key)
+        whole_reads.clear()
+        for index in [tuple(slice(0, n) for n in full.shape),
+                      tuple(slice(n // 2, n) for n in full.shape),
+                      tuple(slice(1, max(2, n - 1)) for n in full.shape)]:
+            np.testing.assert_array_equal(hf._read_block(ckpt, key, pl, index), full[index])
+        assert (whole_reads == []) == lazy, (key, whole_reads)  # lazy cases never read the whole tensor
