@@ -1,8 +1,12 @@
 """Hugging Face safetensors checkpoints <-> jaxmodels models.
 
-Loading streams: the whole key set is placed and validated first (names and shapes only), then each
-parameter is filled one layer slice at a time and written into its device buffer, so host memory
-stays near one layer's slice of one parameter, never the checkpoint.
+Loading streams: the whole key set is placed and validated first (names, shapes, FP8 scales; from the
+safetensors headers only), then each parameter is filled one layer slice at a time and written into its
+device buffer, so host memory stays near one layer's slice of one parameter, never the checkpoint.
+
+Export (`save_pretrained`) writes the hub's layout (per-layer, per-expert keys) into a temporary
+directory and moves it into place only when complete. `convert_checkpoint` (the `jaxmodels convert`
+command) streams checkpoint -> checkpoint without building the model, e.g. DeepSeek-V3 FP8 -> bf16.
 """
 
 from __future__ import annotations
@@ -190,7 +194,8 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
             # Check the shape this tensor will have after its transform.
             src = ckpt.shape(key)
             if pl.transform is not None:
-                probe = np.empty(src, dtype=np.bool_) if len(src) >= 2 else None
+                # A zero-stride view: transforms (slices, swapaxes) run on it without allocating anything.
+                probe = np.broadcast_to(np.False_, src) if len(src) >= 2 else None
                 src = pl.transform(probe).shape if probe is not None else src
             want = var.shape[len(pl.index):]
             if tuple(src) != tuple(want):
