@@ -138,9 +138,8 @@ def test_loading_onto_a_mesh_keeps_host_memory_near_one_tensor(tmp_path):
     r = json.loads(out.read_text())
     bound = r["host_block_bytes"] + 3 * r["largest_tensor_bytes"]
     assert r["checkpoint_bytes"] > 20 * bound, r  # the test is meaningful: the checkpoint dwarfs the bound
-    for label in ("mesh", "mesh_again"):
-        assert r[label + "_peak"] < bound, (label, r)
-        assert r[label + "_expert_shard"] == [3, 8, 128, 512], r  # experts split over expert, embed over fsdp...
+    assert r["mesh_peak"] < bound, r
+    assert r["mesh_expert_shard"] == [3, 8, 128, 512], r  # 3 MoE layers; 16 experts / 2; 256 / 2; 1024 / 2
 
 
 # ---------------------------------------------------------------------------------------------------
