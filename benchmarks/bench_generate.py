@@ -125,6 +125,27 @@ def decode_floor_bytes(counts: dict, batch: int, prompt: int = PROMPT, new: int 
 # Workers
 # ------------------------------------------------------------------------------------------------------
 
+def random_normal(key, shape, dtype, std=0.02, chunk_bytes=1 << 28):
+    """normal(0, std) of `shape`, filled slice by slice along leading axes so that no temporary (random
+    bits, float32) is larger than about chunk_bytes."""
+    import jax
+    import jax.numpy as jnp
+    make = jax.jit(lambda k, s: jax.random.normal(k, s, jnp.float32).astype(dtype) * jnp.asarray(std, dtype),
+                   static_argnums=1)
+    lead = 0
+    while lead < len(shape) - 1 and math.prod(shape[lead:]) * 4 > chunk_bytes:
+        lead += 1
+    if lead == 0:
+        return make(key, tuple(shape))
+    put = jax.jit(lambda buf, v, idx: jax.lax.dynamic_update_slice(buf, v.reshape((1,) * lead + v.shape),
+                                                                      idx + (0,) * (len(shape) - lead)),
+                  donate_argnums=0)
+    buf = jnp.zeros(shape, dtype)
+    for n, idx in enumerate(__import__("itertools").product(*(range(d) for d in shape[:lead]))):
+        buf = put(buf, make(jax.random.fold_in(key, n), tuple(shape[lead:])), tuple(jnp.int32(i) for i in idx))
+    return buf
+
+
 def random_state(cfg, dtype, seed=0):
     """Random bf16 parameters (std 0.02; norms 1; biases 0) built leaf by leaf on the device."""
     import jax
@@ -144,8 +165,7 @@ def random_state(cfg, dtype, seed=0):
         elif name.endswith("bias"):
             value = jnp.zeros(shape, dt)
         else:
-            value = jax.jit(lambda k, shape=shape, dt=dt: jax.random.normal(k, shape, dt) * jnp.asarray(0.02, dt))(
-                jax.random.fold_in(key, i))
+            value = random_normal(jax.random.fold_in(key, i), shape, dt)
         leaves.append((path, var.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
@@ -172,7 +192,9 @@ def worker_ours(name: str, args) -> dict:
 
     import jaxmodels.layers.moe as moe
     from jaxmodels.config import config_from_hf
-    from jaxmodels.generate import _generate_jit, _prefill_jit, bucket
+    import jaxmodels.generate  # noqa: F401
+    from jaxmodels.generate import bucket
+    G = sys.modules["jaxmodels.generate"]  # the module (jaxmodels.generate is the function)
 
     cfg = config_from_hf(MODELS[name])
     t0 = time.perf_counter()
@@ -188,12 +210,12 @@ def worker_ours(name: str, args) -> dict:
         ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
         mask = np.ones_like(ids)
         t = time.perf_counter()
-        jax.block_until_ready(_prefill_jit(graphdef, state, ids, mask, p))
+        jax.block_until_ready(G._prefill_jit(graphdef, state, ids, mask, p))
         res["compile_s"][f"prefill {b}x{p}"] = time.perf_counter() - t
         ts = []
         for _ in range(args.reps):
             t = time.perf_counter()
-            jax.block_until_ready(_prefill_jit(graphdef, state, ids, mask, p))
+            jax.block_until_ready(G._prefill_jit(graphdef, state, ids, mask, p))
             ts.append(time.perf_counter() - t)
         res["prefill"][f"{b}x{p}"] = b * p / median(ts)
         print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
@@ -204,7 +226,7 @@ def worker_ours(name: str, args) -> dict:
         cache_len = bucket(bucket(PROMPT) + NEW)
 
         def run(n):
-            out, steps = _generate_jit(state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0), np.int32(0),
+            out, steps = G._generate_jit(state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0), np.int32(0),
                                        np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
                                        cache_len=cache_len, do_sample=False, top_k=0, stream=False)
             jax.block_until_ready(out)
@@ -228,70 +250,32 @@ def worker_ours(name: str, args) -> dict:
     for b in DECODE_BATCHES:
         res["decode"][str(b)] = decode_rate(b)
 
-    if args.explore and name == "deepseek-v2-lite":
-        # MoE decode variants: gather chosen experts' weights vs one ragged_dot over all experts.
+    if args.explore:
+        # Variants: without dynamic-slice fusion (weights copied out of the layer stack), the gather
+        # as an explicit copy + einsum, gather at batch 32 instead of the grouped matmul.
         res["explore"] = {}
-        default = moe.GATHER_MAX_SLOTS
-        for label, slots in (("ragged_only", 0), ("gather_always", 1 << 30)):
-            moe.GATHER_MAX_SLOTS = slots
-            jax.clear_caches()
-            for b in DECODE_BATCHES:
-                res["explore"][f"{label} b{b}"] = decode_rate(b, tag=f" {label}")
-        moe.GATHER_MAX_SLOTS = default
-        # Prefill with the Pallas Mosaic-GPU grouped matmul instead of XLA's ragged_dot.
-        try:
-            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-            orig = jax.lax.ragged_dot
-
-            def mgpu(lhs, rhs, group_sizes, **kw):
-                return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_m=128, block_n=128,
-                                                  block_k=64, max_concurrent_steps=4, grid_block_n=1)
-
-            jax.lax.ragged_dot = mgpu
-            jax.clear_caches()
-            b, p = PREFILL[0]
-            ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
-            jax.block_until_ready(_prefill_jit(graphdef, state, ids, np.ones_like(ids), p))
-            ts = []
-            for _ in range(args.reps):
-                t = time.perf_counter()
-                jax.block_until_ready(_prefill_jit(graphdef, state, ids, np.ones_like(ids), p))
-                ts.append(time.perf_counter() - t)
-            res["explore"][f"prefill {b}x{p} mgpu tok/s"] = b * p / median(ts)
-            print(f"[ours {name} mgpu] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
-            jax.lax.ragged_dot = orig
-        except Exception as e:  # noqa: BLE001 - exploratory
-            print(f"[ours {name} mgpu] failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            jax.lax.ragged_dot = orig
+        G.set_compiler_options({})
         jax.clear_caches()
-        model.scan = False
-        graphdef, state = nnx.split(model)
-        res["explore"]["unrolled b1"] = decode_rate(1, tag=" unrolled")
+        res["explore"]["no_dsf b1"] = decode_rate(1, tag=" no_dsf")
+        G.set_compiler_options(None)
+        if cfg.model_type.startswith("deepseek"):
+            moe.GATHER_FORM = "einsum"
+            jax.clear_caches()  # module switches are read at trace time: force a retrace
+            for b in (1, 8):
+                res["explore"][f"einsum_gather b{b}"] = decode_rate(b, tag=" einsum_gather")
+            moe.GATHER_FORM = "reduce"
+            moe.GATHER_MAX_SLOTS = 1 << 30
+            jax.clear_caches()
+            res["explore"]["gather b32"] = decode_rate(32, tag=" gather")
+            moe.GATHER_MAX_SLOTS = None
+            jax.clear_caches()
         if args.out:
             ids = np.ones((1, PROMPT), np.int32)
-            lowered = _generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
-                                          np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
-                                          cache_len=256, do_sample=False, top_k=0, stream=False)
-            with open(os.path.join(args.out, f"hlo_{name}_unrolled_b1.txt"), "w") as f:
+            lowered = G._generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
+                                            np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
+                                            cache_len=256, do_sample=False, top_k=0, stream=False)
+            with open(os.path.join(args.out, f"hlo_{name}_b1.txt"), "w") as f:
                 f.write(lowered.compile().as_text())
-        model.scan = True
-        graphdef, state = nnx.split(model)
-        if args.out:
-            ids = np.ones((1, PROMPT), np.int32)
-            lowered = _generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
-                                          np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
-                                          cache_len=256, do_sample=False, top_k=0, stream=False)
-            with open(os.path.join(args.out, f"hlo_{name}_scan_b1.txt"), "w") as f:
-                f.write(lowered.compile().as_text())
-        if args.profile and args.out:
-            ids = rng.integers(10, cfg.vocab_size, (1, PROMPT)).astype(np.int32)
-            run_args = (state, ids, np.ones_like(ids), np.int32(16), np.float32(1), np.float32(1), np.int32(0),
-                        np.asarray([-1], np.int32), np.int32(0))
-            kw = dict(graphdef=graphdef, cache_len=256, do_sample=False, top_k=0, stream=False)
-            jax.block_until_ready(_generate_jit(*run_args, **kw))
-            jax.profiler.start_trace(os.path.join(args.out, "trace"))
-            jax.block_until_ready(_generate_jit(*run_args, **kw))
-            jax.profiler.stop_trace()
     return res
 
 
@@ -360,8 +344,7 @@ def run_worker(kind: str, name: str, args) -> dict | None:
         cmd.append("--profile")
     if args.out:
         cmd += ["--out", args.out]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               XLA_PYTHON_CLIENT_ALLOCATOR="platform", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_MEM_FRACTION="0.92", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result, lines = None, []
@@ -459,6 +442,9 @@ def main():
                                                    for k, v in r["explore"].items()))
         if r and r.get("compile_s"):
             print(f"compile {kind} {name}: " + ", ".join(f"{k}: {v:.0f}s" for k, v in r["compile_s"].items()))
+    if args.out:
+        with open(os.path.join(args.out, "results_fragment.md"), "w") as f:
+            f.write("\n" + header + "\n" + text + "\n")
     if not args.no_write:
         with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
             f.write("\n" + header + "\n" + text + "\n")

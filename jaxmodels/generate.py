@@ -119,14 +119,19 @@ def _decode(model, cache, tokens, positions, kv_valid):
     return _last_logits(model, h), set_position(cache, index + 1, fresh=False)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _prefill_jit(graphdef, state, ids, mask, cache_len):
+# XLA:GPU otherwise copies each layer's weights out of the stacked [layers, ...] parameters before every
+# cuBLAS call inside the layer scan (a dynamic-slice it cannot fuse into a library call): at decode that
+# triples the bytes a step moves. Dynamic-slice fusion lets the GEMM read the slice in place. Other
+# backends ignore the option.
+COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
+
+
+def _prefill_impl(graphdef, state, ids, mask, cache_len):
     TRACE_COUNT["prefill"] += 1
     return _prefill(nnx.merge(graphdef, state), ids, mask, cache_len)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode_jit(graphdef, state, cache, tokens, positions, kv_valid):
+def _decode_impl(graphdef, state, cache, tokens, positions, kv_valid):
     TRACE_COUNT["decode_step"] += 1
     return _decode(nnx.merge(graphdef, state), cache, tokens, positions, kv_valid)
 
@@ -174,8 +179,7 @@ def _emit(step, tokens, stream: bool):
         io_callback(_stream_to_host, None, step, tokens, ordered=True)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))
-def _generate_jit(state, ids, mask, max_new, temperature, top_p, seed, eos, pad, *, graphdef, cache_len: int,
+def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad, *, graphdef, cache_len: int,
                   do_sample: bool, top_k: int, stream: bool):
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
@@ -210,6 +214,19 @@ def _generate_jit(state, ids, mask, max_new, temperature, top_p, seed, eos, pad,
     carry = (jnp.asarray(1, jnp.int32), out, tok, pos, cache, unfinished)
     steps, out, *_ = jax.lax.while_loop(cond, body, carry)
     return out, steps
+
+
+def set_compiler_options(options: dict | None) -> None:
+    """(Re)builds the jitted programs with these XLA compiler options (default COMPILER_OPTIONS)."""
+    global _prefill_jit, _decode_jit, _generate_jit
+    opts = dict(COMPILER_OPTIONS if options is None else options)
+    _prefill_jit = jax.jit(_prefill_impl, static_argnums=(0, 4), compiler_options=opts)
+    _decode_jit = jax.jit(_decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=opts)
+    _generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"),
+                            compiler_options=opts)
+
+
+set_compiler_options(None)
 
 
 def _eos_list(eos_token_id, cfg: BaseConfig) -> tuple[int, ...]:

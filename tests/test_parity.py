@@ -131,6 +131,36 @@ VARIANTS: dict[str, Variant] = {
     "stablelm-token_cls": Variant("stablelm", "token_classification", overrides=dict(num_labels=5)),
 }
 
+# What the loaded jaxmodels model must look like for a variant to test what its name says.
+STRUCTURE = {
+    "v2-group_limited_greedy": lambda m: m.config.topk_method == "group_limited_greedy" and m.config.n_group == 4,
+    "v2-q_lora_none": lambda m: m.model.moe_layers.layers.self_attn.q_a_proj is None,
+    "v2-attention_bias": lambda m: m.model.moe_layers.layers.self_attn.o_proj.bias is not None,
+    "v2-mlp_bias": lambda m: m.model.dense_layers.layers.mlp.up_proj.bias is not None,
+    "v2-n_shared_experts_0": lambda m: m.model.moe_layers.layers.mlp.shared_experts.up_proj.weight.shape[1] == 0,
+    "v2-first_k_dense_0": lambda m: m.model.dense_layers is None and m.model.moe_layers.num_layers == 3,
+    "v2-first_k_dense_all": lambda m: m.model.moe_layers is None and m.model.dense_layers.num_layers == 3,
+    "v2-tied": lambda m: m.lm_head is None,
+    "v2-rope_yarn_legacy": lambda m: m.config.rope.rope_type == "yarn" and m.config.rope.mscale_all_dim == 0.8,
+    "v3-noaux_tc_no_norm": lambda m: not m.config.norm_topk_prob and m.config.routed_scaling_factor == 2.5,
+    "v3-rope_interleave_false": lambda m: not m.config.rope_interleave,
+    "v3-first_k_dense_0": lambda m: m.model.dense_layers is None and m.model.moe_layers.num_layers == 3,
+    "v3-first_k_dense_all": lambda m: m.model.moe_layers is None and m.model.dense_layers.num_layers == 3,
+    "v3-tied": lambda m: m.lm_head is None,
+    "v3-rope_legacy": lambda m: m.config.rope.rope_type == "linear" and m.config.rope.rope_theta == 2000.0,
+    "stablelm-partial_0.5": lambda m: m.config.rotary_dim == 4,
+    "stablelm-partial_1.0": lambda m: m.config.rotary_dim == 8,
+    "stablelm-gqa_partial_0.25": lambda m: m.config.rotary_dim == 2 and m.config.num_key_value_heads == 2,
+    "stablelm-mha": lambda m: m.config.num_key_value_heads == 4,
+    "stablelm-qk_layernorm": lambda m: m.model.layers.layers.self_attn.k_layernorm.weight.shape == (2, 2, 8),
+    "stablelm-parallel_residual": lambda m: m.model.layers.layers.post_attention_layernorm is None,
+    "stablelm-tied": lambda m: m.lm_head is None,
+    "stablelm-rope_legacy": lambda m: m.config.rope.rope_theta == 700.0 and m.config.rotary_dim == 4,
+    "stablelm-rope_legacy_null": lambda m: m.config.rope.rope_theta == 300.0 and m.config.rotary_dim == 4,
+    "v2-token_cls": lambda m: m.config.head == "token_classification" and m.score.weight.shape == (5, 32),
+    "v3-seq_cls": lambda m: m.config.head == "sequence_classification" and m.score.weight.shape == (3, 32),
+}
+
 # (case id, variant, batch). Batches: "left" / "right" padding of row 0, "positions" (left padding plus an
 # explicit `positions` argument that differs from the default arange), "long" (24 tokens, beyond the
 # dynamic-rope variants' max_position_embeddings=16, so the NTK growth triggers).
@@ -280,6 +310,8 @@ def error_table(request):
 def test_parity(variants, case, name, batch):
     m = variants(name)
     v = m.variant
+    if name in STRUCTURE:
+        assert STRUCTURE[name](m.model), f"{name}: the loaded model is not the variant this case is about"
     ids, mask, positions = make_batch(batch, m.hf.config.vocab_size)
     ref = hf_forward(m.hf, ids, mask, positions)
     ours = m.forward(ids, mask, positions)
