@@ -128,6 +128,7 @@ def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
         assert full["cache_specs"] and all("fsdp" in s and "expert" in s for s in full["cache_specs"].values()), \
             full["cache_specs"]
     if family != "stablelm":  # rules overridden: batch not split over `expert` (the MoE's psum-only path)
+        assert r["gather_path_rel_err"] < 1e-5  # and the decode-sized gather path, forced for every size
         assert r["override_rules"]["rel_err"] < 1e-5
         assert r["override_rules"]["params"]["bad"] == []
 

@@ -130,28 +130,27 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
         first = jax.lax.axis_index(exp_axes) * e_local if exp_axes else 0
         local_ids = ids.reshape(-1) - first
         mine = (local_ids >= 0) & (local_ids < e_local)  # [t * k] slots this device computes
-        if t * k <= GATHER_MAX_SLOTS:
-            # Decode-sized: gather each slot's expert weights (a non-local slot reads local expert 0 and
-            # gets weight 0), instead of a grouped matmul that would stream every local expert.
-            lid = jnp.where(mine, local_ids, 0)
-            xs = jnp.repeat(x, k, axis=0)  # [t * k, hidden]
-            gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, lid, axis=0))  # [t * k, inter / |tensor|]
-            up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, lid, axis=0))
-            y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, lid, axis=0))
-            y = jnp.where(mine[:, None], y, 0).reshape(t, k, -1)  # [t, k, hidden], partial over tensor
-            return reduce(jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)).astype(x.dtype)
+        limit = e_local - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS
+        if t * k <= limit:
+            # Decode-sized: the single-device gather path over local experts; a slot of another device's
+            # expert reads local expert 0 with weight 0, instead of a grouped matmul streaming them all.
+            lid = jnp.where(mine, local_ids, 0).reshape(t, k)
+            y = gathered_experts(x, lid, jnp.where(mine.reshape(t, k), weights, 0.0), gate_w, up_w, down_w, act)
+            return reduce(y.astype(jnp.float32)).astype(x.dtype)  # [t, hidden]
         # Slots of other devices' experts get key e_local and sort after every local group.
         key = jnp.where(mine, local_ids, e_local)
         order = jnp.argsort(key, stable=True)
         x_sorted = jnp.take(x, order // k, axis=0)  # [t * k, hidden]
         group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
-        h = ACTIVATIONS[act](jax.lax.ragged_dot(x_sorted, gate_w, group_sizes)) * jax.lax.ragged_dot(
+        h = ACTIVATIONS[act](_matmul(x_sorted, gate_w, group_sizes)) * _matmul(
             x_sorted, up_w, group_sizes)  # [t * k, inter / |tensor|]
-        y_sorted = jax.lax.ragged_dot(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
+        y_sorted = _matmul(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
         valid = jnp.arange(t * k) < group_sizes.sum()  # rows past the local groups
         y_sorted = jnp.where(valid[:, None], y_sorted, 0)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
         return reduce(jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)).astype(x.dtype)
+
+    _matmul = globals().get("grouped_matmul", jax.lax.ragged_dot)  # the single-device kernel choice
 
     def reduce(out):  # [t, hidden] float32 partial sums -> this device's tokens, summed over experts/tensor
         if gather:
