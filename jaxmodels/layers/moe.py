@@ -60,10 +60,17 @@ def _keep_top_groups(scores, group_scores, cfg: DeepseekConfig, fill):
     return jnp.where(expert_mask, scores, fill)
 
 
-# Decode-sized calls (at most this many token-slots, tokens * top-k) read only the chosen experts'
-# weights (`gathered_experts`) instead of running the grouped matmul, whose GPU lowering touches every
-# expert. Static (trace time); benchmarks/bench_generate.py measures the crossover.
-GATHER_MAX_SLOTS = 32
+# Decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than experts) read
+# only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul, which reads
+# every expert's weights whether or not a token picked it. Static (trace time);
+# benchmarks/bench_generate.py measures the crossover.
+GATHER_MAX_SLOTS: int | None = None
+# "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen expert's
+# weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched matvecs.
+GATHER_FORM = "reduce"
+# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernel where shapes allow (XLA's
+# ragged_dot lowering on GPU was measured ~7x slower for prefill), "xla" always jax.lax.ragged_dot.
+GROUPED_MATMUL = "auto"
 
 
 def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
@@ -72,25 +79,54 @@ def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
     t, k = ids.shape
     flat = ids.reshape(-1)  # [slots]
     xs = jnp.repeat(x, k, axis=0)  # [slots, hidden]
-    gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, flat, axis=0))  # [slots, inter]
-    up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, flat, axis=0))  # [slots, inter]
-    y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
+    if GATHER_FORM == "einsum":
+        gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, flat, axis=0))  # [slots, inter]
+        up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, flat, axis=0))  # [slots, inter]
+        y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
+    else:
+        f32 = jnp.float32
+        xs = xs.astype(f32)
+        gate = jnp.sum(xs[:, :, None] * gate_w[flat].astype(f32), axis=1)  # [slots, inter]
+        up = jnp.sum(xs[:, :, None] * up_w[flat].astype(f32), axis=1)  # [slots, inter]
+        h = (ACTIVATIONS[act](gate.astype(x.dtype)) * up.astype(x.dtype)).astype(f32)
+        y = jnp.sum(h[:, :, None] * down_w[flat].astype(f32), axis=1)  # [slots, hidden]
     return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1).astype(jnp.float32), weights).astype(x.dtype)
+
+
+def _mosaic_gpu_ok(lhs, rhs) -> bool:
+    if GROUPED_MATMUL != "auto" or lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if dev.platform != "gpu" or getattr(dev, "compute_capability", "") != "9.0":
+        return False
+    return lhs.shape[1] % 64 == 0 and rhs.shape[2] % 128 == 0
+
+
+def grouped_matmul(lhs, rhs, group_sizes):
+    """lhs [m, k] (rows sorted by group), rhs [groups, k, n], group_sizes [groups] -> [m, n]."""
+    if _mosaic_gpu_ok(lhs, rhs):
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+        return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_m=128, block_n=128, block_k=64,
+                                          max_concurrent_steps=4, grid_block_n=1)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
 def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts: int):
     """Dropless expert compute. x [tokens, hidden]; ids/weights [tokens, k]; gate/up [E, hidden, inter],
     down [E, inter, hidden] -> [tokens, hidden]."""
-    if ids.size <= GATHER_MAX_SLOTS:
+    if ids.size <= (num_experts - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS):
         return gathered_experts(x, ids, weights, gate_w, up_w, down_w, act)
     t, k = ids.shape
     flat = ids.reshape(-1)  # [tokens * k]
     order = jnp.argsort(flat, stable=True)
     x_sorted = jnp.take(x, order // k, axis=0)  # [tokens * k, hidden], grouped by expert
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = ACTIVATIONS[act](jax.lax.ragged_dot(x_sorted, gate_w, group_sizes)) * jax.lax.ragged_dot(
+    h = ACTIVATIONS[act](grouped_matmul(x_sorted, gate_w, group_sizes)) * grouped_matmul(
         x_sorted, up_w, group_sizes)  # [tokens * k, inter]
-    y_sorted = jax.lax.ragged_dot(h, down_w, group_sizes)  # [tokens * k, hidden]
+    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [tokens * k, hidden]
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
 
