@@ -1,0 +1,154 @@
+"""`jaxmodels generate`: text in, text out.
+
+  jaxmodels generate --prompt "Hello"                         # embedded tiny-random model, no download
+  jaxmodels generate --model PATH_OR_HUB_ID --prompt "..." [--prompt-file prompts.txt] [--chat]
+                     [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--dtype bf16]
+
+Sampling is on when --temperature > 0 (default 0: greedy). All prompts (every --prompt, then each
+non-empty line of --prompt-file) run as one left-padded batch. With a single prompt the completion
+streams to the terminal as tokens are produced (an ordered io_callback from inside the jitted decode
+loop hands each step's tokens to the host); with several, each completion is printed when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TINY_RANDOM = "tiny-random"
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
+           "float32": "float32"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=TINY_RANDOM,
+                   help=f"checkpoint directory or hub id; default '{TINY_RANDOM}': a small random DeepSeek-V3 "
+                        "built in the package (no download), for trying the pipeline")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line; all prompts run as one batch")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--no-stream", action="store_true", help="print completions only when done")
+
+
+def tiny_random_model(seed: int = 0):
+    """A small DeepSeek-V3 (MLA + noaux_tc MoE) with random weights and the built-in byte tokenizer."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmodels.config import DeepseekV3Config
+    from jaxmodels.model import CausalLM
+    from jaxmodels.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = DeepseekV3Config(
+        vocab_size=tok.tok.get_vocab_size(), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, kv_lora_rank=32,
+        q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=2048,
+        bos_token_id=tok.token_id(tok.bos_token), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return CausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed), std=0.1), tok
+
+
+def load(model: str, dtype: str | None):
+    """(model, tokenizer) for a checkpoint path / hub id, or the embedded tiny-random model."""
+    if model == TINY_RANDOM:
+        return tiny_random_model()
+    import jax.numpy as jnp
+
+    from convert.hf import from_pretrained, resolve_checkpoint
+    from jaxmodels.tokenizer import Tokenizer
+
+    path = resolve_checkpoint(model)
+    tok = Tokenizer.from_checkpoint(path)  # before the weights: a missing tokenizer fails fast
+    m = from_pretrained(path, None if dtype is None else getattr(jnp, _DTYPES[dtype]), progress=False)
+    if not hasattr(m, "logits"):
+        from jaxmodels.generate import GenerationError
+        raise GenerationError(f"{model} is a {type(m).__name__} checkpoint; generate needs a *ForCausalLM one")
+    return m, tok
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        prompts = ["Hello"]
+    return prompts
+
+
+class _Printer:
+    """Streams one row's text: decodes the tokens so far and prints what is new (multi-byte safe)."""
+
+    def __init__(self, tok, eos: set[int], pad: int, out):
+        self.tok, self.eos, self.pad, self.out = tok, eos, pad, out
+        self.ids: list[int] = []
+        self.shown = ""
+        self.done = False
+
+    def __call__(self, step: int, tokens) -> None:
+        if self.done:
+            return
+        t = int(tokens[0])
+        if t in self.eos:
+            self.done = True
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+
+def run(args) -> int:
+    from convert.keymap import CheckpointError
+    from jaxmodels.config import ConfigError
+    from jaxmodels.generate import GenerationError, generate
+    from jaxmodels.tokenizer import TokenizerError
+
+    out = sys.stdout
+    try:
+        model, tok = load(args.model, args.dtype)
+        prompts = read_prompts(args)
+        if args.chat:
+            encoded = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        else:
+            encoded = [tok.encode(p) for p in prompts]
+        cfg = model.config
+        eos = list(cfg.eos_token_ids) or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (tok.pad_token_id if tok.pad_token_id is not None
+                                                                     else (eos[0] if eos else 0))
+        ids, mask = tok.batch(encoded, pad)
+        stream = len(prompts) == 1 and not args.no_stream
+        printer = _Printer(tok, set(eos), pad, out) if stream else None
+        result = generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                          do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
+                          top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, pad_token_id=pad, seed=args.seed,
+                          streamer=printer)
+    except FileNotFoundError as e:
+        print(f"error: {e} (or omit --model to try the embedded '{TINY_RANDOM}' model)", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError, GenerationError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    new = result[:, ids.shape[1]:]
+    if stream:
+        out.write("\n")
+    else:
+        for i, p in enumerate(prompts):
+            row = [int(t) for t in new[i] if int(t) not in eos and int(t) != pad]
+            if len(prompts) > 1:
+                out.write(f"=== [{i}] {p}\n")
+            out.write(tok.decode(row) + "\n")
+    out.flush()
+    return 0
