@@ -210,6 +210,18 @@ def mesh_axes_of_spec(spec: P, dim: int) -> tuple[str, ...]:
     return _as_tuple(spec[dim] if dim < len(spec) else None)
 
 
+def trim_spec(spec: P, mesh) -> P:
+    """The same placement without the mesh axes of size 1 (for shard_map specs)."""
+    sizes = _axis_sizes(mesh)
+    entries = []
+    for entry in spec:
+        axes = tuple(a for a in _as_tuple(entry) if sizes[a] > 1)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
+
+
 def var_axes(var) -> tuple[str | None, ...]:
     """The logical axes of an nnx Variable (all None when it names none)."""
     axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None

@@ -147,9 +147,14 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
     all-to-all that the CPU backend lacks. The all-gather / reduce-scatter moves tokens x hidden per
     device in each direction, independent of routing, keeps static shapes, and never drops a token.
     """
-    spec_w = sharding.logical_to_spec(("experts", None, "moe_mlp"), rules, mesh, gate_w.shape)
-    spec_d = sharding.logical_to_spec(("experts", "moe_mlp", None), rules, mesh, down_w.shape)
-    spec_t = sharding.logical_to_spec(("batch", None), rules, mesh, x.shape)
+    # Size-1 mesh axes are left out of the specs, so no value "varies" over them and no collective runs
+    # over them (jax versions differ on how they treat a size-1 axis in shard_map's replication check).
+    def spec(axes, shape):
+        return sharding.trim_spec(sharding.logical_to_spec(axes, rules, mesh, shape), mesh)
+
+    spec_w = spec(("experts", None, "moe_mlp"), gate_w.shape)
+    spec_d = spec(("experts", "moe_mlp", None), down_w.shape)
+    spec_t = spec(("batch", None), x.shape)
     exp_axes = sharding.mesh_axes_of_spec(spec_w, 0)  # the axes that really split E (those that divide it)
     red_axes = exp_axes + tuple(a for a in sharding.mesh_axes_of_spec(spec_w, 2) if a not in exp_axes)
     tok_axes = sharding.mesh_axes_of_spec(spec_t, 0)
