@@ -311,7 +311,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     mask_b = np.zeros((b, pb), np.int32)
     ids_b[:, pb - p:] = ids
     mask_b[:, pb - p:] = mask
-    eos_arr = np.asarray(eos if eos else (-1,), np.int32)
+    # EOS ids padded with -1 (never a token) to a multiple of 8, so the list's length is not a new shape.
+    eos_arr = np.full((-(-max(len(eos), 1) // 8) * 8,), -1, np.int32)
+    eos_arr[:len(eos)] = eos
     graphdef, state = nnx.split(model)
     if streamer is not None:
         _STREAMERS.append(streamer)
