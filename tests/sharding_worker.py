@@ -94,11 +94,9 @@ def forward(family: str, ckpt: str, out: str) -> None:
     ids, mask = batch(base.config.vocab_size)
     f, state = forward_fn(base)
     ref = np.asarray(f(state, jnp.asarray(ids), jnp.asarray(mask)))
-    try:
-        from jaxmodels.generate import generate
-    except ImportError:
-        generate = None
-    ref_gen = None if generate is None else np.asarray(generate(base, ids, mask, max_new_tokens=3))
+    from jaxmodels.generate import generate, prefill
+
+    ref_gen = np.asarray(generate(base, ids, mask, max_new_tokens=3))
     results = {"devices": jax.device_count(), "meshes": {}}
     for label, axes in MESHES.items():
         mesh = sharding.make_mesh(**axes)
@@ -120,9 +118,8 @@ def forward(family: str, ckpt: str, out: str) -> None:
         r["plan_param_bytes"], r["held_param_bytes"] = plan.params, max(held.values())
         if label == "fsdp=8":
             r["fsdp"] = fsdp_gathers(compiled.as_text(), model)
-        if generate is not None and label in GENERATE_MESHES:
+        if label in GENERATE_MESHES:
             r["generate_equal"] = bool((np.asarray(generate(model, sids, smask, max_new_tokens=3)) == ref_gen).all())
-            from jaxmodels.generate import prefill
             _, cache, _, _ = prefill(model, sids, smask)
             r["cache_specs"] = {f"{stack}.{k}": str(getattr(c, k).sharding.spec) for stack, c in cache.items()
                                 for k in sharding.CACHE_AXES if hasattr(c, k)}

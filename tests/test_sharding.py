@@ -123,10 +123,9 @@ def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
     fsdp = r["meshes"]["fsdp=8"]["fsdp"]
     assert fsdp["in_body"] > 0 and fsdp["whole_stack"] == 0, fsdp
     full = r["meshes"]["fsdp=2,expert=2,tensor=2"]
-    if "generate_equal" in full:  # jaxmodels.generate exists: greedy tokens are identical on the mesh
-        assert full["generate_equal"]
-        assert full["cache_specs"] and all("fsdp" in s and "expert" in s for s in full["cache_specs"].values()), \
-            full["cache_specs"]
+    assert full["generate_equal"]  # greedy tokens identical on the mesh; the static cache split like the batch
+    assert full["cache_specs"] and all("fsdp" in s and "expert" in s for s in full["cache_specs"].values()), \
+        full["cache_specs"]
     if family != "stablelm":  # rules overridden: batch not split over `expert` (the MoE's psum-only path)
         assert r["gather_path_rel_err"] < 1e-5  # and the decode-sized gather path, forced for every size
         assert r["override_rules"]["rel_err"] < 1e-5

@@ -183,15 +183,13 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
         order = jnp.argsort(key, stable=True)
         x_sorted = jnp.take(x, order // k, axis=0)  # [t * k, hidden]
         group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
-        h = ACTIVATIONS[act](_matmul(x_sorted, gate_w, group_sizes)) * _matmul(
+        h = ACTIVATIONS[act](grouped_matmul(x_sorted, gate_w, group_sizes)) * grouped_matmul(
             x_sorted, up_w, group_sizes)  # [t * k, inter / |tensor|]
-        y_sorted = _matmul(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
+        y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
         valid = jnp.arange(t * k) < group_sizes.sum()  # rows past the local groups
         y_sorted = jnp.where(valid[:, None], y_sorted, 0)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
         return reduce(jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)).astype(x.dtype)
-
-    _matmul = globals().get("grouped_matmul", jax.lax.ragged_dot)  # the single-device kernel choice
 
     def reduce(out):  # [t, hidden] float32 partial sums -> this device's tokens, summed over experts/tensor
         if gather:
