@@ -409,4 +409,5 @@ def describe(mesh) -> str:
 __all__ = ["MESH_AXES", "RULES", "CACHE_AXES", "ShardingError", "make_mesh", "parse_mesh", "make_rules",
            "logical_to_spec", "param_sharding", "param_spec", "state_shardings", "shard_state", "shard_model",
            "init_model", "attach_mesh", "use_mesh", "current", "constrain", "batch_sharding", "shard_batch",
-           "cache_shardings", "shard_cache", "shard_shape", "bytes_per_device", "maybe_initialize_distributed"]
+           "cache_shardings", "shard_cache", "constrain_cache", "shard_shape", "bytes_per_device", "trim_spec",
+           "mesh_axes_of", "mesh_axes_of_spec", "freeze_rules", "maybe_initialize_distributed"]
