@@ -111,24 +111,26 @@ def test_absorbed_mla_equals_expanded(tiny, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decode_equals_full_forward(tiny, family):
-    """Teacher-forced: at every decode step the cached logits equal a full forward over the whole prefix."""
+    """Teacher-forced: at every decode step the cached logits equal a full forward over the whole prefix.
+
+    The model is causal, so one uncached forward over prompt + all fed tokens gives the full-prefix logits
+    of every step at once (position p sees exactly tokens <= p)."""
     model, _ = tiny[family]
     rng = np.random.default_rng(2)
     ids, mask = padded_prompts(model.config.vocab_size, seed=2)
     future = rng.integers(3, model.config.vocab_size, (3, 6))
+    full_ids = np.concatenate([ids, future], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(future)], axis=1)
+    ref = np.asarray(model(jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask),
+                           positions=prompt_positions(jnp.asarray(full_mask))).logits)
     logits, cache, kv_valid, pos = prefill(model, ids, mask, cache_len=16)
-    full_ids, full_mask = ids, mask
+    p = ids.shape[1]
     for step in range(future.shape[1] + 1):
-        ref = model(jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask),
-                    positions=prompt_positions(jnp.asarray(full_mask))).logits[:, -1]
-        assert max_rel_err(logits, ref) < 1e-4, (step, max_rel_err(logits, ref))
-        if step == future.shape[1]:
-            break
-        tok = future[:, step]
-        logits, cache = decode_step(model, cache, tok, pos, kv_valid)
-        pos = pos + 1
-        full_ids = np.concatenate([full_ids, tok[:, None]], axis=1)
-        full_mask = np.concatenate([full_mask, np.ones((3, 1), np.int64)], axis=1)
+        err = max_rel_err(logits, ref[:, p - 1 + step])
+        assert err < 1e-4, (step, err)
+        if step < future.shape[1]:
+            logits, cache = decode_step(model, cache, future[:, step], pos, kv_valid)
+            pos = pos + 1
 
 
 def test_same_buckets_do_not_recompile(tiny):
@@ -210,8 +212,8 @@ def test_streamer_sees_every_step_in_order(tiny):
 def test_decode_loop_does_not_copy_the_cache(tiny):
     """The compiled program updates the scanned stack's cache in place: no copy of a cache-sized buffer.
 
-    (The 1-layer dense stack is checked too loosely: XLA removes its trip-count-1 loop and then copies that
-    one layer's cache; see the generation notes.)"""
+    Checked on the multi-layer (scanned) stack: XLA's CPU backend copies the 1-layer dense stack's cache
+    inside the loop (a CPU artifact: the H100 compile of deepseek-v2-lite has no copy of any cache buffer)."""
     model, _ = tiny["deepseek_v2"]
     from flax import nnx
     graphdef, state = nnx.split(model)
