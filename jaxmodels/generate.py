@@ -21,6 +21,7 @@ drive their own loop, and for the tests.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Callable, Sequence
 
 import jax
@@ -260,9 +261,9 @@ def _check_args(model, ids, mask, max_new_tokens, do_sample, temperature, top_k,
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+    if not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
         raise GenerationError(f"top_p must be a float in (0, 1] (1 disables it), got {top_p!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or not np.isfinite(temperature):
+    if not isinstance(temperature, numbers.Real) or not temperature > 0 or not np.isfinite(temperature):
         raise GenerationError(f"temperature must be a finite float > 0, got {temperature!r}; use do_sample=False "
                               "for greedy decoding")
     limit = cfg.max_position_embeddings
