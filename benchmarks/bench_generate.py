@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import json
 import math
 import os
@@ -125,24 +127,38 @@ def decode_floor_bytes(counts: dict, batch: int, prompt: int = PROMPT, new: int 
 # Workers
 # ------------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _init_fns(dtype_name: str, lead: int, ndim: int):
+    """Jitted random-slice maker and in-place slice writer, built once per (dtype, layout): building them
+    inside random_normal made every parameter recompile both (about 4 minutes of a v2-lite run)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype_name)
+    make = jax.jit(lambda k, std, s: jax.random.normal(k, s, jnp.float32).astype(dtype) * std.astype(dtype),
+                   static_argnums=2)
+    put = jax.jit(lambda buf, v, idx: jax.lax.dynamic_update_slice(buf, v.reshape((1,) * lead + v.shape),
+                                                                      idx + (0,) * (ndim - lead)),
+                  donate_argnums=0)
+    return make, put
+
+
 def random_normal(key, shape, dtype, std=0.02, chunk_bytes=1 << 28):
     """normal(0, std) of `shape`, filled slice by slice along leading axes so that no temporary (random
     bits, float32) is larger than about chunk_bytes."""
     import jax
     import jax.numpy as jnp
-    make = jax.jit(lambda k, s: jax.random.normal(k, s, jnp.float32).astype(dtype) * jnp.asarray(std, dtype),
-                   static_argnums=1)
+
     lead = 0
     while lead < len(shape) - 1 and math.prod(shape[lead:]) * 4 > chunk_bytes:
         lead += 1
+    make, put = _init_fns(jnp.dtype(dtype).name, lead, len(shape))
+    std = jnp.float32(std)
     if lead == 0:
-        return make(key, tuple(shape))
-    put = jax.jit(lambda buf, v, idx: jax.lax.dynamic_update_slice(buf, v.reshape((1,) * lead + v.shape),
-                                                                      idx + (0,) * (len(shape) - lead)),
-                  donate_argnums=0)
+        return make(key, std, tuple(shape))
     buf = jnp.zeros(shape, dtype)
-    for n, idx in enumerate(__import__("itertools").product(*(range(d) for d in shape[:lead]))):
-        buf = put(buf, make(jax.random.fold_in(key, n), tuple(shape[lead:])), tuple(jnp.int32(i) for i in idx))
+    for n, idx in enumerate(itertools.product(*(range(d) for d in shape[:lead]))):
+        buf = put(buf, make(jax.random.fold_in(key, n), std, tuple(shape[lead:])), tuple(jnp.int32(i) for i in idx))
     return buf
 
 

@@ -298,6 +298,9 @@ def _read_block(ckpt: Checkpoint, key: str, pl: Placement, index: tuple) -> np.n
     """The block `index` (slices over the parameter's trailing dims) of checkpoint tensor `key` after its
     layout transform, reading only that block where the transform allows (else the one whole tensor)."""
     file = ckpt.key_file[key]
+    if 0 in ckpt.shape(key):  # zero-width tensors (n_shared_experts=0): nothing to read, safetensors refuses
+        empty = np.zeros(ckpt.shape(key), np.float32)
+        return (pl.transform(empty) if pl.transform is not None else empty)[index]
     try:
         if ckpt.dtype(key) not in ("F8_E4M3",):  # FP8 needs whole 128x128 scale blocks: read it whole
             lazy = _LazySlice(ckpt._handle(file), key)
@@ -408,7 +411,7 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
             by_layer = defaultdict(list)
             for key, pl in entries:
                 by_layer[pl.index[0]].append((key, pl))
-            value = jax.jit(lambda: jnp.zeros(var.shape, target_dtype), out_shardings=sharding)()
+            value = jnp.zeros(var.shape, target_dtype, device=sharding)
             for layer in range(var.shape[0]):
                 host = np.empty(var.shape[1:], dtype=target_dtype)
                 for key, pl in by_layer[layer]:

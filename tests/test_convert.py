@@ -623,3 +623,14 @@ def test_fp8_mtp_and_fused_experts_on_a_mesh(tmp_path, fp8_checkpoints, ckpts):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok ") == 6
+
+
+def test_zero_width_shared_experts_on_a_mesh(tmp_path, batch):
+    """n_shared_experts=0 gives zero-width tensors; the mesh loader (here a 1-device mesh, the same code
+    path as a real one) must build them instead of asking safetensors for an empty slice."""
+    path, hf = make_checkpoint(tmp_path, "deepseek_v3", n_shared_experts=0)
+    model = jaxmodels.from_pretrained(path, mesh=jaxmodels.make_mesh(), progress=False)
+    assert model.model.moe_layers.layers.mlp.shared_experts.down_proj.weight.shape[-1] == 0
+    ids, mask = batch
+    err = max_rel_err(logits(model, ids, mask), hf_logits(hf, ids, mask), mask)
+    assert err < TOL, err
