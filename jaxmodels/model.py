@@ -89,38 +89,28 @@ class LayerStack(nnx.Module):
                 var.set_metadata("axes", ("layers",) + tuple(var.get_metadata().get("axes", ())))
 
     def __call__(self, x, cos, sin, mask, cache=None, *, scan: bool = True, absorb: bool = False):
-        """x [batch, seq, hidden]; cache: this stack's cache pytree with a leading layers axis, or None."""
+        """x [batch, seq, hidden]; cache: this stack's static cache (jaxmodels.cache, buffers with a leading
+        layers axis) or None. Returns (x, updated cache).
+
+        The cache rides in the scan carry and each layer writes only its new slots in place, so a decode
+        loop never re-stacks (copies) the whole cache.
+        """
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):
-            layer_state, layer_cache = xs
+            h, c = carry
+            layer_state, i = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(carry, cos, sin, mask, layer_cache, absorb=absorb)
+            h, c = layer(h, cos, sin, mask, None if c is None else c.at_layer(i), absorb=absorb)
+            return (h, c), None
 
-        if cache is not None and hasattr(cache, "at_layer"):
-            # Static cache (jaxmodels.cache): the stacked buffers ride in the carry and each layer writes
-            # only its new slots in place, so the decode loop never re-stacks (copies) the whole cache.
-            def cached_body(carry, xs):
-                h, c = carry
-                layer_state, i = xs
-                layer = nnx.merge(graphdef, layer_state)
-                h, c = layer(h, cos, sin, mask, c.at_layer(i), absorb=absorb)
-                return (h, c), None
-
-            layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
-            if scan:
-                (x, cache), _ = jax.lax.scan(cached_body, (x, cache), (state, layer_ids))
-            else:
-                for i in range(self.num_layers):
-                    (x, cache), _ = cached_body((x, cache), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
-            return x, cache
+        layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
         if scan:
-            return jax.lax.scan(body, x, (state, cache))
-        caches = []
-        for i in range(self.num_layers):
-            x, c = body(x, jax.tree.map(lambda a: a[i], (state, cache)))
-            caches.append(c)
-        return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *caches))
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layer_ids))
+        else:
+            for i in range(self.num_layers):
+                (x, cache), _ = body((x, cache), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
+        return x, cache
 
 
 class Decoder(nnx.Module):
