@@ -52,9 +52,11 @@ RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "moe_mlp": "tensor",
     "experts": "expert",
-    # MLA's up-projections have no `embed` dimension; FSDP splits kv_b_proj over its latent input instead.
-    # (q_b_proj cannot do the same with q_lora: q_a_proj names (q_lora, embed), which would use fsdp twice.)
+    # MLA's up-projections have no `embed` dimension; FSDP splits them over their latent input instead.
+    # q_b_proj's input is named apart (`q_lora_in`) from q_a_proj's output (`q_lora`): q_a_proj is
+    # (q_lora, embed) and already uses fsdp for `embed`.
     "q_lora": None,
+    "q_lora_in": "fsdp",
     "kv_lora": "fsdp",
     # ---- activations, batches, caches ----
     # The batch also splits over `expert`: outside the MoE blocks the expert devices would otherwise all

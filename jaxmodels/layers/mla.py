@@ -36,7 +36,7 @@ class MLAttention(nnx.Module):
             self.q_proj = None
             self.q_a_proj = Linear(hid, cfg.q_lora_rank, axes=("q_lora", "embed"), bias=cfg.attention_bias, **kw)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=_LATENT_NORM_EPS, dtype=dtype, axis_name="q_lora")
-            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, axes=("heads", "q_lora"), **kw)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, axes=("heads", "q_lora_in"), **kw)
         self.kv_a_proj_with_mqa = Linear(hid, cfg.kv_lora_rank + cfg.qk_rope_head_dim, axes=(None, "embed"),
                                          bias=cfg.attention_bias, **kw)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=_LATENT_NORM_EPS, dtype=dtype, axis_name="kv_lora")
