@@ -439,7 +439,8 @@ def resolve_checkpoint(name_or_path: str) -> str:
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
-            return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+            return snapshot_download(name_or_path,
+                                     allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"])
         except Exception as e:  # offline, unknown repo, gated repo ...
             raise FileNotFoundError(f"{name_or_path!r} is not a local directory and could not be downloaded from "
                                     f"the Hugging Face hub ({type(e).__name__}: {e})") from e

@@ -634,3 +634,37 @@ def test_zero_width_shared_experts_on_a_mesh(tmp_path, batch):
     ids, mask = batch
     err = max_rel_err(logits(model, ids, mask), hf_logits(hf, ids, mask), mask)
     assert err < TOL, err
+
+
+def test_hub_id_resolves_from_the_local_hub_cache(tmp_path, ckpts, batch):
+    """A hub id goes through huggingface_hub: offline, a snapshot already in the hub cache loads, and an
+    id that is not cached fails with a message naming it (no network is used: HF_HUB_OFFLINE=1)."""
+    import subprocess
+    import sys
+
+    path, hf = ckpts["deepseek_v3"]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny-v3"
+    shutil.copytree(path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    ids, mask = batch
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    script = f"""
+import numpy as np, jax.numpy as jnp, jaxmodels
+m = jaxmodels.from_pretrained("test-org/tiny-v3", progress=False)
+np.save({str(tmp_path / "out.npy")!r}, np.asarray(m(jnp.asarray(np.load({str(tmp_path / "ids.npy")!r})),
+        attention_mask=jnp.asarray(np.load({str(tmp_path / "mask.npy")!r}))).logits))
+try:
+    jaxmodels.from_pretrained("test-org/not-cached", progress=False)
+except FileNotFoundError as e:
+    print("ERROR:", e)
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=root,
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert max_rel_err(np.load(tmp_path / "out.npy"), hf_logits(hf, ids, mask), mask) < TOL
+    assert "'test-org/not-cached' is not a local directory and could not be downloaded" in out.stdout
