@@ -75,7 +75,7 @@ GROUPED_MATMUL = "auto"
 
 def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
     """Expert compute for a few tokens: each token-slot multiplies by its own expert's weights, so a decode
-    step reads k experts per token and never the others. Same arguments and result as grouped_experts."""
+    step reads k experts per token and never the others. Returns float32 [tokens, hidden]."""
     t, k = ids.shape
     flat = ids.reshape(-1)  # [slots]
     xs = jnp.repeat(x, k, axis=0)  # [slots, hidden]
@@ -90,7 +90,7 @@ def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
         up = jnp.sum(xs[:, :, None] * up_w[flat].astype(f32), axis=1)  # [slots, inter]
         h = (ACTIVATIONS[act](gate.astype(x.dtype)) * up.astype(x.dtype)).astype(f32)
         y = jnp.sum(h[:, :, None] * down_w[flat].astype(f32), axis=1)  # [slots, hidden]
-    return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1).astype(jnp.float32), weights).astype(x.dtype)
+    return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1).astype(jnp.float32), weights)
 
 
 def _mosaic_gpu_ok(lhs, rhs) -> bool:
@@ -115,24 +115,41 @@ def grouped_matmul(lhs, rhs, group_sizes):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
-def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts: int):
-    """Dropless expert compute. x [tokens, hidden]; ids/weights [tokens, k]; gate/up [E, hidden, inter],
-    down [E, inter, hidden] -> [tokens, hidden]."""
-    if ids.size <= (num_experts - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS):
-        return gathered_experts(x, ids, weights, gate_w, up_w, down_w, act)
+def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
+    """Dropless compute of the token-slots whose expert lies in [first, first + E_local), the experts whose
+    weights are given; other slots contribute zero. x [tokens, hidden]; ids/weights [tokens, k]; gate/up
+    [E_local, hidden, inter], down [E_local, inter, hidden] -> float32 [tokens, hidden].
+
+    Decode-sized calls (fewer slots than experts, or GATHER_MAX_SLOTS) read only the chosen experts'
+    weights; larger ones sort the slots by expert (foreign slots last) and run one grouped matmul per
+    projection over the local experts, which leaves rows beyond the local groups at zero.
+    """
     t, k = ids.shape
-    flat = ids.reshape(-1)  # [tokens * k]
-    order = jnp.argsort(flat, stable=True)
-    x_sorted = jnp.take(x, order // k, axis=0)  # [tokens * k, hidden], grouped by expert
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    e_local = gate_w.shape[0]
+    local_ids = ids - first
+    mine = (local_ids >= 0) & (local_ids < e_local)  # [t, k]
+    if t * k <= (e_local - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS):
+        # A foreign slot reads local expert 0 with weight 0 instead of streaming every expert.
+        return gathered_experts(x, jnp.where(mine, local_ids, 0), jnp.where(mine, weights, 0.0),
+                                gate_w, up_w, down_w, act)
+    key = jnp.where(mine, local_ids, e_local).reshape(-1)  # [t * k]; foreign slots sort last
+    order = jnp.argsort(key, stable=True)
+    x_sorted = jnp.take(x, order // k, axis=0)  # [t * k, hidden], grouped by expert
+    group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
     h = ACTIVATIONS[act](grouped_matmul(x_sorted, gate_w, group_sizes)) * grouped_matmul(
-        x_sorted, up_w, group_sizes)  # [tokens * k, inter]
-    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [tokens * k, hidden]
+        x_sorted, up_w, group_sizes)  # [t * k, inter]
+    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]
+    y_sorted = jnp.where((jnp.arange(t * k) < group_sizes.sum())[:, None], y_sorted, 0)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights).astype(x.dtype)
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
-def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts: int, mesh, rules):
+def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
+    """Dropless expert compute on one device. gate/up [E, hidden, inter], down [E, inter, hidden]."""
+    return local_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
+
+
+def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules):
     """`grouped_experts` with the experts split over the mesh (expert parallelism), still dropless.
 
     Scheme: all-gather tokens, compute local experts, reduce-scatter. Inside `jax.shard_map` each device
@@ -141,7 +158,8 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
     them by expert with the slots of other devices' experts sorted last, and runs the same grouped matmuls
     over its local experts only: ragged_dot leaves rows beyond the local groups at zero. The partial
     outputs are then reduce-scattered over `expert` (psum'd over `tensor`) back to each device's tokens.
-    Decode-sized calls (at most GATHER_MAX_SLOTS slots) gather the chosen local experts' weights instead.
+    Each device runs `local_experts` (the single-device code) on its slice of the experts, so decode-sized
+    calls gather the chosen local experts' weights as on one device.
 
     Why not all-to-all: a dropless all-to-all needs either a capacity (which drops tokens) or receive
     buffers sized for the worst case (every slot to one device, |expert| x the slots) plus a ragged
@@ -167,37 +185,13 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, num_experts
             x = jax.lax.all_gather(x, gather, axis=0, tiled=True)  # [tokens of the group, hidden]
             ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
-        t, k = ids.shape
-        e_local = gate_w.shape[0]
-        first = jax.lax.axis_index(exp_axes) * e_local if exp_axes else 0
-        local_ids = ids.reshape(-1) - first
-        mine = (local_ids >= 0) & (local_ids < e_local)  # [t * k] slots this device computes
-        limit = e_local - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS
-        if t * k <= limit:
-            # Decode-sized: the single-device gather path over local experts; a slot of another device's
-            # expert reads local expert 0 with weight 0, instead of a grouped matmul streaming them all.
-            lid = jnp.where(mine, local_ids, 0).reshape(t, k)
-            y = gathered_experts(x, lid, jnp.where(mine.reshape(t, k), weights, 0.0), gate_w, up_w, down_w, act)
-            return reduce(y.astype(jnp.float32)).astype(x.dtype)  # [t, hidden]
-        # Slots of other devices' experts get key e_local and sort after every local group.
-        key = jnp.where(mine, local_ids, e_local)
-        order = jnp.argsort(key, stable=True)
-        x_sorted = jnp.take(x, order // k, axis=0)  # [t * k, hidden]
-        group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
-        h = ACTIVATIONS[act](grouped_matmul(x_sorted, gate_w, group_sizes)) * grouped_matmul(
-            x_sorted, up_w, group_sizes)  # [t * k, inter / |tensor|]
-        y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden], partial over tensor
-        valid = jnp.arange(t * k) < group_sizes.sum()  # rows past the local groups
-        y_sorted = jnp.where(valid[:, None], y_sorted, 0)
-        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
-        return reduce(jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)).astype(x.dtype)
-
-    def reduce(out):  # [t, hidden] float32 partial sums -> this device's tokens, summed over experts/tensor
+        first = jax.lax.axis_index(exp_axes) * gate_w.shape[0] if exp_axes else 0
+        out = local_experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
-            out = jax.lax.psum(out, summed)
-        return out
+            out = jax.lax.psum(out, summed)  # over the other expert / tensor shards
+        return out.astype(x.dtype)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(spec_t, spec_t, spec_t, spec_w, spec_w, spec_d),
                          out_specs=spec_t)(x, ids, weights, gate_w, up_w, down_w)
@@ -252,10 +246,9 @@ class MoE(nnx.Module):
                 experts = (self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
                 mesh, rules = sharding.current()
                 if mesh is None:
-                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act, cfg.n_routed_experts)
+                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act)
                 else:
-                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, cfg.n_routed_experts,
-                                        mesh, rules)
+                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, mesh, rules)
             y = y.reshape(b, s, d)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
