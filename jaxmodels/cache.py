@@ -38,8 +38,21 @@ def _read(buf: jax.Array, layer: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)
 
 
+class _LayerStackedCache:
+    """What both caches share: write new entries at (layer, index), read a layer back, select a layer."""
+
+    def _update(self, **new: jax.Array):
+        written = self.replace(**{n: _write(getattr(self, n), v, self.layer, self.index) for n, v in new.items()})
+        if self.fresh:  # prefill into an empty cache: attend to the new entries themselves
+            return (*new.values(), written)
+        return (*(_read(getattr(written, n), self.layer) for n in new), written)
+
+    def at_layer(self, layer):
+        return self.replace(layer=jnp.asarray(layer, jnp.int32))
+
+
 @struct.dataclass
-class MLACache:
+class MLACache(_LayerStackedCache):
     """c_kv [layers, batch, T, kv_lora_rank], k_pe [layers, batch, T, qk_rope_head_dim]."""
 
     c_kv: jax.Array
@@ -50,14 +63,7 @@ class MLACache:
 
     def update(self, c_kv: jax.Array, k_pe: jax.Array):
         """c_kv [b, s, lora], k_pe [b, s, rope] -> (latents to attend to, rope keys, updated cache)."""
-        new = self.replace(c_kv=_write(self.c_kv, c_kv, self.layer, self.index),
-                           k_pe=_write(self.k_pe, k_pe, self.layer, self.index))
-        if self.fresh:
-            return c_kv, k_pe, new
-        return _read(new.c_kv, self.layer), _read(new.k_pe, self.layer), new
-
-    def at_layer(self, layer) -> "MLACache":
-        return self.replace(layer=jnp.asarray(layer, jnp.int32))
+        return self._update(c_kv=c_kv, k_pe=k_pe)
 
     @property
     def length(self) -> int:
@@ -65,7 +71,7 @@ class MLACache:
 
 
 @struct.dataclass
-class KVCache:
+class KVCache(_LayerStackedCache):
     """k, v [layers, batch, T, kv_heads, head_dim] (k already rotated)."""
 
     k: jax.Array
@@ -76,13 +82,7 @@ class KVCache:
 
     def update(self, k: jax.Array, v: jax.Array):
         """k, v [b, s, kv_heads, d] -> (keys to attend to, values, updated cache)."""
-        new = self.replace(k=_write(self.k, k, self.layer, self.index), v=_write(self.v, v, self.layer, self.index))
-        if self.fresh:
-            return k, v, new
-        return _read(new.k, self.layer), _read(new.v, self.layer), new
-
-    def at_layer(self, layer) -> "KVCache":
-        return self.replace(layer=jnp.asarray(layer, jnp.int32))
+        return self._update(k=k, v=v)
 
     @property
     def length(self) -> int:
