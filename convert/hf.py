@@ -374,12 +374,10 @@ def _load_sharded(ckpt: Checkpoint, var, entries, slots: int, sharding, dtype) -
     return jax.make_array_from_single_device_arrays(shape, sharding, list(arrays.values()))
 
 
-@jax.jit
-def _set_slice(buf, value, index):
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(buf, value, index):
+    """buf [layers, ...] with layer `index` replaced by value [...], in place (buf is donated)."""
     return jax.lax.dynamic_update_slice(buf, value[None], (index,) + (0,) * value.ndim)
-
-
-_set_slice_donated = jax.jit(_set_slice.__wrapped__, donate_argnums=0)
 
 
 def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=None, progress: bool = True):
@@ -419,7 +417,7 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
                     if pl.transform is not None:
                         x = pl.transform(x)
                     host[pl.index[1:]] = x
-                value = _set_slice_donated(value, jnp.asarray(host), layer)
+                value = _set_layer(value, jnp.asarray(host), layer)
         flat.append((p, var.replace(value=value)))
     return graphdef, nnx.from_flat_state(flat)
 
