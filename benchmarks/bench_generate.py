@@ -128,8 +128,8 @@ def decode_floor_bytes(counts: dict, batch: int, prompt: int = PROMPT, new: int 
 # ------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _init_fns(dtype_name: str, lead: int, ndim: int):
-    """Jitted random-slice maker and in-place slice writer, built once per (dtype, layout): building them
+def _init_fns(dtype_name: str, ndim: int):
+    """Jitted random-block maker and in-place block writer, built once per (dtype, rank): building them
     inside random_normal made every parameter recompile both (about 4 minutes of a v2-lite run)."""
     import jax
     import jax.numpy as jnp
@@ -137,28 +137,33 @@ def _init_fns(dtype_name: str, lead: int, ndim: int):
     dtype = jnp.dtype(dtype_name)
     make = jax.jit(lambda k, std, s: jax.random.normal(k, s, jnp.float32).astype(dtype) * std.astype(dtype),
                    static_argnums=2)
-    put = jax.jit(lambda buf, v, idx: jax.lax.dynamic_update_slice(buf, v.reshape((1,) * lead + v.shape),
-                                                                      idx + (0,) * (ndim - lead)),
+    put = jax.jit(lambda buf, v, idx: jax.lax.dynamic_update_slice(buf, v, idx + (0,) * (ndim - len(idx))),
                   donate_argnums=0)
     return make, put
 
 
 def random_normal(key, shape, dtype, std=0.02, chunk_bytes=1 << 28):
-    """normal(0, std) of `shape`, filled slice by slice along leading axes so that no temporary (random
-    bits, float32) is larger than about chunk_bytes."""
+    """normal(0, std) of `shape`, filled block by block so that no temporary (random bits, float32) is larger
+    than about chunk_bytes. A block spans whole trailing sub-arrays: as many indices of the first axis whose
+    sub-array fits as divide that axis evenly (one dispatch per ~256 MB, not per row)."""
     import jax
     import jax.numpy as jnp
 
-    lead = 0
-    while lead < len(shape) - 1 and math.prod(shape[lead:]) * 4 > chunk_bytes:
-        lead += 1
-    make, put = _init_fns(jnp.dtype(dtype).name, lead, len(shape))
+    shape = tuple(shape)
+    make, put = _init_fns(jnp.dtype(dtype).name, len(shape))
     std = jnp.float32(std)
-    if lead == 0:
-        return make(key, std, tuple(shape))
+    if math.prod(shape) * 4 <= chunk_bytes or not shape:
+        return make(key, std, shape)
+    axis = 0
+    while axis < len(shape) - 1 and math.prod(shape[axis + 1:]) * 4 > chunk_bytes:
+        axis += 1
+    most = max(1, chunk_bytes // (4 * math.prod(shape[axis + 1:])))
+    rows = max(d for d in range(1, min(most, shape[axis]) + 1) if shape[axis] % d == 0)
+    block = (1,) * axis + (rows,) + shape[axis + 1:]
+    starts = [range(d) for d in shape[:axis]] + [range(0, shape[axis], rows)]
     buf = jnp.zeros(shape, dtype)
-    for n, idx in enumerate(itertools.product(*(range(d) for d in shape[:lead]))):
-        buf = put(buf, make(jax.random.fold_in(key, n), std, tuple(shape[lead:])), tuple(jnp.int32(i) for i in idx))
+    for n, idx in enumerate(itertools.product(*starts)):
+        buf = put(buf, make(jax.random.fold_in(key, n), std, block), tuple(jnp.int32(i) for i in idx))
     return buf
 
 
@@ -219,10 +224,11 @@ def worker_ours(name: str, args) -> dict:
     jax.block_until_ready(state)
     res = {"device": jax.devices()[0].device_kind, "init_s": time.perf_counter() - t0, "prefill": {},
            "decode": {}, "compile_s": {}}
+    print(f"[ours {name}] random init: {res['init_s']:.0f}s", flush=True)
     res["bandwidth_gbs"] = bandwidth_gbs()
     rng = np.random.default_rng(0)
 
-    for b, p in PREFILL:
+    for b, p in PREFILL if not args.no_prefill else []:
         ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
         mask = np.ones_like(ids)
         t = time.perf_counter()
@@ -234,7 +240,8 @@ def worker_ours(name: str, args) -> dict:
             jax.block_until_ready(G._prefill_jit(graphdef, state, ids, mask, p))
             ts.append(time.perf_counter() - t)
         res["prefill"][f"{b}x{p}"] = b * p / median(ts)
-        print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
+        print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s "
+              f"(first call {res['compile_s'][f'prefill {b}x{p}']:.0f}s)", flush=True)
 
     def decode_rate(b, tag=""):
         ids = rng.integers(10, cfg.vocab_size, (b, PROMPT)).astype(np.int32)
@@ -260,10 +267,11 @@ def worker_ours(name: str, args) -> dict:
             run(1)
             t_one.append(time.perf_counter() - t)
         step = (median(t_full) - median(t_one)) / (NEW - 1)
-        print(f"[ours {name}{tag}] decode b{b}: {step * 1e3:.3f} ms/step, {b / step:.0f} tok/s", flush=True)
+        print(f"[ours {name}{tag}] decode b{b}: {step * 1e3:.3f} ms/step, {b / step:.0f} tok/s "
+              f"(first call {res['compile_s'][f'generate b{b}{tag}']:.0f}s)", flush=True)
         return step
 
-    for b in DECODE_BATCHES:
+    for b in args.decode_batches:
         res["decode"][str(b)] = decode_rate(b)
 
     if args.explore:
@@ -322,7 +330,7 @@ def worker_hf(name: str, args) -> dict:
         return time.perf_counter() - t
 
     with torch.no_grad():
-        for b, p in PREFILL:
+        for b, p in PREFILL if not args.no_prefill else []:
             ids = torch.randint(10, hf_cfg.vocab_size, (b, p), generator=g).to(dev)
             fn = lambda: model(input_ids=ids, use_cache=True)  # noqa: E731
             timed(fn)
@@ -330,7 +338,7 @@ def worker_hf(name: str, args) -> dict:
             res["prefill"][f"{b}x{p}"] = b * p / median(ts)
             print(f"[hf {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s", flush=True)
         n = args.hf_new_tokens
-        for b in DECODE_BATCHES:
+        for b in args.decode_batches:
             ids = torch.randint(10, hf_cfg.vocab_size, (b, PROMPT), generator=g).to(dev)
             mask = torch.ones_like(ids)
 
@@ -353,7 +361,9 @@ def worker_hf(name: str, args) -> dict:
 
 def run_worker(kind: str, name: str, args) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", name, "--reps", str(args.reps),
-           "--hf-new-tokens", str(args.hf_new_tokens)]
+           "--hf-new-tokens", str(args.hf_new_tokens), "--decode-batches", ",".join(map(str, args.decode_batches))]
+    if args.no_prefill:
+        cmd.append("--no-prefill")
     if args.explore:
         cmd.append("--explore")
     if args.profile:
@@ -393,12 +403,12 @@ def table(results: dict, args) -> str:
         ours, hf = results.get(("ours", name)), results.get(("hf", name))
         counts = param_counts(name)
         bw = ours["bandwidth_gbs"] * 1e9 if ours else None
-        for b, p in PREFILL:
+        for b, p in PREFILL if not args.no_prefill else []:
             key = f"{b}x{p}"
             o = ours["prefill"].get(key) if ours else None
             h = hf["prefill"].get(key) if hf else None
             rows.append(f"| {name} | prefill {key} | {fmt(o)} | {fmt(h)} | {fmt(o / h if o and h else None, '.2f')} | |")
-        for b in DECODE_BATCHES:
+        for b in args.decode_batches:
             o = ours["decode"].get(str(b)) if ours else None
             h = hf["decode"].get(str(b)) if hf else None
             roof = decode_floor_bytes(counts, b) / bw / o if (o and bw) else None
@@ -414,6 +424,9 @@ def main():
     ap.add_argument("--compare-hf", action="store_true", help="also run transformers (bf16, sdpa) on the same GPU")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hf-new-tokens", type=int, default=32, help="new tokens per transformers decode timing")
+    ap.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
+                    help="comma-separated decode batch sizes")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill timings")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants and the unrolled stack")
     ap.add_argument("--profile", action="store_true", help="with --explore and --out: a jax profiler trace")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs / HLO (default $OUT)")
@@ -421,6 +434,7 @@ def main():
     ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
     for m in args.models:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")

@@ -1,0 +1,124 @@
+"""Grouped matmul (the MoE prefill kernel) on one GPU: which implementation to use at which expert count.
+
+`jaxmodels.layers.moe.grouped_matmul` multiplies token rows sorted by expert with their expert's weights.
+This script times the candidates at the real MoE shapes, each in its own subprocess (XLA flags are read at
+start-up, and a compile that never ends is cut by a timeout):
+
+  mgpu        Pallas Mosaic-GPU ragged_dot (Hopper), `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`,
+              blocks of 128 rows (what the model uses); mgpu-m64: blocks of 64 rows
+  xla         jax.lax.ragged_dot with XLA's default GPU lowering
+  xla-cudnn   jax.lax.ragged_dot with XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true
+  dense       one plain [rows, in] x [in, out] matmul of the same FLOPs (the speed to aim for)
+
+Shapes (rows = tokens * top-k of a 1x2048 prefill, routed uniformly at random):
+  v2-lite  64 experts, hidden 2048, moe_intermediate 1408, top-6
+  v3       256 experts, hidden 7168, moe_intermediate 2048, top-8
+
+  python benchmarks/bench_grouped_matmul.py            # prints a table (compile s, ms, TFLOP/s, max err)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = {  # name: (experts, hidden, inter, top_k, tokens)
+    "v2-lite": (64, 2048, 1408, 6, 2048),
+    "v3": (256, 7168, 2048, 8, 2048),
+}
+VARIANTS = ["dense", "mgpu", "mgpu-m64", "xla", "xla-cudnn"]
+
+
+def worker(variant: str, shape: str, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    e, hidden, inter, k, tokens = SHAPES[shape]
+    m = tokens * k
+    rng = np.random.default_rng(0)
+    sizes = np.bincount(rng.integers(0, e, m), minlength=e).astype(np.int32)
+    key = jax.random.key(0)
+    lhs = (jax.random.normal(key, (m, hidden), jnp.float32) * 0.1).astype(jnp.bfloat16)
+    rhs = (jax.random.normal(jax.random.fold_in(key, 1), (e, hidden, inter), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes)
+    if variant == "dense":
+        fn = jax.jit(lambda a, b, g: a @ b[0])
+    elif variant.startswith("mgpu"):
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+        bm = 64 if variant == "mgpu-m64" else 128
+        fn = jax.jit(lambda a, b, g: ragged_dot_mgpu.ragged_dot(a, b, group_sizes=g, block_m=bm, block_n=128,
+                                                                 block_k=64, max_concurrent_steps=4, grid_block_n=1))
+    else:
+        fn = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g))
+    t = time.perf_counter()
+    compiled = fn.lower(lhs, rhs, gs).compile()
+    compile_s = time.perf_counter() - t
+    hlo = compiled.as_text()
+    out = compiled(lhs, rhs, gs)
+    out.block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        compiled(lhs, rhs, gs).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    sec = sorted(ts)[len(ts) // 2]
+    err = None
+    if variant != "dense":  # check 4 groups against a float32 reference
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        o = np.asarray(out.astype(jnp.float32))
+        a, b = np.asarray(lhs.astype(jnp.float32)), np.asarray(rhs.astype(jnp.float32))
+        err = 0.0
+        for g in (0, 1, e // 2, e - 1):
+            ref = a[starts[g]:starts[g + 1]] @ b[g]
+            got = o[starts[g]:starts[g + 1]]
+            err = max(err, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-9)))
+    kinds = sorted({w.split("(")[0] for w in hlo.split() if w.startswith(("custom_call_target=", "__cudnn", "__cublas"))})
+    return dict(compile_s=compile_s, ms=sec * 1e3, tflops=2 * m * hidden * inter / sec / 1e12, err=err,
+                custom_calls=kinds[:6], device=jax.devices()[0].device_kind)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--timeout", type=int, default=150, help="seconds per variant (compile included)")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.reps)), flush=True)
+        return
+    rows = ["| shape | variant | compile s | ms | TFLOP/s | max rel err | custom calls |",
+            "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for shape in args.shapes.split(","):
+        for variant in args.variants.split(","):
+            env = dict(os.environ)
+            if variant == "xla-cudnn":
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_experimental_use_ragged_dot_fusion=true").strip()
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, shape, "--reps", str(args.reps)]
+            t = time.perf_counter()
+            try:
+                p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                if lines:
+                    r = json.loads(lines[-1][7:])
+                    err = "-" if r["err"] is None else f"{r['err']:.1e}"
+                    rows.append(f"| {shape} | {variant} | {r['compile_s']:.1f} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                                f"{err} | {' '.join(r['custom_calls'])} |")
+                else:
+                    errs = [ln for ln in p.stderr.splitlines() if "Error" in ln] or p.stderr.splitlines() or ["?"]
+                    tail = errs[-1].strip()[:160]
+                    rows.append(f"| {shape} | {variant} | failed (rc {p.returncode}): {tail} | | | | |")
+            except subprocess.TimeoutExpired:
+                rows.append(f"| {shape} | {variant} | timed out after {time.perf_counter() - t:.0f} s | | | | |")
+            print(rows[-1], flush=True)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
