@@ -152,7 +152,7 @@ def random_normal(key, shape, dtype, std=0.02, chunk_bytes=1 << 28):
     shape = tuple(shape)
     make, put = _init_fns(jnp.dtype(dtype).name, len(shape))
     std = jnp.float32(std)
-    if math.prod(shape) * 4 <= chunk_bytes or not shape:
+    if math.prod(shape) * 4 <= chunk_bytes:
         return make(key, std, shape)
     axis = 0
     while axis < len(shape) - 1 and math.prod(shape[axis + 1:]) * 4 > chunk_bytes:
@@ -228,7 +228,7 @@ def worker_ours(name: str, args) -> dict:
     res["bandwidth_gbs"] = bandwidth_gbs()
     rng = np.random.default_rng(0)
 
-    for b, p in PREFILL if not args.no_prefill else []:
+    for b, p in args.prefill:
         ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
         mask = np.ones_like(ids)
         t = time.perf_counter()
@@ -330,7 +330,7 @@ def worker_hf(name: str, args) -> dict:
         return time.perf_counter() - t
 
     with torch.no_grad():
-        for b, p in PREFILL if not args.no_prefill else []:
+        for b, p in args.prefill:
             ids = torch.randint(10, hf_cfg.vocab_size, (b, p), generator=g).to(dev)
             fn = lambda: model(input_ids=ids, use_cache=True)  # noqa: E731
             timed(fn)
@@ -403,7 +403,7 @@ def table(results: dict, args) -> str:
         ours, hf = results.get(("ours", name)), results.get(("hf", name))
         counts = param_counts(name)
         bw = ours["bandwidth_gbs"] * 1e9 if ours else None
-        for b, p in PREFILL if not args.no_prefill else []:
+        for b, p in args.prefill:
             key = f"{b}x{p}"
             o = ours["prefill"].get(key) if ours else None
             h = hf["prefill"].get(key) if hf else None
@@ -427,7 +427,7 @@ def main():
     ap.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
                     help="comma-separated decode batch sizes")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill timings")
-    ap.add_argument("--explore", action="store_true", help="also time MoE decode variants and the unrolled stack")
+    ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
     ap.add_argument("--profile", action="store_true", help="with --explore and --out: a jax profiler trace")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs / HLO (default $OUT)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -435,6 +435,7 @@ def main():
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
+    args.prefill = [] if args.no_prefill else PREFILL
     for m in args.models:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -77,7 +78,7 @@ def worker(variant: str, shape: str, reps: int) -> dict:
             ref = a[starts[g]:starts[g + 1]] @ b[g]
             got = o[starts[g]:starts[g + 1]]
             err = max(err, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-9)))
-    kinds = sorted({w.split("(")[0] for w in hlo.split() if w.startswith(("custom_call_target=", "__cudnn", "__cublas"))})
+    kinds = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
     return dict(compile_s=compile_s, ms=sec * 1e3, tflops=2 * m * hidden * inter / sec / 1e12, err=err,
                 custom_calls=kinds[:6], device=jax.devices()[0].device_kind)
 

@@ -68,8 +68,9 @@ GATHER_MAX_SLOTS: int | None = None
 # "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen expert's
 # weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched matvecs.
 GATHER_FORM = "reduce"
-# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernel where shapes allow (XLA's
-# ragged_dot lowering on GPU was measured ~7x slower for prefill), "xla" always jax.lax.ragged_dot.
+# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernel where shapes allow (XLA's GPU
+# ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at 256; see
+# benchmarks/bench_grouped_matmul.py), "xla" always jax.lax.ragged_dot.
 GROUPED_MATMUL = "auto"
 
 
@@ -102,8 +103,7 @@ def _mosaic_gpu_ok(lhs, rhs) -> bool:
         return False
     if dev.platform != "gpu" or getattr(dev, "compute_capability", "") != "9.0":
         return False
-    # Measured on an H100 (benchmarks/bench_grouped_matmul.py): it compiles in seconds at DeepSeek-V3's 256
-    # experts, where XLA's lowering (a dense expansion over the groups) runs out of memory.
+    # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (H100, bench_grouped_matmul.py).
     return lhs.shape[1] % 64 == 0 and rhs.shape[2] % 128 == 0
 
 
