@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-DTYPES = {"bf16": "bfloat16", "f32": "float32"}
+from jaxmodels.units import DTYPES
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,17 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-
-    from convert.hf import INDEX_FILE, convert_checkpoint, parse_size
-    from convert.keymap import CheckpointError
     from jaxmodels.config import ConfigError
+    from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint
+    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.units import parse_size
 
     try:
-        max_shard_size = parse_size(args.max_shard_size)
+        max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
         if os.path.abspath(args.out) == os.path.abspath(args.model):
             raise ValueError(f"--out {args.out!r} is the input checkpoint; write the conversion to a new directory")
-        dtype = None if args.dtype is None else getattr(jnp, DTYPES[args.dtype])
+        dtype = None if args.dtype is None else DTYPES[args.dtype]
         start = time.perf_counter()
         out = convert_checkpoint(args.model, args.out, dtype, max_shard_size=max_shard_size,
                                  progress=not args.quiet)

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -31,10 +30,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from convert.fp8 import BLOCK as FP8_BLOCK
-from convert.fp8 import dequantize_fp8
-from convert.keymap import CheckpointError, Placement, export_keys, mtp_layers, place
+from jaxmodels.convert.fp8 import BLOCK as FP8_BLOCK
+from jaxmodels.convert.fp8 import dequantize_fp8
+from jaxmodels.convert.keymap import CheckpointError, Placement, export_keys, mtp_layers, place
 from jaxmodels.config import BaseConfig, load_config
+from jaxmodels.units import DTYPES, parse_size
 from jaxmodels.model import abstract_model, model_class
 
 log = logging.getLogger("jaxmodels.convert")
@@ -47,7 +47,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _FP8_DTYPE = "F8_E4M3"  # safetensors' name for float8_e4m3fn
 _SAFETENSORS_DTYPE_NAMES = {"F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "F8_E8M0": "float8_e8m0fnu"}
 SINGLE_FILE = "model.safetensors"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class Checkpoint:
@@ -425,7 +424,7 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
 def _default_dtype(cfg: BaseConfig):
     """The checkpoint's own dtype (config.json `dtype`/`torch_dtype`), else float32."""
     raw = dict(cfg.extra)
-    return _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", jnp.float32)
+    return DTYPES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), jnp.float32)
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -471,23 +470,6 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     return model
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string as transformers reads `max_shard_size`: '5GB' = 5e9, '5GiB' = 5 * 2**30."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
-        return size
-    m = _SIZE.match(str(size))
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size={size!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
-
-
 _HEAD_ARCH = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification",
               "token_classification": "ForTokenClassification", "base": "ForCausalLM"}
 
@@ -529,7 +511,7 @@ def _write_checkpoint(out_dir: str, entries: list, config: dict[str, Any], max_s
     Shards are filled in order up to `max_shard_size` (a tensor larger than that gets a shard of its own).
     Everything is written to a temporary directory inside out_dir and moved into place only once complete,
     so a failure leaves the checkpoint out_dir held before intact (and no temporary files)."""
-    max_shard_size = parse_size(max_shard_size)
+    max_shard_size = parse_size(max_shard_size, "max_shard_size")
     shards, current, current_size = [], [], 0
     for entry in entries:
         if current and current_size + entry[1] > max_shard_size:

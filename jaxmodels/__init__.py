@@ -2,7 +2,8 @@
 
 from jaxmodels.config import (ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig, config_from_hf,
                               load_config)
-from jaxmodels.model import CausalLM, ModelOutput, SequenceClassification, TokenClassification, abstract_model
+from jaxmodels.model import (CausalLM, ModelOutput, SequenceClassification, TokenClassification, abstract_model,
+                             init_model)
 from jaxmodels.generate import generate  # noqa: E402  (the function shadows the submodule's name, as intended)
 from jaxmodels.sharding import make_mesh
 
@@ -10,19 +11,19 @@ __version__ = "0.1.0"
 
 
 def from_pretrained(name_or_path, dtype=None, **kwargs):
-    """Loads a Hugging Face checkpoint directory (or hub id, when online). See convert.hf.from_pretrained."""
-    from convert.hf import from_pretrained as _load  # the model library itself knows nothing of files
+    """Loads a Hugging Face checkpoint directory (or hub id, when online). See jaxmodels.convert.hf.from_pretrained."""
+    from jaxmodels.convert.hf import from_pretrained as _load  # the model library itself knows nothing of files
 
     return _load(name_or_path, dtype, **kwargs)
 
 
 def save_pretrained(model, out_dir, **kwargs):
     """Writes the model as a Hugging Face checkpoint (config.json + safetensors) transformers can load."""
-    from convert.hf import save_pretrained as _save
+    from jaxmodels.convert.hf import save_pretrained as _save
 
     return _save(model, out_dir, **kwargs)
 
 
 __all__ = ["generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
            "ModelOutput", "DeepseekV2Config", "DeepseekV3Config", "StableLmConfig", "ConfigError", "load_config",
-           "config_from_hf", "abstract_model", "make_mesh"]
+           "config_from_hf", "abstract_model", "init_model", "make_mesh"]

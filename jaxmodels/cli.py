@@ -1,4 +1,4 @@
-"""`jaxmodels generate | convert | plan | bench ...`: one entry point, each subcommand in its own module."""
+"""`jaxmodels generate | convert | plan | train | export`: one entry point, each subcommand in its own module."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 # subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
     "generate": ("jaxmodels.generate_cli", "generate text from a checkpoint"),
-    "convert": ("convert.cli", "check/convert a Hugging Face checkpoint (load, then export)"),
+    "convert": ("jaxmodels.convert.cli", "check/convert a Hugging Face checkpoint (load, then export)"),
     "plan": ("jaxmodels.plan", "bytes per device of a model on a mesh, from shapes only"),
 }
 

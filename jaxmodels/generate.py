@@ -32,6 +32,7 @@ from jax.experimental import io_callback
 
 from jaxmodels.cache import init_cache, set_position
 from jaxmodels.config import BaseConfig
+from jaxmodels.model import causal_mask
 
 # Incremented each time the generation program is traced (i.e. compiled): tests use it to prove that a
 # second call in the same shape buckets does not recompile.
@@ -104,7 +105,7 @@ def _prefill(model, ids, mask, cache_len: int):
     cache = init_cache(model.config, _stack_sizes(model), b, cache_len, dtype)
     cache = set_position(cache, 0, fresh=True)
     positions = prompt_positions(mask)
-    attn = jnp.tril(jnp.ones((p, p), bool))[None] & (mask[:, None, :] != 0)  # [b, p, p]
+    attn = causal_mask(mask, b, p)  # [b, p, p]
     h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False)
     kv_valid = jnp.concatenate([mask != 0, jnp.ones((b, cache_len - p), bool)], axis=1)  # [b, T]
     next_pos = jnp.sum(mask != 0, axis=-1).astype(jnp.int32)  # position of the first new token

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxmodels.units import DTYPES
+
 TINY_RANDOM = "tiny-random"
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
-           "float32": "float32"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--no-stream", action="store_true", help="print completions only when done")
 
@@ -63,12 +63,12 @@ def load(model: str, dtype: str | None):
         return tiny_random_model()
     import jax.numpy as jnp
 
-    from convert.hf import from_pretrained, resolve_checkpoint
+    from jaxmodels.convert.hf import from_pretrained, resolve_checkpoint
     from jaxmodels.tokenizer import Tokenizer
 
     path = resolve_checkpoint(model)
     tok = Tokenizer.from_checkpoint(path)  # before the weights: a missing tokenizer fails fast
-    m = from_pretrained(path, None if dtype is None else getattr(jnp, _DTYPES[dtype]), progress=False)
+    m = from_pretrained(path, None if dtype is None else DTYPES[dtype], progress=False)
     if not hasattr(m, "logits"):
         from jaxmodels.generate import GenerationError
         raise GenerationError(f"{model} is a {type(m).__name__} checkpoint; generate needs a *ForCausalLM one")
@@ -111,7 +111,7 @@ class _Printer:
 
 
 def run(args) -> int:
-    from convert.keymap import CheckpointError
+    from jaxmodels.convert.keymap import CheckpointError
     from jaxmodels.config import ConfigError
     from jaxmodels.generate import GenerationError, generate
     from jaxmodels.tokenizer import TokenizerError

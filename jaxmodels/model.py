@@ -8,7 +8,8 @@ with a leading `layers` axis and runs with `jax.lax.scan`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,6 @@ class ModelOutput:
 
     logits: jax.Array
     hidden_states: jax.Array | None = None  # final-norm output [batch, seq, hidden]
-    cache: Any = None  # updated static cache, when one was passed in
 
 
 class DeepseekLayer(nnx.Module):
@@ -284,3 +284,19 @@ def model_class(cfg: BaseConfig) -> type[_Headed]:
 def abstract_model(cfg: BaseConfig, dtype=jnp.float32, **kw) -> _Headed:
     """The model with shapes and dtypes only (nothing allocated): for converters and planning."""
     return nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(0), **kw))
+
+
+def init_model(cfg, mesh, dtype=jnp.float32, *, rules=None, seed: int = 0, std: float | None = None,
+               scan: bool = True):
+    """A randomly initialised model created directly with its final shardings (jit with out_shardings):
+    no device ever holds more than its shards. For benchmarks and training from scratch."""
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, std=std))
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def create():
+        return nnx.state(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), std=std))
+
+    model = nnx.merge(graphdef, create())
+    model.scan = scan
+    return sharding.attach_mesh(model, mesh, rules)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels import sharding
+from jaxmodels.units import DTYPES, human_bytes, parse_size
 from jaxmodels.config import (BaseConfig, ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig,
                               load_config)
 
@@ -43,28 +43,6 @@ PRESETS: dict[str, BaseConfig] = {
         vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
         num_key_value_heads=32, use_qkv_bias=True, max_position_embeddings=4096),
 }
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "fp32": jnp.float32,
-           "bf16": jnp.bfloat16, "fp16": jnp.float16}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'80GB' -> 80e9, '141GiB' -> 141 * 2**30, '1e9' -> 1e9."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"bad size {text!r}: use e.g. 80GB or 141GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
 
 def resolve_model(name_or_path: str) -> BaseConfig:
     """A preset name, a checkpoint directory holding config.json, or a config.json path."""
@@ -143,19 +121,19 @@ def format_plan(plan: Plan, *, batch: int, seq: int, dtype_name: str, device_mem
         f"largest      {plan.largest[0]} {list(plan.largest[1])} -> {list(plan.largest[2])} per device",
         "",
         "per device",
-        f"  parameters              {human(plan.params):>12}",
-        f"  gradients               {human(plan.gradients):>12}",
-        f"  AdamW state (2 x fp32)  {human(plan.optimizer):>12}",
-        f"  static cache            {human(plan.cache):>12}   (batch {batch} x {seq} tokens)",
-        f"  inference: params + cache               {human(plan.inference):>12}",
-        f"  training:  params + grads + AdamW       {human(plan.training):>12}",
+        f"  parameters              {human_bytes(plan.params):>12}",
+        f"  gradients               {human_bytes(plan.gradients):>12}",
+        f"  AdamW state (2 x fp32)  {human_bytes(plan.optimizer):>12}",
+        f"  static cache            {human_bytes(plan.cache):>12}   (batch {batch} x {seq} tokens)",
+        f"  inference: params + cache               {human_bytes(plan.inference):>12}",
+        f"  training:  params + grads + AdamW       {human_bytes(plan.training):>12}",
         "  (activations and compiler temporaries not included)",
     ]
     if device_memory:
         lines.append("")
         for what, need in (("inference", plan.inference), ("training", plan.training)):
             verdict = "fits" if need <= device_memory else "does NOT fit"
-            lines.append(f"{what:<10} {verdict} in {human(device_memory)} per device "
+            lines.append(f"{what:<10} {verdict} in {human_bytes(device_memory)} per device "
                          f"({100 * need / device_memory:.0f}% used)")
     return "\n".join(lines)
 
@@ -166,8 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default="", help="mesh axis sizes, e.g. fsdp=64,expert=8 (missing axes are 1)")
     parser.add_argument("--batch", type=int, default=1, help="batch size for the static cache")
     parser.add_argument("--seq", type=int, default=4096, help="cache length (prompt + new tokens)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="parameter dtype")
-    parser.add_argument("--cache-dtype", default=None, choices=sorted(_DTYPES), help="default: --dtype")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter dtype")
+    parser.add_argument("--cache-dtype", default=None, choices=sorted(DTYPES), help="default: --dtype")
     parser.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB or 141GiB")
     parser.add_argument("--rules", default="",
                         help="overrides of the rules table, e.g. 'embed=fsdp+tensor,vocab=' (+ joins axes, "
@@ -187,10 +165,10 @@ def run(args) -> int:
     try:
         cfg = resolve_model(args.model)
         mesh = sharding.parse_mesh(args.mesh)
-        dev_mem = parse_bytes(args.device_memory) if args.device_memory else None
-        dtype = _DTYPES[args.dtype]
+        dev_mem = parse_size(args.device_memory, "--device-memory") if args.device_memory else None
+        dtype = DTYPES[args.dtype]
         plan = make_plan(cfg, mesh, batch=args.batch, seq=args.seq, dtype=dtype,
-                         cache_dtype=_DTYPES[args.cache_dtype] if args.cache_dtype else None,
+                         cache_dtype=DTYPES[args.cache_dtype] if args.cache_dtype else None,
                          rules=parse_rules(args.rules))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"jaxmodels plan: {e}", file=sys.stderr)

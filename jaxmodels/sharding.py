@@ -274,24 +274,6 @@ def shard_model(model, mesh: Mesh, rules=None):
     return attach_mesh(model, mesh, rules)
 
 
-def init_model(cfg, mesh: Mesh, dtype=jnp.float32, *, rules=None, seed: int = 0, std: float | None = None,
-               scan: bool = True):
-    """A randomly initialised model created directly with its final shardings (jit with out_shardings):
-    no device ever holds more than its shards. For benchmarks and training from scratch."""
-    from jaxmodels.model import abstract_model, model_class  # model imports layers, which import this module
-
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, std=std))
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    @functools.partial(jax.jit, out_shardings=shardings)
-    def create():
-        return nnx.state(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), std=std))
-
-    model = nnx.merge(graphdef, create())
-    model.scan = scan
-    return attach_mesh(model, mesh, rules)
-
-
 def freeze_rules(rules) -> tuple:
     """A hashable form of a rules table (it lives in the model's static graph definition)."""
     return tuple(sorted((k, _as_tuple(v)) for k, v in make_rules(rules).items()))
@@ -410,6 +392,6 @@ def describe(mesh) -> str:
 
 __all__ = ["MESH_AXES", "RULES", "CACHE_AXES", "ShardingError", "make_mesh", "parse_mesh", "make_rules",
            "logical_to_spec", "param_sharding", "param_spec", "state_shardings", "shard_state", "shard_model",
-           "init_model", "attach_mesh", "use_mesh", "current", "constrain", "batch_sharding", "shard_batch",
+           "attach_mesh", "use_mesh", "current", "constrain", "batch_sharding", "shard_batch",
            "cache_shardings", "shard_cache", "constrain_cache", "shard_shape", "bytes_per_device", "trim_spec",
            "mesh_axes_of", "mesh_axes_of_spec", "freeze_rules", "maybe_initialize_distributed"]

@@ -162,7 +162,7 @@ def memory(out: str) -> None:
     import tempfile
     import tracemalloc
 
-    from convert import hf
+    from jaxmodels.convert import hf
     from jaxmodels.config import DeepseekV2Config
 
     cfg = DeepseekV2Config(

@@ -20,11 +20,11 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import convert.hf
+import jaxmodels.convert.hf
 import jaxmodels
-from convert.fp8 import dequantize_fp8
-from convert.hf import INDEX_FILE, convert_checkpoint, parse_size
-from convert.keymap import CheckpointError
+from jaxmodels.convert.fp8 import dequantize_fp8
+from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint, parse_size
+from jaxmodels.convert.keymap import CheckpointError
 from jaxmodels.config import ConfigError
 from tiny import HEAD_CLASSES, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
 
@@ -512,7 +512,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
 
     other, _ = make_checkpoint(tmp_path / "other", "stablelm", seed=1)
     other_model = load(other)
-    real_save, calls = convert.hf.save_file, []
+    real_save, calls = jaxmodels.convert.hf.save_file, []
 
     def failing_save(tensors, filename, metadata=None):
         calls.append(filename)
@@ -520,7 +520,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
             raise OSError("disk full (simulated)")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(convert.hf, "save_file", failing_save)
+    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         jaxmodels.save_pretrained(other_model, out, max_shard_size="20KB", progress=False)
     assert len(calls) == 2
@@ -528,7 +528,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
     assert_same_params(load(out), model)
 
     # After the failure, a successful single-file save replaces the sharded one (stale shards removed).
-    monkeypatch.setattr(convert.hf, "save_file", real_save)
+    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", real_save)
     jaxmodels.save_pretrained(other_model, out, progress=False)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert_same_params(load(out), other_model)

@@ -92,7 +92,7 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
     out = model(sharding.shard_batch(ids, mesh), attention_mask=sharding.shard_batch(mask, mesh))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
     # shard_model / init_model put an existing or a fresh model on the mesh by the same table.
-    fresh = sharding.init_model(model.config, mesh, seed=1)
+    fresh = jaxmodels.init_model(model.config, mesh, seed=1)
     w = fresh.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
     assert w.sharding.spec == P(None, "expert", "fsdp", "tensor")
 
@@ -182,8 +182,8 @@ def test_lazy_slices_follow_the_key_map_transforms(tmp_path, monkeypatch):
     a transform the lazy view cannot follow falls back to the whole tensor, with the same result."""
     from safetensors.numpy import save_file
 
-    from convert import hf
-    from convert.keymap import Placement, _transpose
+    from jaxmodels.convert import hf
+    from jaxmodels.convert.keymap import Placement, _transpose
 
     rng = np.random.default_rng(0)
     fused = rng.standard_normal((4, 2 * 6, 10)).astype(np.float32)  # [E, 2 * inter, hidden]
