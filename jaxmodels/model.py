@@ -46,12 +46,17 @@ class DeepseekLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, valid=None):
+        """Returns (x, cache, router stats {"load", "score"} [b, experts] or None for a dense layer)."""
         x = sharding.constrain(x, sharding.ACTIVATION_AXES)  # block boundary: [batch, seq, hidden]
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb=absorb)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+        stats = None
+        if isinstance(self.mlp, MoE):
+            h, stats = self.mlp(self.post_attention_layernorm(x), valid)
+        else:
+            h = self.mlp(self.post_attention_layernorm(x))
+        return x + h, cache, stats
 
 
 class StableLmLayer(nnx.Module):
@@ -63,14 +68,24 @@ class StableLmLayer(nnx.Module):
         self.post_attention_layernorm = (
             None if self.parallel else LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype))
 
-    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, valid=None):
         x = sharding.constrain(x, sharding.ACTIVATION_AXES)  # block boundary: [batch, seq, hidden]
         h = self.input_layernorm(x)
         attn, cache = self.self_attn(h, cos, sin, mask, cache)
         if self.parallel:
-            return x + attn + self.mlp(h), cache
+            return x + attn + self.mlp(h), cache, None
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x)), cache, None
+
+
+# Rematerialisation of the layer scan body (`--remat`): what the backward pass keeps from the forward.
+REMAT_POLICIES = {
+    "none": None,  # keep every intermediate (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
+    # keep the projections' outputs (matmuls without batch dims); recompute attention, norms, activations
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_all_dots": jax.checkpoint_policies.checkpoint_dots,  # also attention scores: more memory
+}
 
 
 class LayerStack(nnx.Module):
@@ -88,29 +103,38 @@ class LayerStack(nnx.Module):
             if isinstance(var, nnx.Variable):
                 var.set_metadata("axes", ("layers",) + tuple(var.get_metadata().get("axes", ())))
 
-    def __call__(self, x, cos, sin, mask, cache=None, *, scan: bool = True, absorb: bool = False):
+    def __call__(self, x, cos, sin, mask, cache=None, *, scan: bool = True, absorb: bool = False, valid=None,
+                 remat: str = "none"):
         """x [batch, seq, hidden]; cache: this stack's static cache (jaxmodels.cache, buffers with a leading
-        layers axis) or None. Returns (x, updated cache).
+        layers axis) or None; valid [batch, seq] bool: tokens counted in router statistics. remat: a key of
+        REMAT_POLICIES. Returns (x, updated cache, per-layer router stats [layers, ...] or None).
 
         The cache rides in the scan carry and each layer writes only its new slots in place, so a decode
-        loop never re-stacks (copies) the whole cache.
+        loop never re-stacks (copies) the whole cache. Router statistics leave the scan as its outputs.
         """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is not a policy; use one of {sorted(REMAT_POLICIES)}")
         graphdef, state = nnx.split(self.layers)
 
         def body(carry, xs):
             h, c = carry
             layer_state, i = xs
             layer = nnx.merge(graphdef, layer_state)
-            h, c = layer(h, cos, sin, mask, None if c is None else c.at_layer(i), absorb=absorb)
-            return (h, c), None
+            h, c, stats = layer(h, cos, sin, mask, None if c is None else c.at_layer(i), absorb=absorb, valid=valid)
+            return (h, c), stats
 
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
         layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
         if scan:
-            (x, cache), _ = jax.lax.scan(body, (x, cache), (state, layer_ids))
+            (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layer_ids))
         else:
+            per_layer = []
             for i in range(self.num_layers):
-                (x, cache), _ = body((x, cache), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
-        return x, cache
+                (x, cache), st = body((x, cache), (jax.tree.map(lambda a: a[i], state), layer_ids[i]))
+                per_layer.append(st)
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        return x, cache, stats
 
 
 class Decoder(nnx.Module):
@@ -145,23 +169,32 @@ class Decoder(nnx.Module):
     sharding_rules = None
 
     @sharding.with_module_mesh
-    def __call__(self, input_ids, mask, positions, cache=None, *, scan: bool = True, absorb: bool = False):
+    def __call__(self, input_ids, mask, positions, cache=None, *, scan: bool = True, absorb: bool = False,
+                 valid=None, remat: str = "none", compute_dtype=None, return_stats: bool = False):
         """input_ids [b, s]; mask [b, s, t] bool (True = may attend); positions [b, s] int.
 
-        cache: dict stack name -> that stack's cache (leading layers axis), or None.
-        Returns (hidden [b, s, hidden] after the final norm, updated cache or None).
+        cache: dict stack name -> that stack's cache (leading layers axis), or None. valid [b, s] bool: the
+        tokens that count in router statistics (None = all). compute_dtype: the activations' dtype (weights
+        are cast to it where used); None = the parameters' dtype.
+        Returns (hidden [b, s, hidden] after the final norm, updated cache or None), plus with return_stats
+        the MoE router statistics {"load", "score"}: [moe layers, b, experts] (None without MoE layers).
         """
         cfg = self.cfg
-        x = sharding.constrain(self.embed_tokens(input_ids), sharding.ACTIVATION_AXES)
+        x = sharding.constrain(self.embed_tokens(input_ids, compute_dtype), sharding.ACTIVATION_AXES)
         cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
         cache = sharding.constrain_cache(cache)  # the table's layout: batch split, latent/heads as it says
         new_cache = {} if cache is not None else None
+        router_stats = None
         for name, stack in self.stacks().items():
             with jax.named_scope(name):
-                x, c = stack(x, cos, sin, mask, None if cache is None else cache[name], scan=scan, absorb=absorb)
+                x, c, st = stack(x, cos, sin, mask, None if cache is None else cache[name], scan=scan,
+                                 absorb=absorb, valid=valid, remat=remat)
             if cache is not None:
                 new_cache[name] = c
-        return self.norm(x), new_cache
+            if st is not None:
+                router_stats = st
+        h = self.norm(x)
+        return (h, new_cache, router_stats) if return_stats else (h, new_cache)
 
 
 def causal_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
@@ -172,7 +205,23 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.A
     return jnp.broadcast_to(mask, (batch, seq, seq))
 
 
-def _check_inputs(cfg: BaseConfig, input_ids, attention_mask, positions):
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[b, s, s] bool for packed rows: causal within each document, never across documents; segment 0
+    is padding and attends to nothing (its output is never used)."""
+    s = segment_ids.shape[1]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return same & jnp.tril(jnp.ones((s, s), dtype=bool))[None]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[b, s] int32: positions restarting at 0 at every document start of a packed row."""
+    s = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+
+
+def _check_inputs(cfg: BaseConfig, input_ids, attention_mask, positions, segment_ids=None):
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -182,6 +231,10 @@ def _check_inputs(cfg: BaseConfig, input_ids, attention_mask, positions):
                          f"{tuple(input_ids.shape)}")
     if positions is not None and tuple(positions.shape) != tuple(input_ids.shape):
         raise ValueError(f"positions shape {tuple(positions.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(input_ids.shape):
+        raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if segment_ids is not None and attention_mask is not None:
+        raise ValueError("pass attention_mask or segment_ids, not both: segment 0 already marks padding")
 
 
 class _Headed(nnx.Module):
@@ -192,23 +245,39 @@ class _Headed(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.scan = scan
+        # Static choices that a jitted call sees through the graph definition (changing them retraces):
+        self.remat = "none"  # a key of REMAT_POLICIES, for training
+        self.compute_dtype = None  # activations' dtype (None: the parameters'); e.g. bf16 over float32 weights
         self.model = Decoder(cfg, dtype=dtype, rngs=rngs, std=std)
         self._make_head(cfg, dtype, rngs, cfg.initializer_range if std is None else std)
 
     def _make_head(self, cfg, dtype, rngs, std):
         raise NotImplementedError
 
-    def hidden(self, input_ids, attention_mask=None, positions=None):
-        """Final hidden states [b, s, hidden] for a full (uncached) forward pass."""
+    def hidden(self, input_ids, attention_mask=None, positions=None, segment_ids=None, *, return_stats=False):
+        """Final hidden states [b, s, hidden] for a full (uncached) forward pass.
+
+        segment_ids [b, s] (packed rows: documents 1, 2, ..., 0 = padding) replaces attention_mask: attention
+        stays inside each document and positions restart per document unless given. With return_stats,
+        returns (hidden, MoE router statistics or None) — see Decoder.__call__.
+        """
         input_ids = jnp.asarray(input_ids)
-        _check_inputs(self.config, input_ids, attention_mask, positions)
+        _check_inputs(self.config, input_ids, attention_mask, positions, segment_ids)
         b, s = input_ids.shape
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids)
+            mask, valid = segment_mask(segment_ids), segment_ids != 0
+            if positions is None:
+                positions = segment_positions(segment_ids)
+        else:
+            am = None if attention_mask is None else jnp.asarray(attention_mask)
+            mask, valid = causal_mask(am, b, s), None if am is None else am != 0
         if positions is None:
             # Like transformers' forward: positions count from 0 regardless of padding.
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        am = None if attention_mask is None else jnp.asarray(attention_mask)
-        h, _ = self.model(input_ids, causal_mask(am, b, s), jnp.asarray(positions), scan=self.scan)
-        return h
+        h, _, stats = self.model(input_ids, mask, jnp.asarray(positions), scan=self.scan, valid=valid,
+                                 remat=self.remat, compute_dtype=self.compute_dtype, return_stats=True)
+        return (h, stats) if return_stats else h
 
 
 class CausalLM(_Headed):
@@ -226,9 +295,10 @@ class CausalLM(_Headed):
         out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return sharding.constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
-        """input_ids [b, s] int; attention_mask [b, s] (1 = token, 0 = padding); positions [b, s] optional."""
-        h = self.hidden(input_ids, attention_mask, positions)
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> ModelOutput:
+        """input_ids [b, s] int; attention_mask [b, s] (1 = token, 0 = padding); positions [b, s] optional;
+        segment_ids [b, s] for packed rows instead of attention_mask (see `hidden`)."""
+        h = self.hidden(input_ids, attention_mask, positions, segment_ids)
         return ModelOutput(logits=self.logits(h), hidden_states=h)
 
 
@@ -266,8 +336,8 @@ class TokenClassification(_Headed):
         self.score = Linear(cfg.hidden_size, cfg.num_labels, axes=(None, "embed"),
                             bias=cfg.token_classification_bias, dtype=dtype, rngs=rngs, std=std)
 
-    def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
-        h = self.hidden(input_ids, attention_mask, positions)
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> ModelOutput:
+        h = self.hidden(input_ids, attention_mask, positions, segment_ids)
         return ModelOutput(logits=self.score(h), hidden_states=h)
 
 

@@ -23,7 +23,8 @@ from safetensors.numpy import load_file, save_file
 import jaxmodels.convert.hf
 import jaxmodels
 from jaxmodels.convert.fp8 import dequantize_fp8
-from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint, parse_size
+from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint
+from jaxmodels.units import parse_size
 from jaxmodels.convert.keymap import CheckpointError
 from jaxmodels.config import ConfigError
 from tiny import HEAD_CLASSES, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
@@ -156,7 +157,7 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("5GiB") == 5 * 2**30
     assert parse_size("20KB") == 20_000 and parse_size("1.5MB") == 1_500_000 and parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size"):
-        parse_size("five gigs")
+        parse_size("five gigs", "max_shard_size")
 
 
 def test_sharded_checkpoint_with_index(tmp_path, ckpts, batch, v3_model):

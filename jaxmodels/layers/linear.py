@@ -32,9 +32,10 @@ class Linear(nnx.Module):
         self.bias = param(rngs, (out_features,), dtype, axes[:1], init="zeros") if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])  # [..., out]
+        # The weight is cast to the activations' dtype where it is used: float32 master weights, bf16 compute.
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))  # [..., out]
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = y + self.bias[...].astype(x.dtype)
         return y
 
 
@@ -45,11 +46,13 @@ class Embed(nnx.Module):
                  rngs: nnx.Rngs):
         self.weight = param(rngs, (vocab_size, hidden_size), dtype, ("vocab", "embed"), std)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids, axis=0)  # [batch, seq, hidden]
+    def __call__(self, ids: jax.Array, dtype=None) -> jax.Array:
+        """ids [batch, seq] -> [batch, seq, hidden] in `dtype` (default: the table's), the compute dtype every
+        later layer follows."""
+        return jnp.take(self.weight[...], ids, axis=0).astype(dtype or self.weight.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("bsd,vd->bsv", x, self.weight[...])  # [batch, seq, vocab]
+        return jnp.einsum("bsd,vd->bsv", x, self.weight[...].astype(x.dtype))  # [batch, seq, vocab]
 
 
 ACTIVATIONS = {

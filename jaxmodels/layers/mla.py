@@ -92,7 +92,7 @@ class MLAttention(nnx.Module):
         """Attention over the latent itself: W_UK folded into q, W_UV applied after. Same result."""
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
-        w_uk, w_uv = self._w_kv_b()
+        w_uk, w_uv = (w.astype(q_nope.dtype) for w in self._w_kv_b())
         q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [b, s, heads, lora]
         scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_kv)
                   + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale  # [b, heads, s, t]

@@ -28,8 +28,9 @@ class Buffer(nnx.Variable):
     """Checkpoint state that is not trained by gradients (V3's e_score_correction_bias)."""
 
 
-def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Router logits [tokens, experts] (float32) -> (weights [tokens, k] float32, expert ids [tokens, k])."""
+def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router logits [tokens, experts] (float32) -> (weights [tokens, k] float32, expert ids [tokens, k],
+    scores [tokens, experts] float32: the unbiased router probabilities the balance losses use)."""
     k, e = cfg.num_experts_per_tok, cfg.n_routed_experts
     if cfg.topk_method == "noaux_tc":
         scores = jax.nn.sigmoid(logits)
@@ -48,7 +49,23 @@ def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> tup
             scores = _keep_top_groups(scores, group_scores, cfg, fill=0.0)
         weights, ids = jax.lax.top_k(scores, k)
         # transformers' V2 router does not renormalise (norm_topk_prob is kept for config compatibility).
-    return weights * cfg.routed_scaling_factor, ids
+        return weights * cfg.routed_scaling_factor, ids, scores / (scores.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids, jax.nn.softmax(logits, axis=-1)
+
+
+def router_stats(ids: jax.Array, scores: jax.Array, valid: jax.Array, num_experts: int) -> dict[str, jax.Array]:
+    """Per-row routing statistics for balancing and logging (tiny: [batch, experts], no per-token output).
+
+    ids [b, s, k]; scores [b, s, experts] (probabilities summing to 1 per token); valid [b, s] bool (padding
+    and packing gaps are False). Returns {"load": token-slots sent to each expert, "score": summed scores},
+    both float32 [b, experts] over valid tokens only.
+    """
+    b = ids.shape[0]
+    w = jnp.broadcast_to(valid[..., None], ids.shape).astype(jnp.float32)  # [b, s, k]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], ids.shape)
+    load = jnp.zeros((b, num_experts), jnp.float32).at[rows, ids].add(w)  # [b, experts]
+    score = jnp.einsum("bse,bs->be", scores, valid.astype(jnp.float32))  # [b, experts]
+    return {"load": load, "score": score}
 
 
 def _keep_top_groups(scores, group_scores, cfg: DeepseekConfig, fill):
@@ -235,16 +252,22 @@ class MoE(nnx.Module):
         else:
             self.shared_experts = None
 
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
+        """x [b, s, hidden]; valid [b, s] bool (tokens that count in the routing statistics; None = all).
+        Returns (y [b, s, hidden], router_stats {"load", "score"} [b, experts])."""
         cfg = self.cfg
         b, s, d = x.shape
         with jax.named_scope("moe"):
             flat = x.reshape(b * s, d)
             bias = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
             with jax.named_scope("router"):
-                weights, ids = route(cfg, self.gate.logits(flat), bias)
+                weights, ids, scores = route(cfg, self.gate.logits(flat), bias)
+                valid = jnp.ones((b, s), bool) if valid is None else valid
+                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), valid, cfg.n_routed_experts)
             with jax.named_scope("experts"):
-                experts = (self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
+                # Weights are cast to the activations' dtype where they are used (bf16 compute, float32 master).
+                experts = tuple(w[...].astype(x.dtype) for w in
+                                (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj))
                 mesh, rules = sharding.current()
                 if mesh is None:
                     y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act)
@@ -253,4 +276,4 @@ class MoE(nnx.Module):
             y = y.reshape(b, s, d)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
-            return y
+            return y, stats

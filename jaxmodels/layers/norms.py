@@ -18,7 +18,7 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # transformers casts back to the input dtype before the scale; keep that order for bf16 parity.
-        return self.weight[...] * xf.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
