@@ -295,6 +295,9 @@ class CausalLM(_Headed):
         out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return sharding.constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",))
 
+    def head_output(self, h, input_ids=None):
+        return self.logits(h)
+
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> ModelOutput:
         """input_ids [b, s] int; attention_mask [b, s] (1 = token, 0 = padding); positions [b, s] optional;
         segment_ids [b, s] for packed rows instead of attention_mask (see `hidden`)."""
@@ -313,6 +316,10 @@ class SequenceClassification(_Headed):
     def __call__(self, input_ids, attention_mask=None, positions=None) -> ModelOutput:
         input_ids = jnp.asarray(input_ids)
         h = self.hidden(input_ids, attention_mask, positions)
+        return ModelOutput(logits=self.head_output(h, input_ids), hidden_states=h)
+
+    def head_output(self, h, input_ids):
+        """Scores [b, labels] of the rightmost non-pad token of each row (h [b, s, hidden])."""
         logits = self.score(h)  # [b, s, labels]
         b, s = input_ids.shape
         pad = self.config.pad_token_id
@@ -324,7 +331,7 @@ class SequenceClassification(_Headed):
         else:
             # Rightmost token that is not padding; works for left and right padding.
             last = jnp.argmax(jnp.arange(s) * (input_ids != pad), axis=-1)
-        return ModelOutput(logits=logits[jnp.arange(b), last], hidden_states=h)
+        return logits[jnp.arange(b), last]
 
 
 class TokenClassification(_Headed):
@@ -335,6 +342,9 @@ class TokenClassification(_Headed):
     def _make_head(self, cfg, dtype, rngs, std):
         self.score = Linear(cfg.hidden_size, cfg.num_labels, axes=(None, "embed"),
                             bias=cfg.token_classification_bias, dtype=dtype, rngs=rngs, std=std)
+
+    def head_output(self, h, input_ids=None):
+        return self.score(h)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> ModelOutput:
         h = self.hidden(input_ids, attention_mask, positions, segment_ids)

@@ -1,0 +1,105 @@
+"""Losses: next-token cross-entropy (chunked over the sequence), classification losses, MoE balance losses.
+
+`lm_loss` is the contract: transformers' `model(input_ids, attention_mask=..., labels=labels).loss` —
+labels **unshifted** (`labels[t]` is the token at t, -100 = ignored), the loss predicts labels[t + 1] from
+position t and averages over the counted targets.
+
+The vocabulary projection and its log-softmax run one sequence chunk at a time under `jax.checkpoint`, so
+neither the forward nor the backward pass ever holds float32 logits for the whole [batch, seq, vocab].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100
+
+# Largest float32 logits block (elements) computed at once: [batch, chunk, vocab] <= this.
+CHUNK_ELEMENTS = 2**26
+
+
+def shift_labels(labels: jax.Array) -> jax.Array:
+    """[b, s] unshifted labels -> [b, s] targets: target[t] = labels[t + 1], the last one ignored."""
+    return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+
+
+def _chunk_len(batch: int, seq: int, vocab: int, chunk_elements: int) -> int:
+    """The largest divisor of seq whose logits block [batch, chunk, vocab] fits chunk_elements."""
+    want = max(1, chunk_elements // max(1, batch * vocab))
+    if want >= seq:
+        return seq
+    return max(c for c in range(1, want + 1) if seq % c == 0)
+
+
+def token_cross_entropy(model, h: jax.Array, targets: jax.Array, *, chunk_elements: int = CHUNK_ELEMENTS):
+    """Summed cross-entropy of the model's vocabulary head over h [b, s, hidden] against targets [b, s]
+    (IGNORE = not counted). Returns (sum of losses float32, number of counted targets int32, number of
+    targets the head ranks first (argmax == target) int32)."""
+    b, s, d = h.shape
+    vocab = model.config.vocab_size
+    c = _chunk_len(b, s, vocab, chunk_elements)
+    n = s // c
+
+    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of keeping them
+    def chunk(carry, xs):
+        hc, tc = xs  # [b, c, hidden], [b, c]
+        logits = model.logits(hc).astype(jnp.float32)  # [b, c, vocab]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        mask = tc != IGNORE
+        safe = jnp.where(mask, tc, 0)
+        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        loss = jnp.where(mask, lse - picked, 0.0).sum()
+        correct = (mask & (jnp.argmax(logits, axis=-1) == safe)).sum()
+        total, count, right = carry
+        return (total + loss, count + mask.sum(), right + correct), None
+
+    hs = h.reshape(b, n, c, d).swapaxes(0, 1)  # [chunks, b, c, hidden]
+    ts = targets.reshape(b, n, c).swapaxes(0, 1)  # [chunks, b, c]
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    (total, count, right), _ = jax.lax.scan(chunk, init, (hs, ts))
+    return total, count, right
+
+
+def lm_loss(model, input_ids, labels, attention_mask=None):
+    """Mean next-token cross-entropy over labels != -100; labels unshifted, exactly as transformers takes
+    them. input_ids, labels [b, s] int; attention_mask [b, s] (1 = token, 0 = padding) or None.
+    Equal to transformers' `model(input_ids, attention_mask=attention_mask, labels=labels).loss`."""
+    h = model.hidden(jnp.asarray(input_ids), attention_mask)
+    total, count, _ = token_cross_entropy(model, h, shift_labels(jnp.asarray(labels)))
+    return total / jnp.maximum(count, 1)
+
+
+def classification_loss(model, logits: jax.Array, labels: jax.Array):
+    """transformers' rule for the classification heads: num_labels == 1 is regression (MSE), otherwise
+    cross-entropy over labels != -100. logits [b, labels] or [b, s, labels]. Returns (sum, count)."""
+    logits = logits.astype(jnp.float32)
+    if model.config.num_labels == 1:
+        err = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
+        return err.sum(), jnp.asarray(err.size, jnp.int32)
+    mask = labels != IGNORE
+    safe = jnp.where(mask, labels, 0)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]
+    return jnp.where(mask, nll, 0.0).sum(), mask.sum().astype(jnp.int32)
+
+
+def balance_loss(stats: dict, valid: jax.Array, top_k: int, *, per_sequence: bool) -> jax.Array:
+    """DeepSeek's expert-balance loss summed over MoE layers (multiply by its alpha).
+
+    stats: router statistics from the forward pass, "load" (token-slots per expert) and "score" (summed
+    router probabilities), each [layers, b, experts]; valid [b, s] bool. Per layer, with T tokens,
+    f_i = E / (K T) * load_i and P_i = score_i / T, the loss is sum_i f_i P_i: per sequence and averaged
+    over the batch (DeepSeek-V2 `seq_aux`, DeepSeek-V3's sequence-wise loss) or over the whole batch at once.
+    """
+    load, score = stats["load"], stats["score"]  # [L, b, E]
+    e = load.shape[-1]
+    tokens = valid.sum(-1).astype(jnp.float32)  # [b]
+    if per_sequence:
+        t = jnp.maximum(tokens, 1.0)[None, :, None]
+        f = load * e / (top_k * t)
+        p = score / t
+        return (f * p).sum(-1).mean(-1).sum()
+    t = jnp.maximum(tokens.sum(), 1.0)
+    f = load.sum(1) * e / (top_k * t)  # [L, E]
+    p = score.sum(1) / t
+    return (f * p).sum()

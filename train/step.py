@@ -1,0 +1,193 @@
+"""The training step: one jitted pure function `(state, batch) -> (state, metrics)`.
+
+The model is split once into its graph definition and three states: the trainable parameters (all
+`nnx.Param`s, or only the LoRA adapters), the frozen parameters (the LoRA base; empty otherwise) and the
+buffers (DeepSeek-V3's routing bias). The loss runs the same scanned decoder inference uses, through
+`nnx.merge` inside the jitted function.
+
+Gradient accumulation runs the K micro-batches of a step with `lax.scan` and divides the summed token
+losses by the step's total number of counted targets, so K micro-batches of B rows give exactly the
+gradient of one batch of K x B rows. The routing bias is updated after the optimizer step from the router
+loads the forward pass returns; it never sees a gradient.
+
+Shardings come from the one rules table: parameters by their logical axes, the optimizer state as its
+parameters (it is created from them), the batch over the table's batch axes. Nothing here knows the mesh's
+shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxmodels import sharding
+from jaxmodels.config import DeepseekConfig
+from jaxmodels.train.loss import balance_loss, classification_loss, shift_labels, token_cross_entropy
+from jaxmodels.train.optim import update_routing_bias
+
+BIAS_NAME = "e_score_correction_bias"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static choices of the step (hashable: they are baked into the compiled function)."""
+
+    task: str = "causal_lm"  # the model head: causal_lm | sequence_classification | token_classification
+    aux_loss_alpha: float = 0.0  # expert-balance loss weight (0: off)
+    seq_aux: bool = True  # balance loss per sequence (DeepSeek-V2 seq_aux, V3) or over the batch
+    bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing (0: off)
+
+
+def split_model(model, trainable_filter=nnx.Param):
+    """(graphdef, trainable, frozen, buffers): the trainable variables, the other Params, everything else."""
+    graphdef, trainable, frozen, buffers = nnx.split(model, trainable_filter, nnx.Param, ...)
+    return graphdef, trainable, frozen, buffers
+
+
+def _forward(model, batch: dict, opts: StepOptions):
+    """Loss pieces of one micro-batch: (summed loss, counted targets, correct targets, router stats, valid)."""
+    if opts.task == "causal_lm":
+        seg = batch["segment_ids"]
+        h, stats = model.hidden(batch["input_ids"], positions=batch["positions"], segment_ids=seg, return_stats=True)
+        total, count, correct = token_cross_entropy(model, h, shift_labels(batch["labels"]))
+        return total, count, correct, stats, seg != 0
+    mask = batch["attention_mask"]
+    h, stats = model.hidden(batch["input_ids"], mask, return_stats=True)
+    logits = model.head_output(h, batch["input_ids"])
+    total, count = classification_loss(model, logits, batch["labels"])
+    correct = jnp.zeros((), jnp.int32)
+    if model.config.num_labels > 1:
+        labels = batch["labels"]
+        correct = ((jnp.argmax(logits, -1) == labels) & (labels != -100)).sum()
+    return total, count, correct, stats, mask != 0
+
+
+def count_targets(batch: dict, task: str, num_labels: int) -> jax.Array:
+    """Targets the loss averages over (computed from labels alone, before the forward pass)."""
+    labels = batch["labels"]
+    if task == "causal_lm":
+        return (shift_labels(labels.reshape(-1, labels.shape[-1])) != -100).sum()
+    if num_labels == 1:
+        return jnp.asarray(labels.size, jnp.int32)
+    return (labels != -100).sum()
+
+
+def _set_bias(buffers, update):
+    """The buffers with every routing bias replaced by update(old)."""
+    def one(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        return update(x) if BIAS_NAME in names else x
+    return jax.tree_util.tree_map_with_path(one, buffers)
+
+
+def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict):
+    """state {"params", "opt_state", "buffers", "step"}; batch: arrays [micro-batches, rows, ...].
+    Returns (new state, metrics dict of scalars and router loads)."""
+    params, buffers = state["params"], state["buffers"]
+    cfg = nnx.merge(graphdef, params, frozen, buffers).config
+    n_targets = jnp.maximum(count_targets(batch, opts.task, cfg.num_labels), 1).astype(jnp.float32)
+    k = next(iter(batch.values())).shape[0]
+
+    def micro_loss(p, micro):
+        model = nnx.merge(graphdef, p, frozen, buffers)
+        total, count, correct, stats, valid = _forward(model, micro, opts)
+        objective = total / n_targets
+        aux = jnp.zeros((), jnp.float32)
+        if stats is not None and opts.aux_loss_alpha:
+            aux = opts.aux_loss_alpha * balance_loss(stats, valid, cfg.num_experts_per_tok,
+                                                     per_sequence=opts.seq_aux) / k
+        load = None if stats is None else stats["load"].sum(1)  # [moe layers, experts]
+        return objective + aux, (total, count, correct, aux, load)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, total, count, correct, aux, load = carry
+        g, (t, c, r, a, l) = grad_fn(params, micro)
+        grads = jax.tree.map(jnp.add, grads, g)
+        load = None if l is None else load + l
+        return (grads, total + t, count + c, correct + r, aux + a, load), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    load0 = None
+    if isinstance(cfg, DeepseekConfig) and cfg.num_moe_layers:
+        load0 = jnp.zeros((cfg.num_moe_layers, cfg.n_routed_experts), jnp.float32)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.float32), load0)
+    (grads, total, count, correct, aux, load), _ = jax.lax.scan(accumulate, init, batch)
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    if load is not None and opts.bias_update_rate:
+        buffers = _set_bias(buffers, lambda b: update_routing_bias(b, load, opts.bias_update_rate))
+    metrics = {"loss": total / jnp.maximum(count, 1), "aux_loss": aux, "grad_norm": grad_norm,
+               "tokens": count, "accuracy": correct / jnp.maximum(count, 1)}
+    if load is not None:
+        metrics["expert_load"] = load
+    new_state = {"params": params, "opt_state": opt_state, "buffers": buffers, "step": state["step"] + 1}
+    return new_state, metrics
+
+
+def eval_step(graphdef, opts: StepOptions, state: dict, frozen, batch: dict):
+    """Summed loss, counted targets and correct targets of one batch [rows, ...] (no gradient)."""
+    model = nnx.merge(graphdef, state["params"], frozen, state["buffers"])
+    total, count, correct, _, _ = _forward(model, batch, opts)
+    return {"loss_sum": total, "tokens": count, "correct": correct}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Placement
+# ----------------------------------------------------------------------------------------------------
+
+def batch_sharding(mesh, shape, micro: bool) -> NamedSharding:
+    """[micro-batches, rows, ...] (micro) or [rows, ...]: rows over the table's batch axes."""
+    mesh_rules = sharding.make_rules(None)
+    axes = ((None, "batch") if micro else ("batch",)) + (None,) * (len(shape) - (2 if micro else 1))
+    return NamedSharding(mesh, sharding.logical_to_spec(axes, mesh_rules, mesh, shape))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh, micro: bool) -> dict[str, jax.Array]:
+    """Host arrays (the same on every process) -> global arrays on the mesh; each process sends its rows."""
+    out = {}
+    for k, x in batch.items():
+        x = np.asarray(x)
+        out[k] = jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.shape, micro), lambda i, x=x: x[i])
+    return out
+
+
+def check_batch_fits_mesh(rows: int, mesh) -> None:
+    """The rows of a micro-batch must split evenly over the mesh's batch axes."""
+    from jaxmodels.train.config import TrainError
+    axes = sharding.mesh_axes_of("batch", None, mesh)
+    ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if rows % ways:
+        raise TrainError(f"--batch-size {rows} does not split over the mesh's batch axes {axes} ({ways} ways); "
+                         f"use a multiple of {ways} or a mesh with fewer data/fsdp/expert devices")
+
+
+def init_state(params, buffers, tx) -> dict:
+    """The train state on the parameters' devices: optimizer state created from (so placed like) them."""
+    opt_state = jax.jit(tx.init)(params)
+    return {"params": params, "opt_state": opt_state, "buffers": buffers, "step": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(state) -> Any:
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+def compile_steps(graphdef, tx, opts: StepOptions, state, frozen):
+    """Jitted train and eval steps whose outputs stay where the state lives (the state is donated)."""
+    shardings = state_shardings(state)
+    step = jax.jit(functools.partial(train_step, graphdef, tx, opts), donate_argnums=(0,),
+                   out_shardings=(shardings, None))
+    evaluate = jax.jit(functools.partial(eval_step, graphdef, opts))
+    return step, evaluate
