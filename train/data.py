@@ -169,13 +169,13 @@ def _encode_spans(tok: Tokenizer, text: str, spans: Sequence[tuple[int, int]], a
     inference; a token merged across a boundary starts before it and so belongs to the prompt side.
     """
     enc = tok.tok.encode(text, add_special_tokens=add_special_tokens)
-    ids = list(enc.ids)
-    labels = []
-    for i, ((start, _), special) in zip(enc.ids, zip(enc.offsets, enc.special_tokens_mask)):
-        # Post-processor tokens (BOS) carry offsets (0, 0): never targets.
-        target = not special and any(s <= start < e for s, e in spans)
-        labels.append(i if target else IGNORE)
-    return ids, labels, enc
+    ids = np.asarray(enc.ids, np.int64)
+    start = np.asarray([o[0] for o in enc.offsets], np.int64).reshape(-1)
+    target = np.zeros(len(ids), bool)
+    for s, e in spans:
+        target |= (start >= s) & (start < e)
+    target &= np.asarray(enc.special_tokens_mask, bool) == 0  # post-processor tokens (BOS) sit at (0, 0)
+    return ids.tolist(), np.where(target, ids, IGNORE).tolist(), enc
 
 
 def _encode_completion(tok: Tokenizer, prompt: str, completion: str):
@@ -342,15 +342,17 @@ class TrainData:
 
     rows: {name: [num_rows, seq_len] int32} (classification "labels" may be [num_rows]).
     Keys: input_ids, labels, segment_ids, positions (causal_lm); input_ids, attention_mask, labels
-    (classification).
+    (classification). pad_id: the id padding uses. stats: what packing did (efficiency etc.).
     """
     rows: dict[str, np.ndarray]
     task: str
     seq_len: int
     seed: int
     fingerprint: str
+    pad_id: int = 0
     num_labels: int | None = None
     stats: PackStats = field(default_factory=PackStats)
+    _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # batch_size -> Grain
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer: Tokenizer | str, *, seq_len: int, task: str = "causal_lm",
@@ -416,7 +418,7 @@ class TrainData:
                               f"{seq_len} and were truncated; raise seq_len to keep them whole", stacklevel=2)
             if num_labels is None:
                 num_labels = int(max(1, rows["labels"].max() + 1))
-        return cls(rows=rows, task=task, seq_len=seq_len, seed=seed, num_labels=num_labels, stats=stats,
+        return cls(rows=rows, task=task, seq_len=seq_len, seed=seed, pad_id=pad_id, num_labels=num_labels, stats=stats,
                    fingerprint=fingerprint(path, seq_len, task, tok))
 
     @property
@@ -450,14 +452,13 @@ class TrainData:
         import grain
 
         self.batches_per_epoch(batch_size)  # the clear error for too few rows
-        cache = self.__dict__.setdefault("_loaders", {})
-        if batch_size not in cache:
+        if batch_size not in self._loaders:
             rows = self.rows
-            cache[batch_size] = (grain.MapDataset.range(self.num_rows)
+            self._loaders[batch_size] = (grain.MapDataset.range(self.num_rows)
                                  .shuffle(seed=self.seed)
                                  .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
                                  .map(lambda idx: {k: v[idx] for k, v in rows.items()}))
-        return cache[batch_size]
+        return self._loaders[batch_size]
 
     def describe(self) -> str:
         """One line for the trainer's log: rows, documents, packing efficiency, splits/truncations."""
