@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from jaxmodels import sharding
 from jaxmodels.config import BaseConfig, ConfigError, DeepseekConfig, StableLmConfig
-from jaxmodels.layers.attention import StableLmAttention
+from jaxmodels.layers.attention import ATTENTION_IMPLS, StableLmAttention
 from jaxmodels.layers.linear import Embed, Linear
 from jaxmodels.layers.mla import MLAttention
 from jaxmodels.layers.mlp import MLP
@@ -241,7 +241,7 @@ class _Headed(nnx.Module):
     head: str = ""
 
     def __init__(self, cfg: BaseConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, std: float | None = None,
-                 scan: bool = True):
+                 scan: bool = True, attention_impl: str = "auto"):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.scan = scan
@@ -250,6 +250,23 @@ class _Headed(nnx.Module):
         self.compute_dtype = None  # activations' dtype (None: the parameters'); e.g. bf16 over float32 weights
         self.model = Decoder(cfg, dtype=dtype, rngs=rngs, std=std)
         self._make_head(cfg, dtype, rngs, cfg.initializer_range if std is None else std)
+        self.attention_impl = attention_impl
+
+    @property
+    def attention_impl(self) -> str:
+        """Prefill/training attention kernel of every layer: "auto" (by platform and shapes), "xla",
+        "cudnn", "cudnn_packed" or "splash" (jaxmodels.layers.attention). A static attribute of the
+        attention blocks, so it is part of the graphdef and jit retraces when it changes."""
+        return self._attention_impl
+
+    @attention_impl.setter
+    def attention_impl(self, impl: str) -> None:
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
+        self._attention_impl = impl
+        for _, node in nnx.iter_graph(self.model):
+            if isinstance(node, (StableLmAttention, MLAttention)):
+                node.attention_impl = impl
 
     def _make_head(self, cfg, dtype, rngs, std):
         raise NotImplementedError

@@ -1,6 +1,23 @@
-"""Softmax attention shared by MLA and StableLM, plus StableLM's GQA attention block."""
+"""Softmax attention shared by MLA and StableLM, plus StableLM's GQA attention block.
+
+`dot_product_attention` is the one entry point for prefill/training attention. It picks a fused kernel
+from the platform and the shapes (`choose_implementation`), or takes an explicit one:
+
+* "xla": einsums + a float32 masked softmax over the dense mask. The reference; any platform, any mask.
+* "cudnn": cuDNN flash attention (GPU, bf16/fp16), through jax's low-level cuDNN entry, which (unlike
+  `jax.nn.dot_product_attention`) takes a value head dim different from the query's (MLA: 192 vs 128)
+  on Hopper with cuDNN >= 9.10. The dense mask goes in as an additive bias; with `segment_ids` the
+  kernel is also told the mask is causal, so it skips the blocks above the diagonal.
+* "cudnn_packed": cuDNN's packed (THD) layout: every run of equal segment ids becomes its own causal
+  sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper.
+* "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests). Needs `segment_ids`.
+
+The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +27,11 @@ from jaxmodels.config import StableLmConfig
 from jaxmodels.layers.linear import Linear
 from jaxmodels.layers.norms import PerHeadLayerNorm
 from jaxmodels.layers.rope import apply_rope
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
+
+# Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
+_MIN_FUSED_QUERIES = 64
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -25,11 +47,260 @@ def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[b, s, s] bool from segment ids [b, s] (0 = padding): causal, and only within one document.
+
+    This is the dense mask that must accompany `segment_ids` in `dot_product_attention`. With
+    `segment_ids = attention_mask` (one document per row) it equals `model.causal_mask` on every
+    non-padding query row.
+    """
+    s = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & (segment_ids[:, None, :] != 0) & jnp.tril(jnp.ones((s, s), dtype=bool))[None]
+
+
+# --------------------------------------------------------------------------------------------- choice
+
+
+def _cudnn_module():
+    """jax's low-level cuDNN attention module, or None where this jax has none."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo
+    except ImportError:  # pragma: no cover - depends on the jax build
+        return None
+    return fused_attention_stablehlo
+
+
+@functools.cache
+def _cuda_facts() -> tuple[tuple[int, int], int] | None:
+    """(compute capability, cuDNN version) of the first CUDA device, or None without one."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    if not gpus or "cuda" not in getattr(gpus[0].client, "platform_version", "").lower():
+        return None
+    mod = _cudnn_module()
+    try:
+        version = mod.check_cudnn_version() if mod is not None else 0
+    except Exception:  # cuDNN missing: no cuDNN kernels
+        version = 0
+    cc = tuple(int(x) for x in gpus[0].compute_capability.split("."))
+    return cc, version
+
+
+def _cudnn_unsupported(q, k, v, segment_ids, packed: bool) -> str | None:
+    """Why cuDNN cannot run these shapes here, or None when it can."""
+    facts = _cuda_facts()
+    if facts is None:
+        return "no CUDA GPU"
+    cc, version = facts
+    if version == 0 or _cudnn_module() is None:
+        return "cuDNN not found"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"cuDNN attention needs bf16/fp16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    dq, dv = q.shape[-1], v.shape[-1]
+    h_max = 256 if cc >= (9, 0) else 128
+    if dq % 8 or dq > h_max or dv % 8 or dv > dq:
+        return f"head dims q/k {dq}, v {dv}: cuDNN needs multiples of 8, at most {h_max}, v <= q"
+    if packed:
+        if segment_ids is None:
+            return "cudnn_packed needs segment_ids"
+        if cc < (9, 0):
+            return "cuDNN's packed layout needs Hopper or newer"
+        if k.shape[2] != q.shape[2] and jax.__version_info__ < (0, 11):
+            # jax < 0.11 strides packed kv offsets by the query head count (fixed in 0.11).
+            return "cuDNN's packed layout with GQA needs jax >= 0.11"
+    elif q.shape[1] % 2 or k.shape[1] % 2:
+        return f"cuDNN with a mask (bias) needs even sequence lengths for training, got {q.shape[1]}, {k.shape[1]}"
+    return None
+
+
+def _splash_unsupported(q, k, v, segment_ids) -> str | None:
+    if segment_ids is None:
+        return "splash attention needs segment_ids (it takes no dense per-example mask)"
+    if q.shape[1] % 128 or k.shape[1] % 128:
+        return f"splash attention needs sequence lengths that are multiples of 128, got {q.shape[1]}, {k.shape[1]}"
+    return None
+
+
+def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+                          implementation: str | None = None) -> str:
+    """The attention implementation for these shapes on the default backend; the one place that decides.
+
+    implementation: None or "auto" chooses; anything else is checked and returned (a clear error when it
+    cannot run here). Auto: cuDNN on CUDA GPUs (bf16/fp16, supported head dims, >= 64 queries), splash on
+    TPU (with segment_ids), XLA otherwise.
+    """
+    if implementation is not None and implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
+    if implementation in (None, "auto"):
+        if q.shape[1] < _MIN_FUSED_QUERIES:
+            return "xla"
+        platform = jax.default_backend()
+        if platform == "gpu" and _cudnn_unsupported(q, k, v, segment_ids, packed=False) is None:
+            return "cudnn"
+        if platform == "tpu" and _splash_unsupported(q, k, v, segment_ids) is None:
+            return "splash"
+        return "xla"
+    why = None
+    if implementation in ("cudnn", "cudnn_packed"):
+        why = _cudnn_unsupported(q, k, v, segment_ids, packed=implementation == "cudnn_packed")
+    elif implementation == "splash":
+        why = _splash_unsupported(q, k, v, segment_ids)
+    if why is not None:
+        raise ValueError(f"attention implementation {implementation!r} cannot run here: {why}. "
+                         f"Use implementation='auto' (or 'xla').")
+    return implementation
+
+
+# ------------------------------------------------------------------------------------------ the entry
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array, scale: float,
+                          segment_ids: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
+    """softmax(q k^T * scale, masked) v with GQA, for prefill and training.
+
+    q [b, s, heads, dq]; k [b, t, kv_heads, dq]; v [b, t, kv_heads, dv] (kv_heads divides heads; dv may
+    differ from dq, as in MLA). mask [b, s, t] bool, True = may attend: always required, it is the
+    truth for "xla" and the fallback for everything else. segment_ids [b, s] int (0 = padding,
+    documents 1, 2, ... each contiguous) or None: a promise that `mask == segment_mask(segment_ids)`
+    (s == t), which lets the fused kernels use a causal/segment mask instead of the dense one.
+    implementation: see `choose_implementation`. Returns [b, s, heads, dv] in v's dtype.
+
+    A fully masked query row (padding) gives a finite value and finite gradients, never NaN; what
+    value depends on the implementation (such rows are meant to be ignored).
+    """
+    b, s, h, dq = q.shape
+    _, t, kvh, dv = v.shape
+    if k.shape[:3] != v.shape[:3] or k.shape[-1] != dq or k.shape[0] != b:
+        raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
+    if mask.shape != (b, s, t):
+        raise ValueError(f"mask shape {mask.shape} != (batch, queries, keys) {(b, s, t)}")
+    if segment_ids is not None and (segment_ids.shape != (b, s) or s != t):
+        raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, seq] with as many queries as keys "
+                         f"(q {q.shape}, k {k.shape}): they describe self-attention over one packed row")
+    impl = choose_implementation(q, k, v, segment_ids, implementation)
+    with jax.named_scope(f"attention_{impl}"):
+        if impl == "xla":
+            return _xla_attention(q, k, v, mask, scale)
+        if impl == "cudnn":
+            return _cudnn_attention(q, k, v, mask, scale, causal=segment_ids is not None)
+        if impl == "cudnn_packed":
+            return _cudnn_packed_attention(q, k, v, segment_ids, scale)
+        return _splash_attention(q, k, v, segment_ids, scale, interpret=jax.default_backend() != "tpu")
+
+
+# ------------------------------------------------------------------------------------------------ xla
+
+
+def _xla_attention(q, k, v, mask, scale):
+    b, s, h, dq = q.shape
+    kvh, dv = k.shape[2], v.shape[-1]
+    q = q.reshape(b, s, kvh, h // kvh, dq)  # [b, s, kv_heads, group, dq]
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k,
+                        preferred_element_type=jnp.float32) * scale  # [b, kv_heads, group, s, t]
+    probs = masked_softmax(scores, mask).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkv->bskgv", probs, v)  # [b, s, kv_heads, group, dv]
+    return out.reshape(b, s, h, dv)
+
+
+# ---------------------------------------------------------------------------------------------- cuDNN
+
+
+def _pad_v_for_cudnn(q, v):
+    """cuDNN takes dv != dq only on Hopper with cuDNN >= 9.10; elsewhere pad V with zeros up to dq."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    cc, version = _cuda_facts()
+    if dv == dq or (cc >= (9, 0) and version >= 91000):
+        return v
+    return jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, dq - dv)))
+
+
+def _cudnn_attention(q, k, v, mask, scale, *, causal: bool):
+    """Dense mask as cuDNN's additive bias [b, 1, s, t] (broadcast over heads); `causal` lets it skip blocks.
+
+    A fully masked row has every logit at the same large negative bias: a uniform row, finite.
+    """
+    fa = _cudnn_module()
+    dv = v.shape[-1]
+    mask_type = fa.MaskType.CAUSAL if causal else fa.MaskType.NO_MASK
+    out = fa.dot_product_attention(q, k, _pad_v_for_cudnn(q, v), mask=mask[:, None], scale=scale,
+                                   mask_type=mask_type, qkv_layout="BTNH")
+    return out[..., :dv]
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int | None = None):
+    """Runs of equal ids as cuDNN's packed layout: (offsets [b, M+1], lengths [b, M]), -1 past the last run.
+
+    Every token lies in exactly one run, padding included (its runs are causal sequences of their own,
+    so padding queries get finite values, nothing uninitialised). M defaults to seq, always enough.
+    """
+    b, s = segment_ids.shape
+    m = s if max_segments is None else max_segments
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(starts, axis=1) - 1  # [b, s] run index of each token
+
+    def one_row(starts_row, run_row):
+        offsets = jnp.nonzero(starts_row, size=m + 1, fill_value=-1)[0].astype(jnp.int32)
+        lengths = jnp.zeros((m,), jnp.int32).at[run_row].add(1, mode="drop")
+        return offsets, jnp.where(lengths > 0, lengths, -1)
+
+    return jax.vmap(one_row)(starts, run)
+
+
+def _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments: int | None = None):
+    fa = _cudnn_module()
+    dv = v.shape[-1]
+    offsets, lengths = packed_segments(segment_ids, max_segments)
+    out = fa.dot_product_attention(q, k, _pad_v_for_cudnn(q, v), q_seqlen=lengths, kv_seqlen=lengths,
+                                   q_offsets=offsets, kv_offsets=offsets, scale=scale,
+                                   mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    return out[..., :dv]
+
+
+# --------------------------------------------------------------------------------------------- splash
+
+
+def _splash_attention(q, k, v, segment_ids, scale, *, interpret: bool):
+    """Pallas splash attention, causal within segments; GQA as one MQA kernel per kv head.
+
+    Padding (segment 0) queries attend other padding keys causally: finite, like any segment.
+    Under a mesh this needs a shard_map around it (Pallas TPU kernels are not auto-partitioned).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, s, h, dq = q.shape
+    t, kvh, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = h // kvh
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((s, t))] * g), head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    # Splash has no scale argument; scaling q first is exact in float32 and one rounding in bf16.
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, s, kvh, g, dq).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, s, dq]
+    k = k.transpose(0, 2, 1, 3)  # [b, kv_heads, t, dq]
+    v = v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, dv]
+    seg = segment_ids.astype(jnp.int32)
+
+    def per_example(q1, k1, v1, seg1):
+        ids = sk.SegmentIds(q=seg1, kv=seg1)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(q1, k1, v1)
+
+    out = jax.vmap(per_example)(q, k, v, seg)  # [b, kv_heads, group, s, dv]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, dv)
+
+
+# ------------------------------------------------------------------------------------------- StableLM
+
+
 class StableLmAttention(nnx.Module):
     """Multi-head attention with GQA, optional qkv bias, per-head q/k LayerNorm and partial rotary."""
 
-    def __init__(self, cfg: StableLmConfig, *, dtype, rngs: nnx.Rngs, std: float):
+    def __init__(self, cfg: StableLmConfig, *, dtype, rngs: nnx.Rngs, std: float, attention_impl: str = "auto"):
         self.cfg = cfg
+        self.attention_impl = attention_impl  # static (graphdef): see dot_product_attention
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         hid = cfg.hidden_size
         kw = dict(dtype=dtype, rngs=rngs, std=std)
@@ -58,20 +329,18 @@ class StableLmAttention(nnx.Module):
         k = jnp.concatenate([apply_rope(k[..., :r], cos, sin, interleaved=False), k[..., r:]], axis=-1)
         return q, k, v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+               segment_ids: jax.Array | None = None) -> jax.Array:
         """q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b, s, t] -> [b, s, hidden]."""
-        cfg = self.cfg
         b, s, h, d = q.shape
-        kvh = cfg.num_key_value_heads
-        q = q.reshape(b, s, kvh, h // kvh, d)  # [b, s, kv_heads, group, d]
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * (d ** -0.5)  # [b, kv_heads, group, s, t]
-        probs = masked_softmax(scores, mask).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v)  # [b, s, kv_heads, group, d]
+        out = dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5, segment_ids=segment_ids,
+                                    implementation=self.attention_impl)  # [b, s, heads, d]
         return self.o_proj(out.reshape(b, s, h * d))
 
-    def __call__(self, x, cos, sin, mask, cache=None):
+    def __call__(self, x, cos, sin, mask, cache=None, segment_ids=None):
+        """segment_ids [b, s] (packed rows, see dot_product_attention) or None."""
         with jax.named_scope("stablelm_attention"):
             q, k, v = self.project_qkv(x, cos, sin)
             if cache is not None:
                 k, v, cache = cache.update(k, v)
-            return self.attend(q, k, v, mask), cache
+            return self.attend(q, k, v, mask, segment_ids), cache

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.config import DeepseekConfig, DeepseekV3Config
-from jaxmodels.layers.attention import masked_softmax
+from jaxmodels.layers.attention import dot_product_attention, masked_softmax
 from jaxmodels.layers.linear import Linear
 from jaxmodels.layers.norms import RMSNorm
 from jaxmodels.layers.rope import apply_rope
@@ -25,8 +25,9 @@ _LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nnx.Module):
-    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
+    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float, attention_impl: str = "auto"):
         self.cfg = cfg
+        self.attention_impl = attention_impl  # static (graphdef), prefill only: see dot_product_attention
         h, hid = cfg.num_attention_heads, cfg.hidden_size
         kw = dict(dtype=dtype, rngs=rngs, std=std)
         if cfg.q_lora_rank is None:
@@ -75,17 +76,19 @@ class MLAttention(nnx.Module):
                                                cfg.kv_lora_rank)
         return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
-    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, segment_ids=None):
         """Decompresses the latent to per-head K/V. c_kv [b, t, lora], k_pe [b, t, rope]; mask [b, s, t]."""
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
         t = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).reshape(b, t, h, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [b, t, heads, *]
-        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope)
-                  + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale  # [b, heads, s, t]
-        probs = masked_softmax(scores, mask).astype(v.dtype)
-        out = jnp.einsum("bhst,bthv->bshv", probs, v)  # [b, s, heads, v]
+        # The shared rope key joins every head's key, so one dot over [nope | rope] gives both score terms.
+        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (b, t, h, cfg.qk_rope_head_dim))
+        q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [b, s, heads, qk_head_dim]
+        k = jnp.concatenate([k_nope, k_pe], axis=-1)  # [b, t, heads, qk_head_dim]
+        out = dot_product_attention(q, k, v, mask=mask, scale=cfg.softmax_scale, segment_ids=segment_ids,
+                                    implementation=self.attention_impl)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -101,11 +104,13 @@ class MLAttention(nnx.Module):
         out = jnp.einsum("bshc,hvc->bshv", out_lat, w_uv)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
-    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False):
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, segment_ids=None):
+        """segment_ids [b, s] (packed rows, see dot_product_attention) or None; unused when absorbing."""
         with jax.named_scope("mla"):
             q_nope, q_pe = self.project_q(x, cos, sin)
             c_kv, k_pe = self.project_latent(x, cos, sin)
             if cache is not None:
                 c_kv, k_pe, cache = cache.update(c_kv, k_pe)
-            attend = self.attend_absorbed if absorb else self.attend_expanded
-            return attend(q_nope, q_pe, c_kv, k_pe, mask), cache
+            if absorb:
+                return self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask), cache
+            return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask, segment_ids), cache

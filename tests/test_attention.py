@@ -1,0 +1,281 @@
+"""dot_product_attention: the XLA path against a numpy reference, every other path against XLA.
+
+On CPU: xla (reference math), splash in Pallas interpret mode. cuDNN runs only in the `gpu`-marked
+test (skipped without a CUDA GPU): `python -m pytest -m gpu tests/test_attention.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxmodels.layers.attention import (
+    choose_implementation, dot_product_attention, packed_segments, segment_mask)
+from jaxmodels.model import causal_mask
+
+
+def numpy_attention(q, k, v, mask, scale):
+    """float64, one head and one example at a time: the oracle. Fully masked rows give NaN here."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, s, h, _ = q.shape
+    kvh = k.shape[2]
+    out = np.zeros((b, s, h, v.shape[-1]))
+    for i in range(b):
+        for j in range(h):
+            kj = j // (h // kvh)  # query head j reads kv head j // group
+            logits = q[i, :, j] @ k[i, :, kj].T * scale  # [s, t]
+            logits = np.where(mask[i], logits, -np.inf)
+            with np.errstate(invalid="ignore"):
+                p = np.exp(logits - logits.max(-1, keepdims=True))
+                p /= p.sum(-1, keepdims=True)
+            out[i, :, j] = p @ v[i, :, kj]
+    return out
+
+
+def make_inputs(seed, b, s, h, kvh, dq, dv, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (b, s, h, dq), dtype)
+    k = jax.random.normal(ks[1], (b, s, kvh, dq), dtype)
+    v = jax.random.normal(ks[2], (b, s, kvh, dv), dtype)
+    return q, k, v
+
+
+def padded_mask(b, s):
+    """Row 0 unpadded, row 1 left-padded by 3 (fully masked queries 0..2), row 2 right-padded by 5."""
+    am = np.ones((b, s), np.int32)
+    if b > 1:
+        am[1, :3] = 0
+    if b > 2:
+        am[2, -5:] = 0
+    return jnp.asarray(am)
+
+
+def packed_ids(b, s, seed=0):
+    """Rows of several documents (ids 1, 2, ...) with trailing padding (0), like a packed training batch."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((b, s), np.int32)
+    for i in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, s - 4), size=3, replace=False))
+        bounds = [0, *cuts, s - rng.integers(0, 4)]
+        for d in range(len(bounds) - 1):
+            ids[i, bounds[d]:bounds[d + 1]] = d + 1
+    return jnp.asarray(ids)
+
+
+CASES = {  # name: (b, s, heads, kv_heads, dq, dv)
+    "mha": (2, 12, 4, 4, 16, 16),
+    "gqa": (3, 12, 6, 2, 16, 16),
+    "mqa": (2, 12, 4, 1, 8, 8),
+    "mla": (2, 12, 4, 4, 24, 16),  # MLA: qk head dim != v head dim, kv_heads == heads
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("masking", ["causal", "padded", "segments"])
+def test_xla_matches_numpy(case, masking):
+    b, s, h, kvh, dq, dv = CASES[case]
+    q, k, v = make_inputs(0, b, s, h, kvh, dq, dv)
+    seg = None
+    if masking == "causal":
+        mask = causal_mask(None, b, s)
+    elif masking == "padded":
+        am = padded_mask(b, s)
+        mask = causal_mask(am, b, s)
+    else:
+        seg = packed_ids(b, s)
+        mask = segment_mask(seg)
+    scale = 0.3
+    out = dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=seg, implementation="xla")
+    assert out.shape == (b, s, h, dv)
+    assert np.isfinite(np.asarray(out)).all()
+    ref = numpy_attention(q, k, v, np.asarray(mask), scale)
+    rows = np.asarray(mask).any(-1)  # queries with something to attend to
+    np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], rtol=1e-5, atol=1e-5)
+    if not rows.all():
+        # Fully masked rows (left padding): today's convention, a uniform average over all keys.
+        uniform = np.repeat(np.asarray(v).mean(1, keepdims=True), h // kvh, axis=2)
+        empty = np.nonzero(~rows)
+        np.testing.assert_allclose(np.asarray(out)[empty], np.broadcast_to(uniform, out.shape)[empty],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_rows_have_finite_gradients():
+    b, s, h, kvh, dq, dv = CASES["gqa"]
+    q, k, v = make_inputs(1, b, s, h, kvh, dq, dv)
+    mask = causal_mask(padded_mask(b, s), b, s)
+    assert not np.asarray(mask).any(-1).all()  # the case really has fully masked rows
+
+    def loss(q, k, v):
+        return jnp.sum(dot_product_attention(q, k, v, mask=mask, scale=0.25, implementation="xla") ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()
+        assert np.abs(np.asarray(g)).sum() > 0
+
+
+def test_segment_mask_is_causal_mask_on_real_tokens():
+    b, s = 3, 12
+    am = padded_mask(b, s)
+    seg_mask, dense = np.asarray(segment_mask(am)), np.asarray(causal_mask(am, b, s))
+    real = np.asarray(am) != 0
+    np.testing.assert_array_equal(seg_mask[real], dense[real])
+    # Packed rows: no query sees another document or padding, every real query sees itself.
+    ids = np.asarray(packed_ids(2, 16))
+    m = np.asarray(segment_mask(jnp.asarray(ids)))
+    for i in range(2):
+        for x in range(16):
+            for y in range(16):
+                assert m[i, x, y] == (y <= x and ids[i, x] == ids[i, y] != 0)
+
+
+def test_packed_segments_layout():
+    ids = jnp.asarray([[0, 0, 1, 1, 1, 2, 2, 0],
+                       [1, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
+    offsets, lengths = packed_segments(ids)
+    assert offsets.shape == (2, 9) and lengths.shape == (2, 8)
+    np.testing.assert_array_equal(offsets[0, :5], [0, 2, 5, 7, -1])
+    np.testing.assert_array_equal(lengths[0, :5], [2, 3, 2, 1, -1])
+    np.testing.assert_array_equal(offsets[1, :2], [0, -1])
+    np.testing.assert_array_equal(lengths[1, :2], [8, -1])
+    assert (offsets[:, 5:] == -1).all() and (lengths[:, 5:] == -1).all()
+
+
+def test_choice_on_cpu_and_clear_errors():
+    q, k, v = make_inputs(0, 1, 128, 4, 2, 16, 16, jnp.bfloat16)
+    seg = jnp.ones((1, 128), jnp.int32)
+    assert jax.default_backend() == "cpu"
+    assert choose_implementation(q, k, v, seg) == "xla"
+    assert choose_implementation(q, k, v, seg, "auto") == "xla"
+    with pytest.raises(ValueError, match="cudnn"):
+        choose_implementation(q, k, v, seg, "cudnn")
+    with pytest.raises(ValueError, match="segment_ids"):
+        choose_implementation(q, k, v, None, "splash")
+    with pytest.raises(ValueError, match="not one of"):
+        choose_implementation(q, k, v, seg, "flash")
+    with pytest.raises(ValueError, match="segment_ids"):
+        dot_product_attention(q, k, v, mask=causal_mask(None, 1, 128), scale=1.0, segment_ids=seg[:, :64])
+
+
+SPLASH_CASES = {  # name: (b, s, heads, kv_heads, dq, dv); splash needs seq multiples of 128
+    "gqa": (2, 256, 4, 2, 32, 32),
+    "mla": (1, 256, 2, 2, 48, 32),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLASH_CASES))
+def test_splash_interpret_matches_xla(case):
+    """Pallas splash attention in interpret mode (the TPU kernel's logic on CPU), forward and gradients."""
+    b, s, h, kvh, dq, dv = SPLASH_CASES[case]
+    q, k, v = make_inputs(2, b, s, h, kvh, dq, dv)
+    seg = packed_ids(b, s, seed=3)
+    mask = segment_mask(seg)
+    real = (seg != 0)[:, :, None, None]  # padding queries differ by design (any finite value is fine)
+    w = jax.random.normal(jax.random.key(9), (b, s, h, dv))
+
+    def loss(impl, q, k, v):
+        out = dot_product_attention(q, k, v, mask=mask, scale=dq ** -0.5, segment_ids=seg, implementation=impl)
+        return jnp.sum(jnp.where(real, out * w, 0.0)), out
+
+    (_, out_x), g_x = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, out_s), g_s = jax.value_and_grad(lambda *a: loss("splash", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    assert np.isfinite(np.asarray(out_s)).all()
+    np.testing.assert_allclose(np.where(real, out_s, 0), np.where(real, out_x, 0), rtol=2e-4, atol=2e-4)
+    for a, b_ in zip(g_s, g_x):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, b_, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("family", ["stablelm", "deepseek_v2"])
+def test_blocks_take_segment_ids_and_impl(family):
+    """The attention blocks route through dot_product_attention: segment ids change nothing on the XLA
+    path (the dense mask is the truth) and the model-level attention_impl reaches every block."""
+    import tiny
+    from jaxmodels.config import config_from_hf
+    from jaxmodels.model import CausalLM
+
+    cfg = config_from_hf({**tiny.TINY[family], "model_type": family})
+    model = CausalLM(cfg, rngs=nnx.Rngs(0), std=0.2, attention_impl="xla")
+    blocks = [n for _, n in nnx.iter_graph(model) if hasattr(n, "attention_impl") and n is not model]
+    assert blocks and all(n.attention_impl == "xla" for n in blocks)
+    graphdef, state = nnx.split(blocks[0])  # parameters stacked over layers: call layer 0's slice
+    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    b, s = 2, 10
+    x = jax.random.normal(jax.random.key(0), (b, s, cfg.hidden_size))
+    from jaxmodels.layers.rope import rope_tables
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, pos)
+    am = padded_mask(b, s)
+    out_mask, _ = layer(x, cos, sin, causal_mask(am, b, s))
+    out_seg, _ = layer(x, cos, sin, causal_mask(am, b, s), segment_ids=am)
+    np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(out_seg))
+    model.attention_impl = "auto"
+    assert all(n.attention_impl == "auto" for n in blocks)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+def _has_cuda():
+    try:
+        return any("cuda" in d.client.platform_version.lower() for d in jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+GPU_CASES = {  # name: (b, s, heads, kv_heads, dq, dv, packed segments?)
+    "stablelm_1x2048": (1, 2048, 32, 32, 80, 80, False),
+    "stablelm_gqa_2x1024": (2, 1024, 32, 8, 80, 80, False),
+    "mla_v2lite_1x2048": (1, 2048, 16, 16, 192, 128, False),
+    "stablelm_packed_8x1024": (8, 1024, 32, 32, 80, 80, True),
+    "mla_packed_4x1024": (4, 1024, 16, 16, 192, 128, True),
+}
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_cudnn_matches_xla_bf16(case):
+    b, s, h, kvh, dq, dv, packed = GPU_CASES[case]
+    q, k, v = make_inputs(4, b, s, h, kvh, dq, dv, jnp.bfloat16)
+    if packed:
+        seg = packed_ids(b, s, seed=5)
+        mask = segment_mask(seg)
+    else:
+        seg = None
+        mask = causal_mask(padded_mask(b, s), b, s)
+    rows = np.asarray(mask).any(-1)
+    real = jnp.asarray(rows if not packed else np.asarray(seg) != 0)[:, :, None, None]
+    w = jax.random.normal(jax.random.key(9), (b, s, h, dv), jnp.float32)
+    scale = dq ** -0.5
+
+    def run(impl, q, k, v):
+        def loss(q, k, v):
+            out = dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=seg, implementation=impl)
+            return jnp.sum(jnp.where(real, out.astype(jnp.float32) * w, 0.0)), out
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    # The oracle: XLA in float32 on the same bf16 inputs. cuDNN (bf16) must be about as close to it as
+    # XLA in bf16 is.
+    (_, out_ref), g_ref = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    (_, out_x), g_x = run("xla", q, k, v)
+    impls = ["cudnn"] + (["cudnn_packed"] if packed else [])
+    for impl in impls:
+        (_, out_c), g_c = run(impl, q, k, v)
+        out_c = np.where(real, np.asarray(out_c, np.float32), 0)
+        assert np.isfinite(np.asarray(out_c)).all(), impl
+        base = rel_err(np.where(real, np.asarray(out_x, np.float32), 0), np.where(real, out_ref, 0))
+        err = rel_err(out_c, np.where(real, out_ref, 0))
+        assert err < max(2 * base, 1e-2), (impl, "out", err, base)
+        for name, gc, gx, gr in zip("qkv", g_c, g_x, g_ref):
+            assert np.isfinite(np.asarray(gc, np.float32)).all(), (impl, name)
+            base, err = rel_err(gx, gr), rel_err(gc, gr)
+            assert err < max(2 * base, 2e-2), (impl, "d" + name, err, base)
