@@ -17,7 +17,7 @@ from flax import nnx, struct
 
 from jaxmodels import sharding
 from jaxmodels.config import BaseConfig, ConfigError, DeepseekConfig, StableLmConfig
-from jaxmodels.layers.attention import ATTENTION_IMPLS, StableLmAttention
+from jaxmodels.layers.attention import ATTENTION_IMPLS, StableLmAttention, segment_mask
 from jaxmodels.layers.linear import Embed, Linear
 from jaxmodels.layers.mla import MLAttention
 from jaxmodels.layers.mlp import MLP
@@ -46,10 +46,11 @@ class DeepseekLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, valid=None):
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, valid=None, segment_ids=None):
         """Returns (x, cache, router stats {"load", "score"} [b, experts] or None for a dense layer)."""
         x = sharding.constrain(x, sharding.ACTIVATION_AXES)  # block boundary: [batch, seq, hidden]
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb=absorb)
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb=absorb,
+                                  segment_ids=segment_ids)
         x = x + h
         stats = None
         if isinstance(self.mlp, MoE):
@@ -68,10 +69,10 @@ class StableLmLayer(nnx.Module):
         self.post_attention_layernorm = (
             None if self.parallel else LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype))
 
-    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, valid=None):
+    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, valid=None, segment_ids=None):
         x = sharding.constrain(x, sharding.ACTIVATION_AXES)  # block boundary: [batch, seq, hidden]
         h = self.input_layernorm(x)
-        attn, cache = self.self_attn(h, cos, sin, mask, cache)
+        attn, cache = self.self_attn(h, cos, sin, mask, cache, segment_ids=segment_ids)
         if self.parallel:
             return x + attn + self.mlp(h), cache, None
         x = x + attn
@@ -104,7 +105,7 @@ class LayerStack(nnx.Module):
                 var.set_metadata("axes", ("layers",) + tuple(var.get_metadata().get("axes", ())))
 
     def __call__(self, x, cos, sin, mask, cache=None, *, scan: bool = True, absorb: bool = False, valid=None,
-                 remat: str = "none"):
+                 remat: str = "none", segment_ids=None):
         """x [batch, seq, hidden]; cache: this stack's static cache (jaxmodels.cache, buffers with a leading
         layers axis) or None; valid [batch, seq] bool: tokens counted in router statistics. remat: a key of
         REMAT_POLICIES. Returns (x, updated cache, per-layer router stats [layers, ...] or None).
@@ -120,7 +121,8 @@ class LayerStack(nnx.Module):
             h, c = carry
             layer_state, i = xs
             layer = nnx.merge(graphdef, layer_state)
-            h, c, stats = layer(h, cos, sin, mask, None if c is None else c.at_layer(i), absorb=absorb, valid=valid)
+            h, c, stats = layer(h, cos, sin, mask, None if c is None else c.at_layer(i), absorb=absorb, valid=valid,
+                                segment_ids=segment_ids)
             return (h, c), stats
 
         if remat != "none":
@@ -170,12 +172,13 @@ class Decoder(nnx.Module):
 
     @sharding.with_module_mesh
     def __call__(self, input_ids, mask, positions, cache=None, *, scan: bool = True, absorb: bool = False,
-                 valid=None, remat: str = "none", compute_dtype=None, return_stats: bool = False):
+                 valid=None, remat: str = "none", compute_dtype=None, return_stats: bool = False, segment_ids=None):
         """input_ids [b, s]; mask [b, s, t] bool (True = may attend); positions [b, s] int.
 
         cache: dict stack name -> that stack's cache (leading layers axis), or None. valid [b, s] bool: the
         tokens that count in router statistics (None = all). compute_dtype: the activations' dtype (weights
-        are cast to it where used); None = the parameters' dtype.
+        are cast to it where used); None = the parameters' dtype. segment_ids [b, s]: packed rows, a promise that
+        mask == segment_mask(segment_ids), which lets fused attention kernels skip masked blocks.
         Returns (hidden [b, s, hidden] after the final norm, updated cache or None), plus with return_stats
         the MoE router statistics {"load", "score"}: [moe layers, b, experts] (None without MoE layers).
         """
@@ -188,7 +191,7 @@ class Decoder(nnx.Module):
         for name, stack in self.stacks().items():
             with jax.named_scope(name):
                 x, c, st = stack(x, cos, sin, mask, None if cache is None else cache[name], scan=scan,
-                                 absorb=absorb, valid=valid, remat=remat)
+                                 absorb=absorb, valid=valid, remat=remat, segment_ids=segment_ids)
             if cache is not None:
                 new_cache[name] = c
             if st is not None:
@@ -203,14 +206,6 @@ def causal_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.A
     if attention_mask is not None:
         mask = mask & (attention_mask[:, None, :] != 0)
     return jnp.broadcast_to(mask, (batch, seq, seq))
-
-
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[b, s, s] bool for packed rows: causal within each document, never across documents; segment 0
-    is padding and attends to nothing (its output is never used)."""
-    s = segment_ids.shape[1]
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    return same & jnp.tril(jnp.ones((s, s), dtype=bool))[None]
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -293,7 +288,8 @@ class _Headed(nnx.Module):
             # Like transformers' forward: positions count from 0 regardless of padding.
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         h, _, stats = self.model(input_ids, mask, jnp.asarray(positions), scan=self.scan, valid=valid,
-                                 remat=self.remat, compute_dtype=self.compute_dtype, return_stats=True)
+                                 remat=self.remat, compute_dtype=self.compute_dtype, return_stats=True,
+                                 segment_ids=segment_ids)
         return (h, stats) if return_stats else h
 
 
