@@ -11,6 +11,8 @@ COMMANDS = {
     "generate": ("jaxmodels.generate_cli", "generate text from a checkpoint"),
     "convert": ("jaxmodels.convert.cli", "check/convert a Hugging Face checkpoint (load, then export)"),
     "plan": ("jaxmodels.plan", "bytes per device of a model on a mesh, from shapes only"),
+    "train": ("jaxmodels.train.cli", "fine-tune a checkpoint (full or LoRA) on a JSONL file"),
+    "export": ("jaxmodels.train.export", "write a training run back as a Hugging Face checkpoint / PEFT adapter"),
 }
 
 

@@ -8,34 +8,18 @@ import sys
 import numpy as np
 import pytest
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import jaxmodels
 from jaxmodels.cli import main
 from jaxmodels.tokenizer import Tokenizer as OurTokenizer
-from tiny import make_checkpoint
+from tiny import TEMPLATE, add_word_tokenizer, make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the cat sat on a mat and the dog ran to the red ball while birds sang over green hills "
-         "user assistant system : hello world how are you today fine thanks").split() + [f"w{i}" for i in range(62)]
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-            "{% if add_generation_prompt %}assistant :{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny DeepSeek-V2 checkpoint with a WordLevel tokenizer.json and a chat template."""
     path, _ = make_checkpoint(tmp_path_factory.mktemp("cli"), "deepseek_v2")
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    rng = np.random.default_rng(0)
-    corpus = [" ".join(WORDS)] + [" ".join(rng.choice(WORDS, 12)) for _ in range(200)]
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<s>", "</s>"]))
-    assert tok.get_vocab_size() == 96  # the tiny model's vocabulary: every id it can produce decodes
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-                   "pad_token": "[PAD]", "unk_token": "[UNK]", "chat_template": TEMPLATE}, f)
+    add_word_tokenizer(path)
     return path
 
 

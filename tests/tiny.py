@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 
+import json
+
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 TINY = {
     "deepseek_v2": dict(
@@ -127,3 +130,25 @@ def max_rel_err(ours, ref, mask=None) -> float:
         keep = np.asarray(mask, bool)
         ours, ref = ours[keep], ref[keep]
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-9))
+
+
+WORDS = ("the cat sat on a mat and the dog ran to the red ball while birds sang over green hills "
+         "user assistant system : hello world how are you today fine thanks").split() + [f"w{i}" for i in range(62)]
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def add_word_tokenizer(path) -> str:
+    """Writes a WordLevel tokenizer.json over WORDS (96 ids: every id the tiny models produce decodes) and a
+    tokenizer_config.json with special tokens and the chat template TEMPLATE into checkpoint dir `path`."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(WORDS)] + [" ".join(rng.choice(WORDS, 12)) for _ in range(200)]
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<s>", "</s>"]))
+    assert tok.get_vocab_size() == 96
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "pad_token": "[PAD]", "unk_token": "[UNK]", "chat_template": TEMPLATE}, f)
+    return path

@@ -45,7 +45,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = None  # default: every attention and MLP projection
     mesh: str | None = None  # e.g. "fsdp=8,expert=2"; default: all devices on fsdp
     dtype: str = "bf16"  # compute dtype
-    param_dtype: str = "float32"  # master weights (LoRA: the frozen base may be bf16)
+    param_dtype: str | None = None  # master weights: float32 (full fine-tune) / bf16 (the frozen LoRA base)
     remat: str = "none"
     save_every: int = 500
     keep: int = 3
@@ -94,7 +94,7 @@ class TrainConfig:
         if self.remat not in REMAT_POLICIES:
             raise TrainError(f"--remat {self.remat!r} is not a policy; use one of {sorted(REMAT_POLICIES)}")
         for name in ("dtype", "param_dtype"):
-            if str(getattr(self, name)).lower() not in DTYPES:
+            if getattr(self, name) is not None and str(getattr(self, name)).lower() not in DTYPES:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
         if (self.lora_alpha is not None or self.lora_targets is not None) and self.lora_rank is None:
             raise TrainError("--lora-alpha / --lora-targets need --lora-rank R")

@@ -1,0 +1,73 @@
+"""Training checkpoints with Orbax's `CheckpointManager`: complete or absent, never half-written.
+
+A checkpoint of step N is a directory `<out>/checkpoints/N/` with the items
+* `params`    -- the trainable parameters (all of them, or only the LoRA adapters);
+* `buffers`   -- non-trained state that changes during training (DeepSeek-V3's routing bias);
+* `opt_state` -- the optimizer state;
+* `meta`      -- JSON: step, data position (micro-batches consumed), RNG seed, and the run's identity
+                 (model, data fingerprint, LoRA settings) that `--resume` checks.
+Orbax writes each save into a temporary directory and renames it into place once every item is finished,
+so a run killed during a save leaves the previous checkpoints intact and the partial one is ignored (and
+cleaned up) on the next start. Saves are asynchronous: training continues while the arrays are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxmodels.train.config import TrainError
+
+log = logging.getLogger("jaxmodels.train")
+
+ITEMS = ("params", "buffers", "opt_state", "meta")
+
+
+class Checkpoints:
+    """The checkpoints of one run directory (`<out>/checkpoints`)."""
+
+    def __init__(self, out_dir: str, *, keep: int = 3, read_only: bool = False):
+        self.directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        """Starts an asynchronous save of `state` ({"params", "buffers", "opt_state", ...}) and `meta`."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]), buffers=ocp.args.StandardSave(state["buffers"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, target: dict, items=("params", "buffers", "opt_state")) -> dict:
+        """The saved `items` of `step`, placed like the arrays of `target` (same tree, any devices)."""
+        def abstract(tree):
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+        args = {k: ocp.args.StandardRestore(abstract(target[k])) for k in items}
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise TrainError(f"checkpoint {self.directory}/{step} cannot be restored into this model ({e}); it was "
+                             "written by a different model or LoRA setting") from None
+        return {k: out[k] for k in items}
+
+    def wait(self) -> None:
+        """Blocks until the last asynchronous save is complete on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,101 @@
+"""`jaxmodels train`: fine-tune a checkpoint on a JSONL file.
+
+  jaxmodels train --model PATH_OR_HUB_ID --data train.jsonl [--eval-data eval.jsonl] --out runs/x
+                  [--steps N | --epochs E] [--batch-size B] [--seq-len L] [--lr 2e-5] [--warmup 100]
+                  [--schedule cosine|linear|constant] [--weight-decay 0.1] [--clip 1.0] [--grad-accum K]
+                  [--lora-rank R --lora-alpha A --lora-targets q_b_proj,kv_b_proj,o_proj,...]
+                  [--mesh fsdp=8,expert=2] [--dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
+                  [--log-every N] [--seed S] [--resume]
+
+Records: {"text"} | {"prompt", "completion"} | {"messages"} (chat template; loss on assistant turns) for
+language models; {"text", "label"} / {"text", "labels"} for the classification heads. See README
+"Fine-tuning".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxmodels.units import DTYPES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from jaxmodels.model import REMAT_POLICIES
+    from jaxmodels.train.config import SCHEDULES
+
+    p.add_argument("--model", required=True, help="checkpoint directory (or hub id, when online)")
+    p.add_argument("--data", required=True, help="training JSONL file")
+    p.add_argument("--eval-data", help="evaluation JSONL file (loss every --eval-every steps)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, train_config.json")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="total optimizer steps (with --resume: may extend the run)")
+    length.add_argument("--epochs", type=float, help="passes over the packed training data")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch, over all devices")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per row (documents are packed)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="decay after warmup")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay (never on norms and biases)")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha / rank; default 2 x rank)")
+    p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_b_proj,kv_b_proj,o_proj "
+                                          "(default: all attention and MLP projections; 'experts' adds the routed "
+                                          "experts)")
+    p.add_argument("--mesh", help="mesh axes, e.g. fsdp=8,expert=2 (default: every device on fsdp)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
+    p.add_argument("--param-dtype", choices=sorted(DTYPES), default=None,
+                   help="master-weight dtype (default float32; LoRA's frozen base bf16)")
+    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none",
+                   help="what the backward pass recomputes inside each layer (memory for speed)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
+    p.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (and at the end)")
+    p.add_argument("--eval-batches", type=int, help="evaluate on at most this many batches")
+    p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--bias-update-rate", type=float, default=1e-3,
+                   help="DeepSeek-V3 aux-loss-free balancing rate (0: off)")
+    p.add_argument("--aux-loss-alpha", type=float, default=None,
+                   help="expert-balance loss weight (default: the checkpoint's aux_loss_alpha, else 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args) -> "TrainConfig":  # noqa: F821
+    from jaxmodels.train.config import TrainConfig
+
+    return TrainConfig(
+        model=args.model, data=args.data, eval_data=args.eval_data, out=args.out, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+        schedule=args.schedule, weight_decay=args.weight_decay, clip=args.clip or None, grad_accum=args.grad_accum,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=None if not args.lora_targets else tuple(t.strip() for t in args.lora_targets.split(",") if t),
+        mesh=args.mesh, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+        save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, seed=args.seed, resume=args.resume, bias_update_rate=args.bias_update_rate,
+        aux_loss_alpha=args.aux_loss_alpha, progress=not args.quiet)
+
+
+def run(args) -> int:
+    from jaxmodels.config import ConfigError
+    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.sharding import ShardingError
+    from jaxmodels.tokenizer import TokenizerError
+    from jaxmodels.train.config import TrainError
+    from jaxmodels.train.loop import train
+
+    try:
+        trainer = train(config_from_args(args))
+    except (TrainError, ConfigError, CheckpointError, ShardingError, TokenizerError, FileNotFoundError) as e:
+        print(f"jaxmodels train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxmodels train: interrupted; the last complete checkpoint is kept (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    print(f"trained {trainer.step_count} steps; checkpoints in {trainer.checkpoints.directory}, metrics in "
+          f"{trainer.metrics_log.path}")
+    return 0

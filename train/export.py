@@ -1,0 +1,102 @@
+"""`jaxmodels export RUN_DIR OUT_HF_DIR [--step N] [--adapter-only]`: a training run back to Hugging Face.
+
+The weights of checkpoint N (default: the latest) are put back into the run's base model. By default LoRA
+adapters are merged into the base weights and the result is written as a plain transformers checkpoint
+(config.json + safetensors + the base's tokenizer files). `--adapter-only` writes just the adapters as a
+PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`) for `peft.PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def load_run(run_dir: str, step: int | None = None):
+    """(model with the trained weights of `step` (latest by default), the step, the base checkpoint path)."""
+    from flax import nnx
+
+    from jaxmodels.convert.hf import from_pretrained
+    from jaxmodels.train.checkpoint import Checkpoints
+    from jaxmodels.train.config import TrainError
+    from jaxmodels.train.loop import CONFIG_FILE, _lora_filter
+    from jaxmodels.train.step import split_model
+    from jaxmodels.units import DTYPES
+
+    if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        raise TrainError(f"{run_dir} is not a training run directory (no {CONFIG_FILE}); pass the --out of a "
+                         "`jaxmodels train` run")
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        run_cfg = json.load(f)
+    ckpts = Checkpoints(run_dir, read_only=True)
+    steps = ckpts.all_steps()
+    if not steps:
+        raise TrainError(f"{run_dir} has no complete checkpoint yet; train (or --resume) until one is saved")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise TrainError(f"{run_dir} has no checkpoint of step {step}; it has steps {steps}")
+    meta = ckpts.read_meta(step)
+    base = meta["model"]
+    lora = meta.get("lora")
+    param_dtype = run_cfg.get("param_dtype") or ("bf16" if lora else "float32")
+    model = from_pretrained(base, DTYPES[param_dtype.lower()], progress=False)
+    if lora:
+        from jaxmodels.train.lora import add_lora
+        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
+    _, params, _, buffers = split_model(model, _lora_filter() if lora else nnx.Param)
+    restored = ckpts.restore(step, {"params": params, "buffers": buffers}, items=("params", "buffers"))
+    nnx.update(model, restored["params"], restored["buffers"])
+    ckpts.close()
+    return model, step, base
+
+
+def export_run(run_dir: str, out_dir: str, *, step: int | None = None, adapter_only: bool = False,
+               progress: bool = True) -> str:
+    """Writes checkpoint `step` of a run as an HF checkpoint (LoRA merged) or, with adapter_only, as a PEFT
+    adapter. Returns out_dir."""
+    from jaxmodels.convert.hf import save_pretrained
+    from jaxmodels.train.config import TrainError
+    from jaxmodels.train.lora import has_lora, merge_lora, save_adapter
+
+    model, step, base = load_run(run_dir, step)
+    if adapter_only:
+        if not has_lora(model):
+            raise TrainError(f"--adapter-only: the run in {run_dir} trained all weights, not LoRA adapters; export "
+                             "without --adapter-only")
+        save_adapter(model, out_dir, base_model_name_or_path=base)
+        return out_dir
+    if has_lora(model):
+        model = merge_lora(model)
+    save_pretrained(model, out_dir, progress=progress)
+    for name in TOKENIZER_FILES:
+        src = os.path.join(base, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out_dir, name))
+    return out_dir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a `jaxmodels train` run directory (its --out)")
+    p.add_argument("out", help="output directory for the Hugging Face checkpoint / PEFT adapter")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--adapter-only", action="store_true", help="write only the LoRA adapters, as a PEFT adapter")
+
+
+def run(args) -> int:
+    from jaxmodels.config import ConfigError
+    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.train.config import TrainError
+
+    try:
+        out = export_run(args.run, args.out, step=args.step, adapter_only=args.adapter_only)
+    except (TrainError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"jaxmodels export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
