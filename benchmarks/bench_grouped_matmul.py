@@ -15,6 +15,17 @@ Shapes (rows = tokens * top-k of a 1x2048 prefill, routed uniformly at random):
   v3       256 experts, hidden 7168, moe_intermediate 2048, top-8
 
   python benchmarks/bench_grouped_matmul.py            # prints a table (compile s, ms, TFLOP/s, max err)
+
+--backward times forward + backward (the VJP to lhs and rhs, what a training step runs) through
+`jaxmodels.layers.moe.grouped_matmul` itself, counting 3x the forward FLOPs:
+
+  mgpu           impl="auto": the custom VJP, Mosaic forward, d_lhs (the forward kernel, transpose_rhs) and
+                 d_rhs (jax's transposed ragged-dot kernel)
+  mgpu-xla-drhs  impl="auto-xla-drhs": the same with d_rhs by XLA's ragged_dot_general
+  xla            impl="xla": jax.lax.ragged_dot and its VJP; xla-cudnn: with the ragged-dot fusion flag
+  dense          a plain matmul's forward + backward of the same FLOPs
+
+  python benchmarks/bench_grouped_matmul.py --backward
 """
 
 from __future__ import annotations
@@ -32,9 +43,12 @@ SHAPES = {  # name: (experts, hidden, inter, top_k, tokens)
     "v3": (256, 7168, 2048, 8, 2048),
 }
 VARIANTS = ["dense", "mgpu", "mgpu-m64", "xla", "xla-cudnn"]
+BWD_VARIANTS = ["dense", "mgpu", "mgpu-xla-drhs", "xla", "xla-cudnn"]
 
 
-def worker(variant: str, shape: str, reps: int) -> dict:
+def worker(variant: str, shape: str, reps: int, backward: bool = False) -> dict:
+    if backward:
+        return backward_worker(variant, shape, reps)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -83,25 +97,88 @@ def worker(variant: str, shape: str, reps: int) -> dict:
                 custom_calls=kinds[:6], device=jax.devices()[0].device_kind)
 
 
+def backward_worker(variant: str, shape: str, reps: int) -> dict:
+    """Forward + backward of grouped_matmul (the model's function) at one shape; see --backward."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jaxmodels.layers import moe
+
+    e, hidden, inter, k, tokens = SHAPES[shape]
+    m = tokens * k
+    rng = np.random.default_rng(0)
+    sizes = np.bincount(rng.integers(0, e, m), minlength=e).astype(np.int32)
+    key = jax.random.key(0)
+    lhs = (jax.random.normal(key, (m, hidden), jnp.float32) * 0.1).astype(jnp.bfloat16)
+    rhs = (jax.random.normal(jax.random.fold_in(key, 1), (e, hidden, inter), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    cot = (jax.random.normal(jax.random.fold_in(key, 2), (m, inter), jnp.float32) * 0.1).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes)
+    if variant == "dense":
+        gmm = lambda a, b, g: a @ b[0]  # noqa: E731
+    else:
+        impl = {"mgpu": "auto", "mgpu-xla-drhs": "auto-xla-drhs"}.get(variant, "xla")
+        gmm = lambda a, b, g: moe.grouped_matmul(a, b, g, impl=impl)  # noqa: E731
+        kernels = moe._mosaic_gpu_ok(lhs, rhs, impl)
+        if variant.startswith("mgpu") and kernels != (True, True, impl == "auto"):
+            raise RuntimeError(f"grouped_matmul(impl={impl!r}) would not use the Mosaic kernels here: {kernels}")
+
+    def fwd_bwd(a, b, g, c):
+        out, vjp = jax.vjp(lambda a, b: gmm(a, b, g), a, b)
+        return vjp(c)  # (d_lhs [m, hidden], d_rhs [e, hidden, inter]); the forward runs as well
+
+    fn = jax.jit(fwd_bwd)
+    t = time.perf_counter()
+    compiled = fn.lower(lhs, rhs, gs, cot).compile()
+    compile_s = time.perf_counter() - t
+    hlo = compiled.as_text()
+    d_lhs, d_rhs = compiled(lhs, rhs, gs, cot)
+    d_rhs.block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(lhs, rhs, gs, cot))
+        ts.append(time.perf_counter() - t)
+    sec = sorted(ts)[len(ts) // 2]
+    err = None
+    if variant != "dense":  # check both gradients of 4 groups against a float32 reference
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        a, b, c = (np.asarray(x.astype(jnp.float32)) for x in (lhs, rhs, cot))
+        dl, dr = np.asarray(d_lhs.astype(jnp.float32)), np.asarray(d_rhs.astype(jnp.float32))
+        err = 0.0
+        for g in (0, 1, e // 2, e - 1):
+            rows = slice(starts[g], starts[g + 1])
+            for got, ref in ((dl[rows], c[rows] @ b[g].T), (dr[g], a[rows].T @ c[rows])):
+                err = max(err, float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-9)))
+    kinds = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+    return dict(compile_s=compile_s, ms=sec * 1e3, tflops=3 * 2 * m * hidden * inter / sec / 1e12, err=err,
+                custom_calls=kinds[:6], device=jax.devices()[0].device_kind)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", help=f"default: {','.join(VARIANTS)}; with --backward {','.join(BWD_VARIANTS)}")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward (3x the forward FLOPs)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=150, help="seconds per variant (compile included)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.reps)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.reps, args.backward)), flush=True)
         return
-    rows = ["| shape | variant | compile s | ms | TFLOP/s | max rel err | custom calls |",
+    variants = args.variants or ",".join(BWD_VARIANTS if args.backward else VARIANTS)
+    what = "fwd+bwd " if args.backward else ""
+    rows = [f"| shape | variant | compile s | {what}ms | {what}TFLOP/s | max rel err | custom calls |",
             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for shape in args.shapes.split(","):
-        for variant in args.variants.split(","):
+        for variant in variants.split(","):
             env = dict(os.environ)
             if variant == "xla-cudnn":
                 env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_experimental_use_ragged_dot_fusion=true").strip()
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, shape, "--reps", str(args.reps)]
+            cmd += ["--backward"] if args.backward else []
             t = time.perf_counter()
             try:
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)

@@ -14,6 +14,8 @@ Compute is dropless: token-slots are sorted by expert and run through one groupe
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -85,10 +87,13 @@ GATHER_MAX_SLOTS: int | None = None
 # "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen expert's
 # weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched matvecs.
 GATHER_FORM = "reduce"
-# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernel where shapes allow (XLA's GPU
-# ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at 256; see
-# benchmarks/bench_grouped_matmul.py), "xla" always jax.lax.ragged_dot.
+# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
+# backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
+# 256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
+# case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
+# jax.lax.ragged_dot. `grouped_matmul(..., impl=)` overrides it per call.
 GROUPED_MATMUL = "auto"
+_IMPLS = ("auto", "auto-xla-drhs", "xla")
 
 
 def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
@@ -111,26 +116,160 @@ def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
     return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1).astype(jnp.float32), weights)
 
 
-def _mosaic_gpu_ok(lhs, rhs) -> bool:
-    if GROUPED_MATMUL != "auto" or lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.bfloat16, jnp.float16):
-        return False
+# Tiles of the Mosaic-GPU kernels (H100, benchmarks/bench_grouped_matmul.py). A kernel needs its contraction
+# dimension a multiple of _BLOCK_K and each output dimension but the ragged rows a multiple of its output
+# tile (it stores whole tiles); _mosaic_gpu_ok checks exactly that for each of the three products.
+_BLOCK_K = 64
+_FWD_TILES = dict(block_m=128, block_k=_BLOCK_K, max_concurrent_steps=4, grid_block_n=1)
+
+
+def _out_tile(dim: int) -> int:
+    """The widest output tile (128, else 64) that divides dim; 0 if none does."""
+    return 128 if dim % 128 == 0 else 64 if dim % 64 == 0 else 0
+
+
+def _transposed_kernel():
+    """jax's Mosaic-GPU transposed ragged dot (contraction over the ragged rows), or None where this jax
+    lacks it (it is in jax 0.10.2 and 0.11)."""
     try:
-        dev = jax.devices()[0]
-    except RuntimeError:
-        return False
-    if dev.platform != "gpu" or getattr(dev, "compute_capability", "") != "9.0":
-        return False
+        from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    except ImportError:
+        return None
+    return getattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", None)
+
+
+def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None) -> tuple[bool, bool, bool]:
+    """Which products of `grouped_matmul` run as Hopper Mosaic-GPU kernels: (forward, d_lhs, d_rhs).
+
+    lhs [m, k], rhs [groups, k, n]; impl as `grouped_matmul`'s; device: the one to decide for (default
+    jax.devices()[0]). The three products and the kernel each would use:
+      forward  [m, k] x [k, n] per group        ragged_dot_mgpu.ragged_dot: contract k, output n
+      d_lhs    [m, n] x [n, k] per group        the same kernel, transpose_rhs: contract n, output k
+      d_rhs    lhs_g^T [k, m_g] x dOut_g [m_g, n] transposed_ragged_dot_mgpu: contract the ragged rows,
+                                                output [k, n] per group
+    Without the forward kernel the whole op is jax.lax.ragged_dot (differentiable as it is); with it, a
+    backward product the kernels cannot take (shapes, impl, a jax without the transposed kernel) runs as
+    XLA's ragged_dot_general inside the same custom VJP. (With the forward's constraints, k % 64 and
+    n % 128, the backward constraints below always hold; they are spelled out so a change of tiles keeps
+    them right.)
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"grouped matmul impl={impl!r}: expected one of {_IMPLS}")
+    no = (False, False, False)
+    if impl == "xla" or lhs.dtype != rhs.dtype or lhs.dtype not in (jnp.bfloat16, jnp.float16):
+        return no
+    if device is None:
+        try:
+            device = jax.devices()[0]
+        except RuntimeError:
+            return no
+    if device.platform != "gpu" or getattr(device, "compute_capability", "") != "9.0":
+        return no
+    k, n = rhs.shape[1], rhs.shape[2]
     # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (H100, bench_grouped_matmul.py).
-    return lhs.shape[1] % 64 == 0 and rhs.shape[2] % 128 == 0
+    fwd = k % _BLOCK_K == 0 and n % 128 == 0
+    if not fwd:
+        return no
+    d_lhs = n % _BLOCK_K == 0 and _out_tile(k) > 0
+    d_rhs = impl == "auto" and _out_tile(k) > 0 and n % 128 == 0 and _transposed_kernel() is not None
+    return fwd, d_lhs, d_rhs
 
 
-def grouped_matmul(lhs, rhs, group_sizes):
-    """lhs [m, k] (rows sorted by group), rhs [groups, k, n], group_sizes [groups] -> [m, n]."""
-    if _mosaic_gpu_ok(lhs, rhs):
-        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-        return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_m=128, block_n=128, block_k=64,
-                                          max_concurrent_steps=4, grid_block_n=1)
+# The three products, each as a Mosaic-GPU kernel and as XLA's ragged dot. The Mosaic ones leave output rows
+# beyond sum(group_sizes) unwritten; `_grouped_matmul_vjp` zeroes them.
+def _mosaic_fwd(lhs, rhs, group_sizes):  # [m, k], [G, k, n] -> [m, n]
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, block_n=128, **_FWD_TILES)
+
+
+def _mosaic_dlhs(dout, rhs, group_sizes):  # [m, n], [G, k, n] -> [m, k]: dout_g @ rhs_g^T
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    # transpose_rhs reads rhs [G, k, n] as [G, out, contraction] and transposes its tiles in shared memory:
+    # the weights are never copied transposed.
+    return ragged_dot_mgpu.ragged_dot(dout, rhs, group_sizes=group_sizes, block_n=_out_tile(rhs.shape[1]),
+                                      transpose_rhs=True, **_FWD_TILES)
+
+
+def _mosaic_drhs(lhs, dout, group_sizes):  # [m, k], [m, n] -> [G, k, n]: lhs_g^T @ dout_g, 0 for empty groups
+    kernel = _transposed_kernel()
+    # The kernel's dynamic pipeline grid mixes Python ints and int32 (jax's own test sets this too).
+    with jax.numpy_dtype_promotion("standard"):
+        return kernel(lhs, dout, group_sizes=group_sizes, block_m=_out_tile(lhs.shape[1]), block_n=128,
+                      block_k=_BLOCK_K, max_concurrent_steps=4, grid_block_n=1)
+
+
+def _xla_fwd(lhs, rhs, group_sizes):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+def _xla_dlhs(dout, rhs, group_sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(  # contract dout's n with rhs's n; rows ragged; rhs grouped
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    return jax.lax.ragged_dot_general(dout, rhs, group_sizes, dims)
+
+
+def _xla_drhs(lhs, dout, group_sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(  # contract the ragged rows: one [k, n] product per group
+        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims)
+
+
+def _zero_tail(x, group_sizes):
+    """x [m, ...] with the rows beyond sum(group_sizes), which no group owns, set to zero."""
+    owned = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)  # [m]
+    return jnp.where(owned.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+@functools.cache
+def _grouped_matmul_vjp(fwd, dlhs, drhs):
+    """A grouped matmul with a custom VJP built from three kernels (the Mosaic-GPU ones on Hopper, XLA's in
+    the CPU tests):
+      fwd(lhs [m, k], rhs [G, k, n], group_sizes) -> [m, n]
+      dlhs(dout [m, n], rhs [G, k, n], group_sizes) -> [m, k], dout_g @ rhs_g^T per group
+      drhs(lhs [m, k], dout [m, n], group_sizes) -> [G, k, n], lhs_g^T @ dout_g per group (0 if empty)
+    Kernels may leave rows beyond sum(group_sizes) unwritten. Returns f(lhs, rhs, group_sizes) -> [m, n] with
+    jax.lax.ragged_dot's meaning: rows beyond the groups are zero, get zero gradient, and what they hold
+    never reaches rhs's gradient.
+    """
+
+    @jax.custom_vjp
+    def gmm(lhs, rhs, group_sizes):
+        return _zero_tail(fwd(lhs, rhs, group_sizes), group_sizes)
+
+    def gmm_fwd(lhs, rhs, group_sizes):
+        # The transposed kernel masks a group's edge rows by multiplying them by zero, so an Inf/NaN in a row
+        # no group owns would leak into d_rhs: zero lhs's tail before it is saved (XLA fuses the select into
+        # whatever produced lhs). The forward reads only owned rows, so it may use either.
+        lhs = _zero_tail(lhs, group_sizes)
+        return _zero_tail(fwd(lhs, rhs, group_sizes), group_sizes), (lhs, rhs, group_sizes)
+
+    def gmm_bwd(res, dout):
+        lhs, rhs, group_sizes = res
+        dout = _zero_tail(dout, group_sizes)  # the tail of the output is constant zero: no gradient flows
+        d_lhs = _zero_tail(dlhs(dout, rhs, group_sizes), group_sizes)  # [m, k]
+        d_rhs = drhs(lhs, dout, group_sizes)  # [G, k, n]
+        return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None  # group_sizes: integer, no gradient
+
+    gmm.defvjp(gmm_fwd, gmm_bwd)
+    return gmm
+
+
+def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None):
+    """Multiplies each group of rows by its group's matrix, with jax.lax.ragged_dot's meaning.
+
+    lhs [m, k] (rows sorted by group), rhs [groups, k, n], group_sizes [groups] int32 -> [m, n]: rows
+    [start_g, start_g + group_sizes[g]) are multiplied by rhs[g]; rows beyond sum(group_sizes) come out zero
+    and get zero gradient (local_experts relies on both). Differentiable on every path.
+    impl: "auto" (Mosaic-GPU kernels on Hopper, forward and backward, where the shapes allow; XLA
+    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot);
+    None: GROUPED_MATMUL.
+    """
+    impl = GROUPED_MATMUL if impl is None else impl
+    fwd, d_lhs, d_rhs = _mosaic_gpu_ok(lhs, rhs, impl)
+    if not fwd:
+        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    return _grouped_matmul_vjp(_mosaic_fwd, _mosaic_dlhs if d_lhs else _xla_dlhs,
+                               _mosaic_drhs if d_rhs else _xla_drhs)(lhs, rhs, group_sizes)
 
 
 def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
@@ -156,8 +295,7 @@ def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
     group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
     h = ACTIVATIONS[act](grouped_matmul(x_sorted, gate_w, group_sizes)) * grouped_matmul(
         x_sorted, up_w, group_sizes)  # [t * k, inter]
-    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]
-    y_sorted = jnp.where((jnp.arange(t * k) < group_sizes.sum())[:, None], y_sorted, 0)
+    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]; foreign slots' rows are zero
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 

@@ -1,0 +1,220 @@
+"""grouped_matmul (the MoE grouped matmul): forward and gradients against a dense per-row reference.
+
+On CPU: the XLA path (jax.lax.ragged_dot) and the custom VJP that wraps the Hopper Mosaic-GPU kernels, the
+latter run with XLA kernels made to behave like the Mosaic ones (rows beyond the groups left as garbage,
+group edges masked by multiplying by zero). On a Hopper GPU (`pytest -m gpu`): the Mosaic kernels themselves
+against jax.lax.ragged_dot at DeepSeek-V2-Lite and V3 expert shapes.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels.layers import moe
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Rows beyond sum(group_sizes) (48 rows, 31 or 25 owned) and empty groups, first / middle / last.
+GROUP_SIZES = [[5, 0, 13, 9, 0, 4], [0, 7, 0, 12, 6, 0]]
+M, K, N = 48, 16, 24
+
+
+def dense_reference(lhs, rhs, group_sizes):
+    """Each row times its own group's matrix (a one-hot over groups); rows no group owns give zero."""
+    gid = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(lhs.shape[0]), side="right")  # [m]; G: no group
+    onehot = jax.nn.one_hot(gid, rhs.shape[0], dtype=lhs.dtype)  # [m, G]
+    return jnp.einsum("mk,mg,gkn->mn", lhs, onehot, rhs, precision=HIGHEST)  # [m, n]
+
+
+def inputs(group_sizes, tail=7.0, dtype=jnp.float32):
+    key = jax.random.key(0)
+    lhs = jax.random.normal(key, (M, K), jnp.float32)
+    owned = np.arange(M) < sum(group_sizes)
+    lhs = jnp.where(owned[:, None], lhs, tail)  # garbage in rows no group owns: must not reach any gradient
+    rhs = jax.random.normal(jax.random.fold_in(key, 1), (len(group_sizes), K, N), jnp.float32)
+    cot = jax.random.normal(jax.random.fold_in(key, 2), (M, N), jnp.float32)  # nonzero in the tail too
+    return lhs.astype(dtype), rhs.astype(dtype), jnp.asarray(group_sizes, jnp.int32), cot.astype(dtype)
+
+
+def value_and_grads(f, lhs, rhs, gs, cot):
+    out, vjp = jax.vjp(lambda a, b: f(a, b, gs), lhs, rhs)
+    return (out, *vjp(cot))
+
+
+# XLA kernels that behave like the Mosaic ones where it matters for the VJP's math.
+def _garbage_tail(kernel):
+    """The kernel, with the rows beyond sum(group_sizes) left as NaN (the Mosaic kernels never write them)."""
+    def f(a, b, gs):
+        out = kernel(a, b, gs)
+        return jnp.where((jnp.arange(out.shape[0]) < gs.sum())[:, None], out, jnp.nan)
+    return f
+
+
+def _masking_drhs(lhs, dout, gs):
+    """d_rhs masking rows by multiplying by zero, as the transposed Mosaic kernel does: NaN/Inf in a row no
+    group owns would leak into the result."""
+    gid = jnp.searchsorted(jnp.cumsum(gs), jnp.arange(lhs.shape[0]), side="right")
+    onehot = jax.nn.one_hot(gid, gs.shape[0], dtype=lhs.dtype)  # [m, G]
+    return jnp.einsum("mg,mk,mn->gkn", onehot, lhs, dout, precision=HIGHEST)
+
+
+MOSAIC_LIKE = (_garbage_tail(moe._xla_fwd), _garbage_tail(moe._xla_dlhs), _masking_drhs)
+XLA_KERNELS = (moe._xla_fwd, moe._xla_dlhs, moe._xla_drhs)
+
+
+@pytest.mark.parametrize("group_sizes", GROUP_SIZES)
+@pytest.mark.parametrize("impl", [None, "xla"])
+def test_xla_path_matches_dense(group_sizes, impl):
+    lhs, rhs, gs, cot = inputs(group_sizes)
+    got = value_and_grads(lambda a, b, g: moe.grouped_matmul(a, b, g, impl=impl), lhs, rhs, gs, cot)
+    want = value_and_grads(dense_reference, lhs, rhs, gs, cot)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert not np.any(got[1][sum(group_sizes):]), "rows beyond the groups must get zero gradient"
+
+
+@pytest.mark.parametrize("group_sizes", GROUP_SIZES)
+@pytest.mark.parametrize("kernels", [XLA_KERNELS, MOSAIC_LIKE], ids=["xla", "mosaic-like"])
+@pytest.mark.parametrize("tail", [7.0, np.inf])
+def test_custom_vjp_matches_dense(group_sizes, kernels, tail):
+    lhs, rhs, gs, cot = inputs(group_sizes)
+    gmm = moe._grouped_matmul_vjp(*kernels)
+    # Rows no group owns hold garbage (Inf too) in lhs and in the cotangent: it must reach no gradient.
+    bad_lhs, bad_cot = lhs.at[sum(group_sizes):].set(tail), cot.at[sum(group_sizes):].set(tail)
+    got = jax.jit(lambda a, b, g, c: value_and_grads(gmm, a, b, g, c))(bad_lhs, rhs, gs, bad_cot)
+    want = value_and_grads(dense_reference, lhs, rhs, gs, cot)  # finite tails, never used
+    np.testing.assert_array_equal(jax.jit(gmm)(bad_lhs, rhs, gs), got[0])  # the primal (no VJP) path
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert not np.any(got[0][sum(group_sizes):]) and not np.any(got[1][sum(group_sizes):])
+    empty = [g for g, s in enumerate(group_sizes) if s == 0]
+    assert not np.any(got[2][np.asarray(empty)]), "empty groups must get zero weight gradient"
+
+
+def test_custom_vjp_keeps_dtypes():
+    lhs, rhs, gs, cot = inputs(GROUP_SIZES[0], dtype=jnp.bfloat16)
+    out, d_lhs, d_rhs = value_and_grads(moe._grouped_matmul_vjp(*MOSAIC_LIKE), lhs, rhs, gs, cot)
+    assert out.dtype == d_lhs.dtype == d_rhs.dtype == jnp.bfloat16
+    want = value_and_grads(dense_reference, *(x.astype(jnp.float32) for x in (lhs, rhs)), gs,
+                           cot.astype(jnp.float32))
+    for g, w in zip((out, d_lhs, d_rhs), want):
+        np.testing.assert_allclose(g.astype(jnp.float32), w, rtol=2e-2, atol=2e-2 * float(jnp.abs(w).max()))
+
+
+def test_local_experts_gradient_through_custom_vjp(monkeypatch):
+    """The MoE expert block (foreign slots sorted last, as under expert parallelism) differentiates the same
+    through the custom VJP as through jax.lax.ragged_dot."""
+    t, k, e, d, i = 24, 2, 8, 16, 12
+    key = jax.random.key(3)
+    x = jax.random.normal(key, (t, d))
+    ids = jax.random.randint(jax.random.fold_in(key, 1), (t, k), 0, e)
+    weights = jax.random.uniform(jax.random.fold_in(key, 2), (t, k))
+    ws = [jax.random.normal(jax.random.fold_in(key, 3 + j), s) * 0.3
+          for j, s in enumerate([(e // 2, d, i), (e // 2, d, i), (e // 2, i, d)])]
+
+    def loss(x, *ws):  # the upper half of the experts are local: half the slots are foreign
+        return jnp.sum(jnp.sin(moe.local_experts(x, ids, weights, *ws, "silu", first=e // 2)))
+
+    want = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
+    monkeypatch.setattr(moe, "_mosaic_gpu_ok", lambda lhs, rhs, impl: (True, True, True))
+    monkeypatch.setattr(moe, "_mosaic_fwd", MOSAIC_LIKE[0])
+    monkeypatch.setattr(moe, "_mosaic_dlhs", MOSAIC_LIKE[1])
+    monkeypatch.setattr(moe, "_mosaic_drhs", MOSAIC_LIKE[2])
+    got = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
+    for g, w in zip(got, want):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+class _Device:
+    def __init__(self, platform="gpu", compute_capability="9.0"):
+        self.platform, self.compute_capability = platform, compute_capability
+
+
+def test_mosaic_choice():
+    bf = jnp.bfloat16
+
+    def ok(k, n, impl="auto", dtype=bf, device=_Device()):
+        return moe._mosaic_gpu_ok(jax.ShapeDtypeStruct((256, k), dtype), jax.ShapeDtypeStruct((8, k, n), dtype),
+                                  impl, device)
+
+    transposed = moe._transposed_kernel() is not None
+    assert ok(2048, 1408) == (True, True, transposed)  # V2-Lite gate/up
+    assert ok(1408, 2048) == (True, True, transposed)  # V2-Lite down (k % 128 == 0: 1408 = 11 * 128)
+    assert ok(7168, 2048) == ok(2048, 7168) == (True, True, transposed)  # V3
+    assert ok(1472, 1408) == (True, True, transposed)  # k % 128 != 0: 64-wide tiles for d_lhs / d_rhs
+    assert ok(2048, 1408, impl="auto-xla-drhs") == (True, True, False)
+    no = (False, False, False)
+    assert ok(2048, 1408, impl="xla") == no
+    assert ok(2048, 1344) == no  # n % 128 != 0: the forward kernel stores 128-wide tiles
+    assert ok(2016, 1408) == no  # k % 64 != 0
+    assert ok(2048, 1408, dtype=jnp.float32) == no
+    assert ok(2048, 1408, device=_Device(compute_capability="8.0")) == no
+    assert ok(2048, 1408, device=_Device(platform="cpu", compute_capability=None)) == no
+    assert moe._mosaic_gpu_ok(jnp.zeros((4, 64), bf), jnp.zeros((2, 64, 128), bf), "auto")[0] == (
+        jax.devices()[0].platform == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0")
+    with pytest.raises(ValueError, match="impl"):
+        ok(2048, 1408, impl="mosaic")
+
+
+# ---- Hopper GPU: the Mosaic kernels themselves ----
+
+def _hopper() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
+
+
+def _sizes(m, g, seed):
+    """Uneven random group sizes summing to about 0.9 m, an eighth of the groups empty."""
+    rng = np.random.default_rng(seed)
+    sizes = np.floor(rng.dirichlet(np.full(g, 0.5)) * int(0.9 * m)).astype(np.int32)
+    sizes[rng.choice(g, max(1, g // 8), replace=False)] = 0
+    assert 0 < sizes.sum() < m
+    return sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (compute capability 9.0)")
+@pytest.mark.parametrize("impl", ["auto", "auto-xla-drhs"])
+@pytest.mark.parametrize("m,g,k,n", [
+    (4096, 64, 2048, 1408),  # DeepSeek-V2-Lite gate / up
+    (4096, 64, 1408, 2048),  # V2-Lite down
+    (1024, 256, 7168, 2048),  # DeepSeek-V3 gate / up
+    (1024, 256, 2048, 7168),  # V3 down
+    (1000, 16, 1472, 384),  # 64-wide tiles (k % 128 != 0), rows not a multiple of any tile
+])
+def test_mosaic_matches_ragged_dot(m, g, k, n, impl):
+    sizes = _sizes(m, g, seed=m + g + k)
+    owned = int(sizes.sum())
+    key = jax.random.key(0)
+    lhs = jax.random.normal(key, (m, k), jnp.float32).at[owned:].set(50.0).astype(jnp.bfloat16)
+    rhs = (jax.random.normal(jax.random.fold_in(key, 1), (g, k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16)
+    cot = jax.random.normal(jax.random.fold_in(key, 2), (m, n), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes)
+    assert moe._mosaic_gpu_ok(lhs, rhs, impl) == (True, True, impl == "auto")
+
+    f = jax.jit(lambda a, b, gs, c: value_and_grads(lambda a, b, gs: moe.grouped_matmul(a, b, gs, impl=impl),
+                                                    a, b, gs, c))
+    calls = re.findall(r"custom_call\s*@(\w+)", f.lower(lhs, rhs, gs, cot).as_text())
+    assert sum("mosaic" in c for c in calls) == (3 if impl == "auto" else 2), calls
+    got = [np.asarray(x.astype(jnp.float32)) for x in f(lhs, rhs, gs, cot)]
+
+    # Reference: XLA's ragged_dot and its VJP in float32 at full precision, on the same bf16 values (the
+    # tail rows zeroed: lax.ragged_dot ignores them anyway, and 50.0 * 0 stays exact).
+    ref = jax.jit(lambda a, b, gs, c: value_and_grads(
+        lambda a, b, gs: jax.lax.ragged_dot(a, b, gs, precision=HIGHEST), a, b, gs, c))
+    want = [np.asarray(x) for x in ref(*(x.astype(jnp.float32) for x in (lhs, rhs)), gs, cot.astype(jnp.float32))]
+    for name, gv, wv in zip(("out", "d_lhs", "d_rhs"), got, want):
+        assert np.all(np.isfinite(gv)), name
+        scale = np.abs(wv).max()
+        # bf16 output rounding is 2**-9 relative; the kernels accumulate in float32.
+        assert np.abs(gv - wv).max() <= 1e-2 * scale, (name, np.abs(gv - wv).max() / scale)
+        assert np.linalg.norm(gv - wv) <= 5e-3 * np.linalg.norm(wv), name
+    assert not np.any(got[0][owned:]) and not np.any(got[1][owned:]), "rows beyond the groups must be zero"
+    assert not np.any(got[2][sizes == 0]), "empty groups must get zero weight gradient"
