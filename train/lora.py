@@ -201,43 +201,78 @@ def merge_lora(model):
 
 # ------------------------------------------------------------------------------------------ PEFT files
 
+_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+_PEFT_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+
+
 def _peft_entries(model):
-    """Yields (peft key, module, 'a'|'b', layer index inside the stack) for every Linear adapter."""
+    """Yields (peft key, LoRAParam, index) for every adapter slice: index (layer,) of a Linear adapter,
+    (layer, expert) of a routed-expert adapter, whose keys are the hub's per-expert module names
+    (`mlp.experts.{e}.gate_proj`), the layout peft converts onto transformers 5's fused experts."""
     cfg = model.config
     for path, node in _lora_modules(model):
-        if isinstance(node, Experts):
-            raise LoRAError(
-                "routed-expert adapters (target 'experts') cannot be written as a PEFT adapter: transformers 5 "
-                "fuses each layer's experts into `mlp.experts.gate_up_proj` / `down_proj` parameters, and our "
-                "separate per-expert gate and up adapters do not map onto PEFT's one adapter per fused parameter "
-                "(target_parameters). Export the merged model instead: merge_lora(model), then save_pretrained.")
         stack, rest = path[1], ".".join(path[3:])
-        for i in range(node.lora_a.shape[0]):
-            prefix = f"{_PEFT_PREFIX}model.layers.{stack_offset(cfg, stack) + i}.{rest}"
-            yield f"{prefix}.lora_A.weight", node, "a", i
-            yield f"{prefix}.lora_B.weight", node, "b", i
+        offset = stack_offset(cfg, stack)
+        if isinstance(node, Linear):
+            for i in range(node.lora_a.shape[0]):
+                prefix = f"{_PEFT_PREFIX}model.layers.{offset + i}.{rest}"
+                yield f"{prefix}.lora_A.weight", node.lora_a, (i,)
+                yield f"{prefix}.lora_B.weight", node.lora_b, (i,)
+        else:
+            for name in Experts.PROJECTIONS:
+                a, b = getattr(node, f"{name}_lora_a"), getattr(node, f"{name}_lora_b")
+                for i in range(a.shape[0]):
+                    for e in range(a.shape[1]):
+                        prefix = f"{_PEFT_PREFIX}model.layers.{offset + i}.{rest}.{e}.{name}"
+                        yield f"{prefix}.lora_A.weight", a, (i, e)
+                        yield f"{prefix}.lora_B.weight", b, (i, e)
+
+
+def _peft_target_modules(model, targets: list[str]) -> list[str]:
+    """PEFT's target_modules for our targets. On DeepSeek, peft (>= 0.19 with transformers 5) reads the names
+    gate_proj / up_proj / down_proj as the routed experts (the v4 hub modules `mlp.experts.{e}.gate_proj`,
+    which transformers 5 fuses) and drops them for every other MLP, so `experts` is written as those three
+    names and adapters on the dense / shared-expert MLPs cannot be expressed."""
+    if not isinstance(model.config, DeepseekConfig):
+        return sorted(targets)
+    mlp = [t for t in targets if t in _MLP_NAMES]
+    if mlp:
+        raise LoRAError(
+            f"DeepSeek adapters on the dense / shared-expert MLP ({mlp}) cannot be written as a PEFT adapter: with "
+            "transformers 5, peft reinterprets target_modules gate_proj/up_proj/down_proj as the fused routed "
+            "experts and would silently drop these adapters. Export the merged model instead (merge_lora(model), "
+            "then save_pretrained), or adapt only attention projections and `experts`.")
+    out = [t for t in targets if t != "experts"]
+    if "experts" in targets:
+        out += list(_MLP_NAMES)
+    return sorted(out)
 
 
 def save_adapter(model, out_dir: str, base_model_name_or_path: str | None = None) -> str:
     """Writes the model's adapters as a PEFT LoRA adapter in `out_dir`: adapter_config.json and
     adapter_model.safetensors (`base_model.model.model.layers.{i}.{module}.lora_A.weight` [r, in],
     `...lora_B.weight` [out, r], in the adapters' dtype). Layer indices are global (DeepSeek's dense stack
-    first, then its MoE stack). Written to a temporary directory inside out_dir, then moved in.
-    Returns out_dir. Raises LoRAError without adapters, or with routed-expert adapters (see message)."""
+    first, then its MoE stack). Routed-expert adapters are written per expert
+    (`...mlp.experts.{e}.gate_proj.lora_A.weight`) under target_modules gate_proj/up_proj/down_proj, which
+    peft fuses onto transformers 5's `gate_up_proj` / `down_proj` parameters when it loads them.
+    Written to a temporary directory inside out_dir, then moved in. Returns out_dir.
+    Raises LoRAError without adapters, or for DeepSeek dense/shared-MLP adapters (see _peft_target_modules)."""
     cfg = lora_config(model)
     if cfg is None:
         raise LoRAError("the model has no LoRA adapters to save; add_lora() (or load_adapter()) first")
-    tensors = {}
-    for key, node, which, i in _peft_entries(model):
-        var = node.lora_a if which == "a" else node.lora_b
-        tensors[key] = np.ascontiguousarray(np.asarray(jax.device_get(var[...][i])))
+    target_modules = _peft_target_modules(model, cfg["targets"])
+    tensors, host = {}, {}
+    for key, var, index in _peft_entries(model):
+        if id(var) not in host:  # one device->host copy per variable
+            host = {id(var): np.asarray(jax.device_get(var.get_value()))}
+        tensors[key] = np.ascontiguousarray(host[id(var)][index])
     config = {
         "peft_type": "LORA",
         "task_type": _TASK_TYPES[model.head],
         "base_model_name_or_path": base_model_name_or_path,
         "r": cfg["rank"],
         "lora_alpha": cfg["alpha"],
-        "target_modules": cfg["targets"],
+        "target_modules": target_modules,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -300,7 +335,20 @@ def load_adapter(model, adapter_dir: str, *, dtype=jnp.float32):
     Returns `model`."""
     adapter_dir = os.fspath(adapter_dir)
     cfg = _read_adapter_config(adapter_dir)
-    want = {"rank": int(cfg["r"]), "alpha": cfg["lora_alpha"], "targets": sorted(cfg["target_modules"])}
+    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir!r}")
+    with safe_open(weights, framework="numpy") as f:
+        keys = list(f.keys())
+    # Our targets from the tensors themselves (target_modules' gate_proj may mean the routed experts).
+    targets = set()
+    for key in keys:
+        m = _PEFT_KEY.match(key)
+        if not m:
+            raise LoRAError(f"{weights}: tensor {key!r} is not a LoRA weight of a decoder layer "
+                            "(base_model.model.model.layers.{i}.<module>.lora_A/B.weight)")
+        targets.add("experts" if _PEFT_EXPERT.match(m.group(2)) else m.group(2).rsplit(".", 1)[-1])
+    want = {"rank": int(cfg["r"]), "alpha": cfg["lora_alpha"], "targets": sorted(targets)}
     if has_lora(model):
         have = lora_config(model)
         if (have["rank"], float(have["alpha"]), have["targets"]) != (want["rank"], float(want["alpha"]),
@@ -308,14 +356,10 @@ def load_adapter(model, adapter_dir: str, *, dtype=jnp.float32):
             raise LoRAError(f"the model's adapters {have} differ from the adapter in {adapter_dir} {want}")
     else:
         add_lora(model, rank=want["rank"], alpha=want["alpha"], targets=want["targets"], dtype=dtype)
-    slots = {key: (node, which, i) for key, node, which, i in _peft_entries(model)}
-    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir!r}")
+    slots = {key: (var, index) for key, var, index in _peft_entries(model)}
     # Gather per-variable updates on the host, then write each variable once.
     updates: dict[int, tuple] = {}
     with safe_open(weights, framework="numpy") as f:
-        keys = list(f.keys())
         extra = [k for k in keys if k not in slots]
         if extra:
             raise LoRAError(f"{weights}: tensor(s) {extra[:3]}{' ...' if len(extra) > 3 else ''} have no place in "
@@ -325,15 +369,14 @@ def load_adapter(model, adapter_dir: str, *, dtype=jnp.float32):
         if missing:
             raise LoRAError(f"{weights} lacks {len(missing)} adapter tensor(s), e.g. {missing[0]!r}")
         for key in keys:
-            node, which, i = slots[key]
-            var = node.lora_a if which == "a" else node.lora_b
+            var, index = slots[key]
             if id(var) not in updates:
                 updates[id(var)] = (var, np.array(jax.device_get(var.get_value())))
             value = f.get_tensor(key)
             host = updates[id(var)][1]
-            if value.shape != host.shape[1:]:
-                raise LoRAError(f"{weights}: {key} has shape {value.shape}, the model expects {host.shape[1:]}")
-            host[i] = value.astype(host.dtype)
+            if value.shape != host[index].shape:
+                raise LoRAError(f"{weights}: {key} has shape {value.shape}, the model expects {host[index].shape}")
+            host[index] = value.astype(host.dtype)
     for var, host in updates.values():
         old = var.get_value()
         var.set_value(jax.device_put(jnp.asarray(host, old.dtype), old.sharding))
