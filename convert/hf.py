@@ -34,6 +34,7 @@ from jaxmodels.convert.fp8 import BLOCK as FP8_BLOCK
 from jaxmodels.convert.fp8 import dequantize_fp8
 from jaxmodels.convert.keymap import CheckpointError, Placement, export_keys, mtp_layers, place
 from jaxmodels.config import BaseConfig, load_config
+from jaxmodels.layers.linear import LoRAParam
 from jaxmodels.units import DTYPES, parse_size
 from jaxmodels.model import abstract_model, model_class
 
@@ -572,6 +573,10 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", p
     are complete, so a save that fails leaves whatever checkpoint out_dir held before intact. Returns out_dir.
     """
     out_dir = os.fspath(out_dir)
+    if jax.tree.leaves(nnx.state(model, LoRAParam)):
+        raise CheckpointError("the model holds LoRA adapters, which an HF checkpoint has no place for: fold them in "
+                              "with jaxmodels.train.lora.merge_lora(model) first, or write them as a PEFT adapter "
+                              "with save_adapter")
     cfg: BaseConfig = model.config
     host = _HostSlices()
     entries = []

@@ -23,17 +23,48 @@ def param(rngs: nnx.Rngs | None, shape, dtype, axes, std: float = 0.02, init: st
     return nnx.Param(value, axes=tuple(axes))
 
 
+class LoRAParam(nnx.LoRAParam):
+    """A LoRA adapter matrix: its own variable type, so `nnx.split(model, LoRAParam, ...)` selects exactly
+    the trainable adapters (it is an nnx.Param too: put it before nnx.Param in a filter list)."""
+
+
+def lora_delta(lora_a: jax.Array, lora_b: jax.Array, scale: float) -> jax.Array:
+    """scale * B @ A in float32: A [..., r, in], B [..., out, r] -> [..., out, in]."""
+    return scale * jnp.einsum("...or,...ri->...oi", lora_b.astype(jnp.float32), lora_a.astype(jnp.float32))
+
+
 class Linear(nnx.Module):
-    """y = x @ weight.T + bias, weight [out_features, in_features] as in PyTorch."""
+    """y = x @ weight.T + bias, weight [out_features, in_features] as in PyTorch.
+
+    Optionally a LoRA adapter (train/lora.py adds it): lora_a [r, in], lora_b [out, r] (PEFT's layout) and a
+    static lora_scale = alpha / r; then y += lora_scale * (x @ A.T) @ B.T. Code that reads the weight
+    itself instead of calling the layer (MLA's absorbed decode) must read `merged_weight()`.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  bias: bool = False, dtype=jnp.float32, std: float = 0.02, rngs: nnx.Rngs):
         self.weight = param(rngs, (out_features, in_features), dtype, axes, std)
         self.bias = param(rngs, (out_features,), dtype, axes[:1], init="zeros") if bias else None
+        # Declared as data (nnx.data) so train/lora.py can put LoRAParams here later.
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
+        self.lora_scale: float | None = None
+
+    def merged_weight(self) -> jax.Array:
+        """weight + lora_scale * lora_b @ lora_a ([out, in], the weight's dtype); the weight without LoRA."""
+        w = self.weight[...]
+        if self.lora_a is None:
+            return w
+        return (w.astype(jnp.float32) + lora_delta(self.lora_a[...], self.lora_b[...], self.lora_scale)).astype(w.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # The weight is cast to the activations' dtype where it is used: float32 master weights, bf16 compute.
         y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))  # [..., out]
+        if self.lora_a is not None:
+            # Low-rank path: never materialises B @ A (a full [out, in] matrix) in the forward pass.
+            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+            z = jnp.einsum("...i,ri->...r", x, a)  # [..., r]
+            y = y + (self.lora_scale * jnp.einsum("...r,or->...o", z, b)).astype(y.dtype)  # [..., out]
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

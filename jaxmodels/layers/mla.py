@@ -70,9 +70,10 @@ class MLAttention(nnx.Module):
         return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin, interleaved=self.interleaved)
 
     def _w_kv_b(self):
-        """kv_b_proj weight split per head: W_UK [heads, nope, lora], W_UV [heads, v, lora]."""
+        """kv_b_proj weight split per head: W_UK [heads, nope, lora], W_UV [heads, v, lora]. The merged weight
+        (LoRA folded in), so absorbed decode equals the expanded forward of an adapted model."""
         cfg = self.cfg
-        w = self.kv_b_proj.weight[...].reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
+        w = self.kv_b_proj.merged_weight().reshape(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim,
                                                cfg.kv_lora_rank)
         return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 

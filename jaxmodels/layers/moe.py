@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
-from jaxmodels.layers.linear import ACTIVATIONS, param
+from jaxmodels.layers.linear import ACTIVATIONS, lora_delta, param
 from jaxmodels.layers.mlp import MLP
 
 
@@ -356,11 +356,36 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
 class Experts(nnx.Module):
     """Routed experts' weights stacked on a leading expert axis, laid out [E, in, out] for ragged_dot."""
 
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_proj = param(rngs, (e, d, i), dtype, ("experts", "embed", "moe_mlp"), std)
         self.up_proj = param(rngs, (e, d, i), dtype, ("experts", "embed", "moe_mlp"), std)
         self.down_proj = param(rngs, (e, i, d), dtype, ("experts", "moe_mlp", "embed"), std)
+        # Optional LoRA (train/lora.py): one adapter per expert and projection, PEFT layout per expert:
+        # `{name}_lora_a` [E, r, in], `{name}_lora_b` [E, out, r]; lora_scale = alpha / r.
+        for name in self.PROJECTIONS:  # data attributes (nnx.data): they may hold LoRAParams later
+            setattr(self, f"{name}_lora_a", nnx.data(None))
+            setattr(self, f"{name}_lora_b", nnx.data(None))
+        self.lora_scale: float | None = None
+
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(gate [E, hidden, inter], up [E, hidden, inter], down [E, inter, hidden]), LoRA folded in.
+
+        With adapters this materialises the effective weights W + scale * (B @ A).T of one layer (inside
+        the scan, so one layer at a time): an extra copy of that layer's expert weights in memory, and the
+        gradient flows to A and B through it. Simple and exact; a low-rank grouped path would save the copy.
+        """
+        out = []
+        for name in self.PROJECTIONS:
+            w = getattr(self, name)[...]
+            a = getattr(self, f"{name}_lora_a")
+            if a is not None:
+                delta = lora_delta(a[...], getattr(self, f"{name}_lora_b")[...], self.lora_scale)  # [E, out, in]
+                w = (w.astype(jnp.float32) + jnp.swapaxes(delta, -1, -2)).astype(w.dtype)  # [E, in, out]
+            out.append(w)
+        return tuple(out)
 
 
 class Router(nnx.Module):
@@ -404,8 +429,7 @@ class MoE(nnx.Module):
                 stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), valid, cfg.n_routed_experts)
             with jax.named_scope("experts"):
                 # Weights are cast to the activations' dtype where they are used (bf16 compute, float32 master).
-                experts = tuple(w[...].astype(x.dtype) for w in
-                                (self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj))
+                experts = tuple(w.astype(x.dtype) for w in self.experts.weights())
                 mesh, rules = sharding.current()
                 if mesh is None:
                     y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act)
