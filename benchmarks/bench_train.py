@@ -62,7 +62,10 @@ def median(xs):
     return xs[len(xs) // 2]
 
 
-def worker_ours(row: str, steps: int) -> dict:
+def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: str | None = None,
+                probe: str | None = None) -> dict:
+    """probe (diagnostics): "sgd" swaps AdamW for plain SGD (isolates the optimizer's cost), "bf16-master"
+    keeps bf16 weights (isolates the float32 master weights' casts)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,12 +79,14 @@ def worker_ours(row: str, steps: int) -> dict:
     from jaxmodels.train.optim import optimizer
 
     name, b, s, remat, _, lora = ROWS[row]
+    remat = remat_override or remat
     cfg = config_from_hf(dict(CONFIGS[name], architectures=None))
     mesh = make_mesh()
     t0 = time.perf_counter()
-    model = init_model(cfg, mesh, jnp.bfloat16 if lora else jnp.float32, std=0.02)
+    model = init_model(cfg, mesh, jnp.bfloat16 if lora or probe == "bf16-master" else jnp.float32, std=0.02)
     model.compute_dtype = jnp.bfloat16
     model.remat = remat
+    model.attention_impl = attention
     trainable = None
     if lora:
         from jaxmodels.layers.linear import LoRAParam
@@ -93,6 +98,9 @@ def worker_ours(row: str, steps: int) -> dict:
     tcfg = TrainConfig(model=name, data=os.path.abspath(__file__), out="/tmp", steps=1000, lr=1e-5, warmup=10,
                        batch_size=b, seq_len=s, lora_rank=lora, remat=remat)
     tx, _ = optimizer(tcfg, 1000)
+    if probe == "sgd":
+        import optax
+        tx = optax.sgd(1e-5)
     state = steplib.init_state(params, buffers, tx)
     step_fn, _ = steplib.compile_steps(graphdef, tx, steplib.StepOptions(), state, frozen)
     rng = np.random.default_rng(0)
@@ -114,6 +122,9 @@ def worker_ours(row: str, steps: int) -> dict:
     fpt = flops_per_token(model, s, lora=bool(lora))
     peak = peak_flops()
     stats = jax.devices()[0].memory_stats() or {}
+    mem = step_fn.lower(state, frozen, batch).compile().memory_analysis()
+    print(f"[ours {row}] compiled temp {getattr(mem, 'temp_size_in_bytes', 0) / 1e9:.1f} GB, arguments "
+          f"{getattr(mem, 'argument_size_in_bytes', 0) / 1e9:.1f} GB", flush=True)
     return {"tok_s": tok_s, "step_ms": dt * 1e3, "mfu": tok_s * fpt / peak if peak else None,
             "peak_gb": stats.get("peak_bytes_in_use", 0) / 1e9, "init_s": init_s, "losses": losses[:4],
             "device": jax.devices()[0].device_kind, "flops_per_token": fpt}
@@ -164,7 +175,9 @@ def worker_hf(row: str, steps: int) -> dict:
 
 
 def run_worker(kind: str, row: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--rows", row, "--steps", str(args.steps)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--rows", row, "--steps", str(args.steps),
+           "--attention", args.attention] + (["--remat", args.remat] if args.remat else []) + (
+               ["--probe", args.probe] if args.probe else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -206,12 +219,16 @@ def main():
     p.add_argument("--compare-hf", action="store_true", help="also run transformers on each row")
     p.add_argument("--out", help="directory for results.json and failure logs")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (model.attention_impl)")
+    p.add_argument("--remat", default=None, help="override the rows' jaxmodels remat policy")
+    p.add_argument("--probe", choices=["sgd", "bf16-master"], help="diagnostics (see worker_ours)")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     if args.worker:
-        fn = worker_ours if args.worker == "ours" else worker_hf
-        print("RESULT " + json.dumps(fn(rows[0], args.steps)), flush=True)
+        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe) if args.worker == "ours"
+                  else worker_hf(rows[0], args.steps))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.out:
         os.makedirs(args.out, exist_ok=True)

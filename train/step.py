@@ -116,13 +116,16 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
         load = None if l is None else load + l
         return (grads, total + t, count + c, correct + r, aux + a, load), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    load0 = None
-    if isinstance(cfg, DeepseekConfig) and cfg.num_moe_layers:
-        load0 = jnp.zeros((cfg.num_moe_layers, cfg.n_routed_experts), jnp.float32)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.float32), load0)
-    (grads, total, count, correct, aux, load), _ = jax.lax.scan(accumulate, init, batch)
+    if k == 1:  # no accumulator: one gradient buffer fewer
+        grads, (total, count, correct, aux, load) = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        load0 = None
+        if isinstance(cfg, DeepseekConfig) and cfg.num_moe_layers:
+            load0 = jnp.zeros((cfg.num_moe_layers, cfg.n_routed_experts), jnp.float32)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                jnp.zeros((), jnp.float32), load0)
+        (grads, total, count, correct, aux, load), _ = jax.lax.scan(accumulate, init, batch)
 
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
