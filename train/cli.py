@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), default=None,
                    help="master-weight dtype (default float32; LoRA's frozen base bf16)")
-    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none",
+    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="save_matmuls",
                    help="what the backward pass recomputes inside each layer (memory for speed)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")

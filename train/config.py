@@ -46,7 +46,7 @@ class TrainConfig:
     mesh: str | None = None  # e.g. "fsdp=8,expert=2"; default: all devices on fsdp
     dtype: str = "bf16"  # compute dtype
     param_dtype: str | None = None  # master weights: float32 (full fine-tune) / bf16 (the frozen LoRA base)
-    remat: str = "none"
+    remat: str = "save_matmuls"  # measured on an H100: faster and smaller than "none" (benchmarks/RESULTS.md)
     save_every: int = 500
     keep: int = 3
     log_every: int = 10
