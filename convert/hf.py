@@ -257,7 +257,8 @@ def _check_shared_copies(ckpt: Checkpoint, pairs, rows: int = 4096) -> None:
         a, b = ckpt._handle(ckpt.key_file[key]).get_slice(key), ckpt._handle(ckpt.key_file[source]).get_slice(source)
         n = ckpt.shape(key)[0]
         for start in range(0, n, rows):
-            if not np.array_equal(a[start:start + rows], b[start:start + rows]):
+            stop = min(n, start + rows)
+            if not np.array_equal(a[start:stop], b[start:stop]):
                 raise CheckpointError(f"{key} differs from {source}: jaxmodels' MTP shares the main embedding and "
                                       "head (as DeepSeek-V3 trains it), so it cannot load a separate MTP copy; load "
                                       "without the MTP layers (mtp=False)")
@@ -678,10 +679,10 @@ class _SourceTensors:
 
 
 def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard_size: int | str = "5GB",
-                       progress: bool = True) -> str:
+                       progress: bool = True, mtp: bool | None = None) -> str:
     """Rewrites a Hugging Face checkpoint in `dtype` (e.g. DeepSeek-V3 FP8 -> bfloat16) without building
     the model: the checkpoint is validated exactly as `from_pretrained` validates it (every name, shape,
-    FP8 scale; MTP layers skipped), then streamed tensor by tensor into new shards, so host memory stays
+    FP8 scale; MTP layers kept unless mtp=False), then streamed tensor by tensor into new shards, so host memory stays
     near one shard whatever the model size. The result is what `save_pretrained(from_pretrained(...))`
     writes, tensor for tensor. Returns out_dir."""
     path = resolve_checkpoint(os.fspath(name_or_path))
@@ -689,7 +690,7 @@ def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard
     cfg = load_config(path)
     dtype = _default_dtype(cfg) if dtype is None else dtype
     ckpt = Checkpoint(path)
-    abstract = abstract_model(cfg, dtype, num_mtp_layers=_mtp_count(cfg, ckpt, None))
+    abstract = abstract_model(cfg, dtype, num_mtp_layers=_mtp_count(cfg, ckpt, mtp))
     _, abstract_state = nnx.split(abstract)
     plan = plan_load(cfg, ckpt, abstract_state)
     _check_shared_copies(ckpt, plan.pop(SHARED, []))

@@ -161,7 +161,13 @@ def mtp_loss_terms(model, h_main, batch, *, ce=None):
     if am is not None and seg is None:
         labels = jnp.where(jnp.asarray(am) != 0, labels, IGNORE)
     hs = mtp_hidden(model, h_main, ids, batch.get("positions"), None if seg is not None else am, seg)
-    return [ce(model, h, mtp_targets(labels, d, seg)) for d, h in enumerate(hs)]
+    out = []
+    for d, h in enumerate(hs):
+        t = mtp_targets(labels, d, seg)
+        if am is not None and seg is None:  # a padding position's hidden state predicts nothing
+            t = jnp.where(jnp.asarray(am) != 0, t, IGNORE)
+        out.append(ce(model, h, t))
+    return out
 
 
 def mtp_logits(model, h_main, input_ids, **kw):
