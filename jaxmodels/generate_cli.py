@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--no-stream", action="store_true", help="print completions only when done")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding with the checkpoint's DeepSeek-V3 MTP layer (same greedy output, "
+                        "fewer forward passes); prints the draft acceptance rate")
 
 
 def tiny_random_model(seed: int = 0):
@@ -134,7 +137,9 @@ def run(args) -> int:
         result = generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                           do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
                           top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, pad_token_id=pad, seed=args.seed,
-                          streamer=printer)
+                          streamer=printer, speculative=args.speculative, return_stats=args.speculative)
+        if args.speculative:
+            result, stats = result
     except FileNotFoundError as e:
         print(f"error: {e} (or omit --model to try the embedded '{TINY_RANDOM}' model)", file=sys.stderr)
         return 2
@@ -150,5 +155,8 @@ def run(args) -> int:
             if len(prompts) > 1:
                 out.write(f"=== [{i}] {p}\n")
             out.write(tok.decode(row) + "\n")
+    if args.speculative:
+        print(f"speculative: {stats['new_tokens']} tokens in {stats['steps'] + 1} forward passes, draft acceptance "
+              f"{stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']})", file=sys.stderr)
     out.flush()
     return 0
