@@ -131,7 +131,7 @@ class Trainer:
         trainable = _lora_filter() if cfg.lora else nnx.Param
         self.graphdef, params, self.frozen, buffers = steplib.split_model(model, trainable)
         self.tx, self.schedule = optimizer(cfg, self.total_steps)
-        self.state = steplib.init_state(params, buffers, self.tx)
+        self.state = steplib.init_state(params, buffers, self.tx, self.mesh)
         self.opts = steplib.StepOptions(
             task=self.task, bias_update_rate=cfg.bias_update_rate if _has_routing_bias(mcfg) else 0.0,
             aux_loss_alpha=_aux_alpha(cfg, self.model_path), seq_aux=_seq_aux(cfg, self.model_path),

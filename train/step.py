@@ -199,10 +199,16 @@ def check_batch_fits_mesh(rows: int, mesh) -> None:
                          f"use a multiple of {ways} or a mesh with fewer data/fsdp/expert devices")
 
 
-def init_state(params, buffers, tx) -> dict:
+def init_state(params, buffers, tx, mesh=None) -> dict:
     """The train state on the parameters' devices: optimizer state created from (so placed like) them."""
     opt_state = jax.jit(tx.init)(params)
-    return {"params": params, "opt_state": opt_state, "buffers": buffers, "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": opt_state, "buffers": buffers, "step": jnp.zeros((), jnp.int32)}
+    if mesh is None:
+        return state
+    # Commit every leaf (uncommitted ones, e.g. the step counters, replicated on the mesh): the jitted step
+    # returns committed arrays, so an uncommitted first input would compile the step a second time.
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding if x.committed else replicated), state)
 
 
 def state_shardings(state) -> Any:
