@@ -158,8 +158,8 @@ def test_grad_accum_equals_one_big_batch(ws, family):
 
 
 def test_remat_policies_give_the_same_loss_and_gradients(ws):
-    batch = micro(rows(ws, "deepseek_v3", 2), 1)
-    results = {r: one_step(ws["ckpt"]["deepseek_v3"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls")}
+    batch = micro(rows(ws, "stablelm", 2), 1)
+    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls")}
     ref_state, ref_m = results["none"]
     for r, (state, m) in results.items():
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6, err_msg=r)
@@ -562,6 +562,8 @@ def test_cli_errors(ws, v3run, tmp_path, capsys):
         (argv(out=run_dir, resume=True, steps="6"), "different model"),
         (argv(model=ws["ckpt"]["deepseek_v3"], data=other_data, out=run_dir, resume=True, steps="6",
               **{"batch-size": "4"}), "different training data"),
+        (argv(model=ws["ckpt"]["deepseek_v3"], out=run_dir, resume=True, steps="6",
+              **{"batch-size": "4", "lora-rank": "4"}), "different LoRA setting"),
         (argv(model=ws["ckpt"]["deepseek_v3"], out=run_dir, **{"batch-size": "4"}), "already holds checkpoints"),
         (["export", str(tmp_path), str(tmp_path / "exp")], "not a training run directory"),
     ]

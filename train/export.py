@@ -62,14 +62,9 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, adapter_o
     adapter. Returns out_dir."""
     from jaxmodels.convert.hf import save_pretrained
     from jaxmodels.train.config import TrainError
+    from jaxmodels.train.lora import has_lora, merge_lora, save_adapter
 
     model, step, base = load_run(run_dir, step)
-    with open(os.path.join(run_dir, "train_config.json")) as f:
-        lora_run = json.load(f).get("lora_rank") is not None
-    if lora_run:  # a full fine-tune's export does not need the LoRA module
-        from jaxmodels.train.lora import has_lora, merge_lora, save_adapter
-    else:
-        has_lora = lambda m: False  # noqa: E731
     if adapter_only:
         if not has_lora(model):
             raise TrainError(f"--adapter-only: the run in {run_dir} trained all weights, not LoRA adapters; export "
