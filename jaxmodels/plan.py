@@ -75,13 +75,14 @@ class Plan:
 
 
 def make_plan(cfg: BaseConfig, mesh: dict[str, int], *, batch: int = 1, seq: int = 4096, dtype=jnp.bfloat16,
-              cache_dtype=None, rules=None) -> Plan:
-    """Bytes per device of parameters, AdamW state, gradients and the static cache (shapes only)."""
+              cache_dtype=None, rules=None, mtp_layers: int = 0) -> Plan:
+    """Bytes per device of parameters, AdamW state, gradients and the static cache (shapes only).
+    mtp_layers: DeepSeek-V3 multi-token-prediction layers loaded with the model (0: none)."""
     from jaxmodels.cache import cache_shapes
     from jaxmodels.model import abstract_model
 
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
-    state = nnx.state(abstract_model(cfg, dtype))
+    state = nnx.state(abstract_model(cfg, dtype, num_mtp_layers=mtp_layers))
     num = params = optimizer = gradients = 0
     largest = ("", (), ())
     best = -1
@@ -147,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter dtype")
     parser.add_argument("--cache-dtype", default=None, choices=sorted(DTYPES), help="default: --dtype")
     parser.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB or 141GiB")
+    parser.add_argument("--mtp", action="store_true",
+                        help="count the config's num_nextn_predict_layers multi-token-prediction layers (DeepSeek-V3 "
+                             "releases ship them and from_pretrained loads them)")
     parser.add_argument("--rules", default="",
                         help="overrides of the rules table, e.g. 'embed=fsdp+tensor,vocab=' (+ joins axes, "
                              "empty = replicated)")
@@ -169,7 +173,8 @@ def run(args) -> int:
         dtype = DTYPES[args.dtype]
         plan = make_plan(cfg, mesh, batch=args.batch, seq=args.seq, dtype=dtype,
                          cache_dtype=DTYPES[args.cache_dtype] if args.cache_dtype else None,
-                         rules=parse_rules(args.rules))
+                         rules=parse_rules(args.rules),
+                         mtp_layers=getattr(cfg, "num_nextn_predict_layers", 0) or 0 if args.mtp else 0)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"jaxmodels plan: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 
 import jaxmodels  # noqa: E402
 from jaxmodels import sharding  # noqa: E402
+from jaxmodels.layers.mtp import num_mtp_layers  # noqa: E402
 from mesh_batch import batch  # noqa: E402  (tests/ is this script's directory)
 
 MESHES = {
@@ -110,7 +111,7 @@ def forward(family: str, ckpt: str, out: str) -> None:
              "ids_spec": str(sids.sharding.spec)}
         # `jaxmodels plan` (shapes only) against the bytes the devices really hold.
         from jaxmodels.plan import make_plan
-        plan = make_plan(base.config, axes, batch=0, seq=0, dtype=jnp.float32)
+        plan = make_plan(base.config, axes, batch=0, seq=0, dtype=jnp.float32, mtp_layers=num_mtp_layers(base))
         held = {}
         for _, var in nnx.to_flat_state(nnx.state(model)):
             for shard in var.get_value().addressable_shards:
@@ -120,6 +121,9 @@ def forward(family: str, ckpt: str, out: str) -> None:
             r["fsdp"] = fsdp_gathers(compiled.as_text(), model)
         if label in GENERATE_MESHES:
             r["generate_equal"] = bool((np.asarray(generate(model, sids, smask, max_new_tokens=3)) == ref_gen).all())
+            if num_mtp_layers(model):  # MTP self-speculative greedy on the mesh == plain greedy on one device
+                spec = generate(model, sids, smask, max_new_tokens=3, speculative=True)
+                r["speculative_equal"] = bool((np.asarray(spec) == ref_gen).all())
             _, cache, _, _ = prefill(model, sids, smask)
             r["cache_specs"] = {f"{stack}.{k}": str(getattr(c, k).sharding.spec) for stack, c in cache.items()
                                 for k in sharding.CACHE_AXES if hasattr(c, k)}

@@ -104,6 +104,11 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "stablelm"])
 def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
     path, _ = make_checkpoint(tmp_path, family)
+    if family == "deepseek_v3":  # with an MTP layer: speculative decoding on the mesh is checked too
+        from test_convert import read_tensors, write_checkpoint
+        from test_mtp import mtp_tensors
+        tensors = read_tensors(path)
+        path = write_checkpoint(path, tmp_path / "with-mtp", {**tensors, **mtp_tensors(tensors)})
     out = tmp_path / "result.json"
     run_worker("forward", family, path, out)
     r = json.loads(out.read_text())
@@ -124,6 +129,8 @@ def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
     assert fsdp["in_body"] > 0 and fsdp["whole_stack"] == 0, fsdp
     full = r["meshes"]["fsdp=2,expert=2,tensor=2"]
     assert full["generate_equal"]  # greedy tokens identical on the mesh; the static cache split like the batch
+    if family == "deepseek_v3":
+        assert full["speculative_equal"]  # MTP self-speculative greedy on the mesh == plain greedy
     assert full["cache_specs"] and all("fsdp" in s and "expert" in s for s in full["cache_specs"].values()), \
         full["cache_specs"]
     if family != "stablelm":  # rules overridden: batch not split over `expert` (the MoE's psum-only path)
