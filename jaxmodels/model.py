@@ -255,6 +255,24 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
 
 
+def attention_inputs(input_ids, attention_mask=None, positions=None, segment_ids=None):
+    """(mask [b, s, s] bool, valid [b, s] bool or None, positions [b, s]) of a full forward pass: from
+    segment_ids (packed rows; positions restart per document) or from attention_mask (padding; positions
+    count from 0 regardless of padding, like transformers' forward)."""
+    b, s = input_ids.shape
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+        mask, valid = segment_mask(segment_ids), segment_ids != 0
+        if positions is None:
+            positions = segment_positions(segment_ids)
+    else:
+        am = None if attention_mask is None else jnp.asarray(attention_mask)
+        mask, valid = causal_mask(am, b, s), None if am is None else am != 0
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return mask, valid, jnp.asarray(positions)
+
+
 def _check_inputs(cfg: BaseConfig, input_ids, attention_mask, positions, segment_ids=None):
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -314,19 +332,9 @@ class _Headed(nnx.Module):
         """
         input_ids = jnp.asarray(input_ids)
         _check_inputs(self.config, input_ids, attention_mask, positions, segment_ids)
-        b, s = input_ids.shape
-        if segment_ids is not None:
-            segment_ids = jnp.asarray(segment_ids)
-            mask, valid = segment_mask(segment_ids), segment_ids != 0
-            if positions is None:
-                positions = segment_positions(segment_ids)
-        else:
-            am = None if attention_mask is None else jnp.asarray(attention_mask)
-            mask, valid = causal_mask(am, b, s), None if am is None else am != 0
-        if positions is None:
-            # Like transformers' forward: positions count from 0 regardless of padding.
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        h, _, stats = self.model(input_ids, mask, jnp.asarray(positions), scan=self.scan, valid=valid,
+        segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+        mask, valid, positions = attention_inputs(input_ids, attention_mask, positions, segment_ids)
+        h, _, stats = self.model(input_ids, mask, positions, scan=self.scan, valid=valid,
                                  remat=self.remat, compute_dtype=self.compute_dtype, return_stats=True,
                                  segment_ids=segment_ids)
         return (h, stats) if return_stats else h

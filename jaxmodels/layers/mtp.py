@@ -44,9 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.layers.attention import segment_mask
 from jaxmodels.layers.rope import rope_tables
-from jaxmodels.model import MTPLayer, causal_mask, segment_positions  # noqa: F401  (MTPLayer: the layer)
+from jaxmodels.model import MTPLayer, attention_inputs  # noqa: F401  (MTPLayer: the layer)
 
 IGNORE = -100
 
@@ -94,18 +93,8 @@ def mtp_hidden(model, h_main, input_ids, positions=None, attention_mask=None, se
         raise ValueError("this model has no MTP layers (load a DeepSeek-V3 checkpoint that has them, or build the "
                          "model with num_mtp_layers > 0)")
     input_ids = jnp.asarray(input_ids)
-    b, s = input_ids.shape
-    if segment_ids is not None:
-        segment_ids = jnp.asarray(segment_ids)
-        mask, valid = segment_mask(segment_ids), segment_ids != 0
-        if positions is None:
-            positions = segment_positions(segment_ids)
-    else:
-        am = None if attention_mask is None else jnp.asarray(attention_mask)
-        mask, valid = causal_mask(am, b, s), None if am is None else am != 0
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, jnp.asarray(positions))
+    mask, valid, positions = attention_inputs(input_ids, attention_mask, positions, segment_ids)
+    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     outs, h = [], h_main
     for d in range(k):
