@@ -102,10 +102,11 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
     """state {"params", "opt_state", "buffers", "step"}; batch: arrays [micro-batches, rows, ...].
     Returns (new state, metrics dict of scalars and router loads)."""
     params, buffers = state["params"], state["buffers"]
-    cfg = nnx.merge(graphdef, params, frozen, buffers).config
+    whole = nnx.merge(graphdef, params, frozen, buffers)  # for static facts: config, MTP depth
+    cfg = whole.config
     n_targets = jnp.maximum(count_targets(batch, opts.task, cfg.num_labels), 1).astype(jnp.float32)
     k = next(iter(batch.values())).shape[0]
-    depths = num_mtp_layers(nnx.merge(graphdef, params, frozen, buffers)) if opts.mtp_loss_weight else 0
+    depths = num_mtp_layers(whole) if opts.mtp_loss_weight else 0
     # Each depth's CE is averaged over the whole step's targets of that depth (exact under accumulation).
     n_mtp = [jnp.maximum(count_mtp_targets(batch, d), 1).astype(jnp.float32) for d in range(depths)]
 
