@@ -91,10 +91,11 @@ def count_mtp_targets(batch: dict, depth: int) -> jax.Array:
 
 
 def _set_bias(buffers, update):
-    """The buffers with every routing bias replaced by update(old)."""
+    """The buffers with the main MoE stack's routing bias [moe layers, experts] replaced by update(old).
+    (An MTP layer's own router keeps its bias: its loads are not part of the main forward's statistics.)"""
     def one(path, x):
         names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-        return update(x) if BIAS_NAME in names else x
+        return update(x) if BIAS_NAME in names and "moe_layers" in names else x
     return jax.tree_util.tree_map_with_path(one, buffers)
 
 
