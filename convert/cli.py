@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--no-mtp", action="store_true",
+                        help="drop DeepSeek-V3's multi-token-prediction layers (kept by default; transformers "
+                             "ignores them only at layer index 61)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         dtype = None if args.dtype is None else DTYPES[args.dtype]
         start = time.perf_counter()
         out = convert_checkpoint(args.model, args.out, dtype, max_shard_size=max_shard_size,
+                                 mtp=False if args.no_mtp else None,
                                  progress=not args.quiet)
     except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
         print(f"jaxmodels convert: error: {e}", file=sys.stderr)

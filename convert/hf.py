@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from jaxmodels.convert.fp8 import BLOCK as FP8_BLOCK
 from jaxmodels.convert.fp8 import dequantize_fp8
-from jaxmodels.convert.keymap import CheckpointError, Placement, export_keys, mtp_layers, place
+from jaxmodels.convert.keymap import (CheckpointError, Placement, export_keys, mtp_layers, mtp_shared_exports,
+                                      mtp_shared_source, place)
 from jaxmodels.config import BaseConfig, load_config
 from jaxmodels.layers.linear import LoRAParam
 from jaxmodels.units import DTYPES, parse_size
@@ -158,6 +159,7 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
     keys = ckpt.keys()
     scale_keys = {k for k in keys if k.endswith(".weight_scale_inv")}
     plan: dict[tuple[str, ...], list[tuple[str, Placement]]] = defaultdict(list)
+    num_mtp = _num_mtp(params)
     skipped_layers = set()
     for key in keys:
         if key in scale_keys:
@@ -165,9 +167,18 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
                 raise CheckpointError(f"{key} has no matching weight tensor in the checkpoint; the FP8 checkpoint "
                                       "is incomplete, re-download it")
             continue
-        placements = place(cfg, key)
+        placements = place(cfg, key, num_mtp)
         if placements is None:
-            if key.startswith("model.layers."):
+            source = mtp_shared_source(cfg, key)
+            if source is not None and int(key.split(".")[2]) - cfg.num_hidden_layers < num_mtp:
+                # A copy of the embedding / head the MTP layer shares with the main model (checked at load).
+                if source not in ckpt.key_file or ckpt.shape(source) != ckpt.shape(key):
+                    raise CheckpointError(f"{key} {ckpt.shape(key)} should be a copy of {source} (DeepSeek's MTP "
+                                          "shares the main embedding and head), which the checkpoint "
+                                          + ("lacks" if source not in ckpt.key_file else
+                                             f"has with shape {ckpt.shape(source)}"))
+                plan[SHARED].append((key, source))
+            elif key.startswith("model.layers."):
                 skipped_layers.add(int(key.split(".")[2]))
             continue
         _check_fp8(ckpt, key)
@@ -180,7 +191,14 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
     if skipped_layers:
         assert skipped_layers <= set(mtp_layers(cfg))  # place() refuses any other layer beyond the config
         log.info("skipping checkpoint layer(s) %s: DeepSeek multi-token-prediction modules (layers >= "
-                 "num_hidden_layers=%d) are not used by jaxmodels", sorted(skipped_layers), cfg.num_hidden_layers)
+                 "num_hidden_layers=%d), not loaded (from_pretrained(..., mtp=False))", sorted(skipped_layers),
+                 cfg.num_hidden_layers)
+    for d in range(num_mtp):
+        for k in (f"model.layers.{cfg.num_hidden_layers + d}.{n}" for n in ("embed_tokens.weight",
+                                                                             "shared_head.head.weight")):
+            if k not in ckpt.key_file:
+                raise CheckpointError(f"the checkpoint has no tensor {k!r}: MTP layer {d} is incomplete; load "
+                                      "without the MTP layers (mtp=False) or use a complete checkpoint")
     for path, var in params.items():
         entries = plan.get(path)
         name = ".".join(path)
@@ -212,6 +230,39 @@ def plan_load(cfg: BaseConfig, ckpt: Checkpoint, abstract_state) -> dict:
             raise CheckpointError(f"the checkpoint is missing tensor {_few(missing)} (part of {name}); the checkpoint "
                                   "is incomplete or config.json does not match it")
     return plan
+
+
+SHARED = ("<mtp shared copies>",)  # plan entry: [(MTP copy key, main key it must equal)]
+
+
+def _num_mtp(params: dict) -> int:
+    """MTP depths of an abstract model state (leading axis of its `model.mtp_layers` parameters)."""
+    for path, var in params.items():
+        if path[:2] == ("model", "mtp_layers"):
+            return var.shape[0]
+    return 0
+
+
+def checkpoint_mtp_layers(cfg: BaseConfig, ckpt: Checkpoint) -> int:
+    """How many MTP layers (`model.layers.{num_hidden_layers + d}.*`, d = 0, 1, ...) the checkpoint holds."""
+    present = {int(k.split(".")[2]) for k in ckpt.keys() if k.startswith("model.layers.")}
+    n = 0
+    while cfg.num_hidden_layers + n in present and cfg.num_hidden_layers + n in mtp_layers(cfg):
+        n += 1
+    return n
+
+
+def _check_shared_copies(ckpt: Checkpoint, pairs, rows: int = 4096) -> None:
+    """Each MTP copy equals its main tensor (compared in row blocks: host memory stays small)."""
+    for key, source in pairs:
+        a, b = ckpt._handle(ckpt.key_file[key]).get_slice(key), ckpt._handle(ckpt.key_file[source]).get_slice(source)
+        n = ckpt.shape(key)[0]
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            if not np.array_equal(a[start:stop], b[start:stop]):
+                raise CheckpointError(f"{key} differs from {source}: jaxmodels' MTP shares the main embedding and "
+                                      "head (as DeepSeek-V3 trains it), so it cannot load a separate MTP copy; load "
+                                      "without the MTP layers (mtp=False)")
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -380,15 +431,30 @@ def _set_layer(buf, value, index):
     return jax.lax.dynamic_update_slice(buf, value[None], (index,) + (0,) * value.ndim)
 
 
-def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=None, progress: bool = True):
+def _mtp_count(cfg: BaseConfig, ckpt: Checkpoint, mtp: bool | None) -> int:
+    """MTP layers to build: those the checkpoint holds (mtp None), none (False), all the config names (True)."""
+    if mtp is False:
+        return 0
+    have = checkpoint_mtp_layers(cfg, ckpt)
+    if mtp and (not len(mtp_layers(cfg)) or have < len(mtp_layers(cfg))):
+        raise CheckpointError(f"mtp=True but the checkpoint holds {have} of the config's "
+                              f"num_nextn_predict_layers={len(mtp_layers(cfg))} MTP layers "
+                              f"(keys model.layers.{cfg.num_hidden_layers}.*)")
+    return have
+
+
+def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=None, progress: bool = True,
+               mtp: bool | None = None):
     """Reads the checkpoint into the model's nnx State (values placed on device).
 
-    sharding_fn(path, var) -> jax.sharding.Sharding or None: where each parameter goes.
+    sharding_fn(path, var) -> jax.sharding.Sharding or None: where each parameter goes. mtp: load DeepSeek-V3's
+    multi-token-prediction layers — None: those the checkpoint has; False: none; True: required.
     """
     ckpt = Checkpoint(path)
-    abstract = abstract_model(cfg, dtype)
+    abstract = abstract_model(cfg, dtype, num_mtp_layers=_mtp_count(cfg, ckpt, mtp))
     graphdef, abstract_state = nnx.split(abstract)
     plan = plan_load(cfg, ckpt, abstract_state)
+    _check_shared_copies(ckpt, plan.pop(SHARED, []))
     flat = []
     items = list(nnx.to_flat_state(abstract_state))
     bar = tqdm(items, desc="loading", unit="param", disable=not progress)
@@ -446,13 +512,15 @@ def resolve_checkpoint(name_or_path: str) -> str:
 
 
 def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = True, progress: bool = True,
-                    rules=None):
+                    rules=None, mtp: bool | None = None):
     """Loads a Hugging Face checkpoint as a jaxmodels model (family from model_type, head from architectures).
 
     dtype: parameter dtype (default: the checkpoint's config `dtype`/`torch_dtype`, else float32).
     mesh: a jax.sharding.Mesh; parameters are created with their final shardings (see jaxmodels.sharding),
         each device reading only its slices of the files, and the model runs on that mesh.
     rules: overrides of the logical-axis -> mesh-axis table (jaxmodels.sharding.RULES), with `mesh`.
+    mtp: DeepSeek-V3 multi-token-prediction layers (jaxmodels.layers.mtp; needed for speculative decoding and
+        the MTP loss) — None (default): load those the checkpoint holds; False: skip them; True: require them.
     """
     path = resolve_checkpoint(name_or_path)
     cfg = load_config(path)
@@ -462,7 +530,7 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     if mesh is not None:
         from jaxmodels.sharding import param_sharding
         sharding_fn = lambda name, var: param_sharding(var, mesh, rules)  # noqa: E731
-    graphdef, state = load_state(path, cfg, dtype, sharding_fn=sharding_fn, progress=progress)
+    graphdef, state = load_state(path, cfg, dtype, sharding_fn=sharding_fn, progress=progress, mtp=mtp)
     model = nnx.merge(graphdef, state)
     model.scan = scan
     if mesh is not None:
@@ -588,6 +656,12 @@ def save_pretrained(model, out_dir: str, *, max_shard_size: int | str = "5GB", p
                 x = host.get(value, index)
                 return transform(x) if transform else x
             entries.append((key, math.prod(value.shape[len(index):]) * value.dtype.itemsize, fetch))
+    # The MTP layers' copies of the shared embedding and head, as the hub layout stores them.
+    state = dict((tuple(str(x) for x in p), v) for p, v in nnx.to_flat_state(nnx.state(model)))
+    num_mtp = _num_mtp(state)
+    for key, src in mtp_shared_exports(cfg, num_mtp):
+        value = state[src].get_value()
+        entries.append((key, value.size * value.dtype.itemsize, lambda value=value: host.get(value, ())))
     config = export_config(cfg, model.head, model.model.embed_tokens.weight.dtype)
     _write_checkpoint(out_dir, entries, config, max_shard_size, progress)
     return out_dir
@@ -610,10 +684,10 @@ class _SourceTensors:
 
 
 def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard_size: int | str = "5GB",
-                       progress: bool = True) -> str:
+                       progress: bool = True, mtp: bool | None = None) -> str:
     """Rewrites a Hugging Face checkpoint in `dtype` (e.g. DeepSeek-V3 FP8 -> bfloat16) without building
     the model: the checkpoint is validated exactly as `from_pretrained` validates it (every name, shape,
-    FP8 scale; MTP layers skipped), then streamed tensor by tensor into new shards, so host memory stays
+    FP8 scale; MTP layers kept unless mtp=False), then streamed tensor by tensor into new shards, so host memory stays
     near one shard whatever the model size. The result is what `save_pretrained(from_pretrained(...))`
     writes, tensor for tensor. Returns out_dir."""
     path = resolve_checkpoint(os.fspath(name_or_path))
@@ -621,9 +695,10 @@ def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard
     cfg = load_config(path)
     dtype = _default_dtype(cfg) if dtype is None else dtype
     ckpt = Checkpoint(path)
-    abstract = abstract_model(cfg, dtype)
+    abstract = abstract_model(cfg, dtype, num_mtp_layers=_mtp_count(cfg, ckpt, mtp))
     _, abstract_state = nnx.split(abstract)
     plan = plan_load(cfg, ckpt, abstract_state)
+    _check_shared_copies(ckpt, plan.pop(SHARED, []))
     source = _SourceTensors(ckpt)
     entries = []
     for p, var in nnx.to_flat_state(abstract_state):
@@ -639,6 +714,14 @@ def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard
                 x = source.get(key, pl)[rest].astype(target)
                 return transform(x) if transform else x
             entries.append((hf_key, math.prod(var.shape[len(index):]) * np.dtype(var.dtype).itemsize, fetch))
+    shapes = {tuple(str(x) for x in p): var for p, var in nnx.to_flat_state(abstract_state)}
+    for hf_key, src in mtp_shared_exports(cfg, _num_mtp(shapes)):
+        (key, pl), = plan[src]
+        var = shapes[src]
+
+        def fetch(key=key, pl=pl, target=var.dtype):
+            return source.get(key, pl).astype(target)
+        entries.append((hf_key, math.prod(var.shape) * np.dtype(var.dtype).itemsize, fetch))
     head = model_class(cfg).head
     _write_checkpoint(out_dir, entries, export_config(cfg, head, abstract.model.embed_tokens.weight.dtype),
                       max_shard_size, progress)

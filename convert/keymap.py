@@ -6,7 +6,11 @@ jaxmodels keeps transformers' parameter names, so the map lists only the excepti
 * routed experts are stacked on an `experts` axis and stored [E, in, out] for `ragged_dot`, from the
   hub's per-expert keys (`mlp.experts.{e}.gate_proj.weight`, [out, in]) or transformers' fused
   tensors (`mlp.experts.gate_up_proj` [E, 2*inter, hidden], `mlp.experts.down_proj` [E, hidden, inter]);
-* StableLM's per-head q/k norms `self_attn.q_layernorm.norms.{h}.weight` stack on a heads axis.
+* StableLM's per-head q/k norms `self_attn.q_layernorm.norms.{h}.weight` stack on a heads axis;
+* DeepSeek-V3's multi-token-prediction layers `model.layers.{num_hidden_layers + d}.*` -> the stack
+  `model.mtp_layers` (index d), when the model was built with them; their `embed_tokens` and
+  `shared_head.head` are copies of the main embedding and head, which the model shares
+  (`mtp_shared_source` names the main tensor each must equal; export writes the copies back).
 """
 
 from __future__ import annotations
@@ -53,18 +57,47 @@ def layer_stack(cfg: BaseConfig, layer: int) -> tuple[str, int]:
 
 
 def stack_offset(cfg: BaseConfig, stack: str) -> int:
+    if stack == "mtp_layers":
+        return cfg.num_hidden_layers
     return cfg.num_dense_layers if stack == "moe_layers" else 0
 
 
 def mtp_layers(cfg: BaseConfig) -> range:
-    """Checkpoint layer indices that hold DeepSeek-V3's multi-token-prediction modules (not loaded:
-    jaxmodels predicts one token at a time). Empty for families without MTP."""
+    """Checkpoint layer indices that may hold DeepSeek-V3's multi-token-prediction modules (config
+    `num_nextn_predict_layers`). Empty for families without MTP."""
     n = getattr(cfg, "num_nextn_predict_layers", 0) or 0
     return range(cfg.num_hidden_layers, cfg.num_hidden_layers + n)
 
 
-def place(cfg: BaseConfig, key: str) -> list[Placement] | None:
-    """Destinations of checkpoint tensor `key`; None if it is deliberately skipped (MTP layers, buffers).
+# MTP tensors that are copies of main-model tensors (the model shares them: jaxmodels.layers.mtp).
+MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def mtp_shared_source(cfg: BaseConfig, key: str) -> str | None:
+    """For an MTP layer's `embed_tokens` / `shared_head.head`: the main checkpoint key it must equal."""
+    m = _LAYER.match(key)
+    if not m or int(m.group(1)) not in mtp_layers(cfg) or m.group(2) not in MTP_SHARED:
+        return None
+    if m.group(2) == "embed_tokens.weight" or cfg.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return "lm_head.weight"
+
+
+def mtp_shared_exports(cfg: BaseConfig, num_mtp: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(hf key, source parameter path) of the shared copies export writes for `num_mtp` MTP layers."""
+    head = ("model", "embed_tokens", "weight") if cfg.tie_word_embeddings else ("lm_head", "weight")
+    out = []
+    for d in range(num_mtp):
+        prefix = f"model.layers.{cfg.num_hidden_layers + d}."
+        out += [(prefix + "embed_tokens.weight", ("model", "embed_tokens", "weight")),
+                (prefix + "shared_head.head.weight", head)]
+    return out
+
+
+def place(cfg: BaseConfig, key: str, num_mtp: int = 0) -> list[Placement] | None:
+    """Destinations of checkpoint tensor `key`; None if it is deliberately skipped (buffers, MTP layers
+    beyond the model's `num_mtp` (when the model is built without them), and MTP copies of the shared
+    embedding / head, which `mtp_shared_source` checks instead).
 
     Raises CheckpointError for a key that has no place in this model.
     """
@@ -76,15 +109,18 @@ def place(cfg: BaseConfig, key: str) -> list[Placement] | None:
             return None  # tied: the output projection is the embedding
         return [Placement(tuple(key.split(".")), ())]
     layer, rest = int(m.group(1)), m.group(2)
-    if layer >= cfg.num_hidden_layers:
-        if layer in mtp_layers(cfg):
-            return None  # multi-token-prediction layers (e.g. DeepSeek-V3's layer 61)
+    if layer in mtp_layers(cfg):
+        if layer - cfg.num_hidden_layers >= num_mtp or rest in MTP_SHARED:
+            return None  # not loaded (a model built without MTP), or a copy of the shared embedding / head
+        stack, i = "mtp_layers", layer - cfg.num_hidden_layers
+    elif layer >= cfg.num_hidden_layers:
         raise CheckpointError(
             f"unexpected tensor {key!r}: layer {layer} is beyond num_hidden_layers={cfg.num_hidden_layers}"
             + (f" (+ num_nextn_predict_layers={len(mtp_layers(cfg))} MTP layers)" if hasattr(
                 cfg, "num_nextn_predict_layers") else "")
             + "; check that config.json matches the weights")
-    stack, i = layer_stack(cfg, layer)
+    else:
+        stack, i = layer_stack(cfg, layer)
     base = ("model", stack, "layers")
     if (e := _EXPERT.match(rest)):
         return [Placement(base + ("mlp", "experts", e.group(2)), (i, int(e.group(1))), _transpose)]

@@ -176,6 +176,47 @@ def _stream_to_host(step, tokens):
         _STREAMERS[-1](int(step), np.asarray(tokens))
 
 
+class _ColumnAssembler:
+    """Speculative decoding produces 1 or 2 tokens per row per step, rows at different counts; this
+    host-side buffer hands the user's streamer whole columns (step, tokens [batch]) in order, as plain
+    decoding does: a column is complete once every row has produced it or has stopped (then: padding)."""
+
+    def __init__(self, streamer, batch: int, pad: int):
+        self.streamer, self.pad = streamer, pad
+        self.cols: dict[int, np.ndarray] = {}
+        self.count = np.zeros(batch, np.int64)  # tokens produced per row
+        self.next = 0
+
+    def __call__(self, n_before, toks, writes):
+        n_before, toks, writes = np.asarray(n_before), np.asarray(toks), np.asarray(writes)
+        active = writes[:, 0]
+        for r in range(len(n_before)):
+            for i in range(2):
+                if writes[r, i]:
+                    col = self.cols.setdefault(int(n_before[r]) + i, np.full(len(n_before), self.pad, np.int32))
+                    col[r] = toks[r, i]
+            self.count[r] = n_before[r] + writes[r].sum() if active[r] else self.count[r]
+        self.stopped = getattr(self, "stopped", np.zeros(len(n_before), bool))
+        # A row that wrote nothing this step (or hit EOS/max_new: it writes nothing afterwards) is finished
+        # for the columns beyond its count; the loop only runs while some row is active.
+        self.stopped |= ~active
+        self._flush(lambda c: np.all((self.count > c) | self.stopped))
+
+    def finish(self, length: int):
+        self.stopped = np.ones_like(self.count, bool)
+        self._flush(lambda c: c < length)
+
+    def _flush(self, ready):
+        while ready(self.next) and self.next in self.cols:
+            self.streamer(self.next, self.cols.pop(self.next))
+            self.next += 1
+
+
+def _stream_spec_to_host(n_before, toks, writes):
+    if _STREAMERS:
+        _STREAMERS[-1](n_before, toks, writes)
+
+
 def _emit(step, tokens, stream: bool):
     if stream:
         io_callback(_stream_to_host, None, step, tokens, ordered=True)
@@ -218,14 +259,157 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
     return out, steps
 
 
+# ----------------------------------------------------------------------------------------------------
+# Self-speculative decoding with DeepSeek-V3's MTP layer (speculative=True)
+# ----------------------------------------------------------------------------------------------------
+#
+# Each loop step feeds the main model two tokens per row, [tok, draft] (tok: the last committed token,
+# draft: the MTP layer's guess of the token after it), in one absorbed-MLA forward over the static cache.
+# Its logits at tok decide the next token; the draft is accepted when it is that token (greedy) or by
+# Leviathan et al.'s rejection rule (sampling), and then the logits at the draft give one more token for
+# free. The MTP layer then runs on the same two slots (main hidden state at i, embedding of token i+1)
+# and drafts again from the last accepted position.
+#
+# Cache layout: one shared write index for all rows, advanced by 2 every step (the index stays a
+# scalar and writes stay dynamic_update_slice). A rejected draft's slot is marked invalid in the per-row
+# `kv_valid` mask instead of being rewound, so rows advance by different amounts without per-row
+# indices or scatters; positions are per row anyway. The price: a step uses 2 slots even when it
+# produces 1 token, so the cache holds prompt + 2 * max_new_tokens slots, and decode attention reads the
+# holes (masked). The MTP layer has its own one-layer latent cache with the same slots and mask.
+
+def _stack_sizes_mtp(model) -> dict[str, int]:
+    return {"mtp_layers": model.model.mtp_layers.num_layers}
+
+
+def _mtp_forward(model, h, tokens, positions, attn, mtp_cache, absorb: bool):
+    """MTP depth 0 over h [b, s, hidden] (main normed output) and tokens [b, s] (the token after each)."""
+    from jaxmodels.layers.mtp import mtp_step
+    from jaxmodels.layers.rope import rope_tables
+
+    cfg = model.config
+    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
+    c = mtp_cache["mtp_layers"].at_layer(0)
+    hm, c, _ = mtp_step(model, 0, h, tokens, cos, sin, attn, c, absorb=absorb)
+    return hm, {"mtp_layers": c}
+
+
+def _probs(logits, do_sample, temperature, top_k, top_p):
+    """Filtered sampling distribution [b, vocab] float32 (one-hot argmax when greedy)."""
+    logits = logits.astype(jnp.float32)
+    if not do_sample:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
+def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad, *, graphdef, cache_len: int,
+                      do_sample: bool, top_k: int, stream: bool):
+    TRACE_COUNT["generate"] += 1
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    capacity = (cache_len - p) // 2 + 1  # output columns (>= max_new_tokens, see generate)
+    key = jax.random.key(seed)
+    pick = functools.partial(select_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    probs = functools.partial(_probs, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    is_eos = lambda t: jnp.any(t[:, None] == eos[None, :], axis=-1)  # noqa: E731
+    dtype = model.model.embed_tokens.weight.dtype
+    rows = jnp.arange(b)
+
+    with jax.named_scope("prefill"):
+        cache = set_position(init_cache(model.config, _stack_sizes(model), b, cache_len, dtype), 0, fresh=True)
+        mtp_cache = set_position(init_cache(model.config, _stack_sizes_mtp(model), b, cache_len, dtype), 0,
+                                 fresh=True)
+        positions = prompt_positions(mask)
+        attn = causal_mask(mask, b, p)  # [b, p, p]
+        h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False)
+        tok = pick(_last_logits(model, h), jax.random.fold_in(key, 0))
+        # MTP over the prompt: index i combines h_i with token i+1 (the last one: the token just chosen).
+        shifted = jnp.concatenate([ids[:, 1:], tok[:, None]], axis=1)
+        hm, mtp_cache = _mtp_forward(model, h, shifted, positions, attn, mtp_cache, absorb=False)
+        dl = model.logits(hm[:, -1:])[:, 0].astype(jnp.float32)  # [b, vocab]
+        q = probs(dl) if do_sample else jnp.zeros((b, 1), jnp.float32)
+        draft = pick(dl, jax.random.fold_in(key, 1 << 20))
+    kv_valid = jnp.concatenate([mask != 0, jnp.ones((b, cache_len - p), bool)], axis=1)  # [b, T]
+    pos = jnp.sum(mask != 0, axis=-1).astype(jnp.int32)  # position of tok
+    out = jnp.full((b, capacity), pad, jnp.int32).at[:, 0].set(tok)
+    unfinished = ~is_eos(tok) & (max_new > 1)
+    if stream:
+        io_callback(_stream_spec_to_host, None, jnp.zeros((b,), jnp.int32), jnp.stack([tok, tok], 1),
+                    jnp.stack([jnp.ones((b,), bool), jnp.zeros((b,), bool)], 1), ordered=True)
+    n_out = jnp.ones((b,), jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+
+    def cond(carry):
+        return jnp.any(carry["unfinished"])
+
+    def body(c):
+        j, active = c["j"], c["unfinished"]
+        step_key = jax.random.fold_in(key, c["step"])
+        k_accept, k_resid, k_next, k_draft = jax.random.split(step_key, 4)
+        slots = jnp.arange(c["kv_valid"].shape[1])
+        attn = c["kv_valid"][:, None, :] & (slots[None, None, :] <= j + jnp.arange(2)[None, :, None])  # [b, 2, T]
+        two = jnp.stack([c["tok"], c["draft"]], axis=1)  # [b, 2]
+        pos2 = c["pos"][:, None] + jnp.arange(2, dtype=jnp.int32)[None]  # [b, 2]
+        with jax.named_scope("verify"):
+            h, cache = model.model(two, attn, pos2, set_position(c["cache"], j, fresh=False), scan=model.scan,
+                                   absorb=True)
+            logits = model.logits(h).astype(jnp.float32)  # [b, 2, vocab]
+        d = c["draft"]
+        if do_sample:
+            p0 = probs(logits[:, 0])
+            q_d = jnp.take_along_axis(c["q"], d[:, None], axis=1)[:, 0]
+            p_d = jnp.take_along_axis(p0, d[:, None], axis=1)[:, 0]
+            accept = jax.random.uniform(k_accept, (b,)) * q_d < p_d
+            resid = jnp.maximum(p0 - c["q"], 0.0)
+            resid = jnp.where(resid.sum(-1, keepdims=True) > 0, resid, p0)
+            e0 = jnp.where(accept, d, jax.random.categorical(k_resid, jnp.log(resid), axis=-1).astype(jnp.int32))
+            e1 = pick(logits[:, 1], k_next)
+        else:
+            e0, e1 = pick(logits[:, 0], None), pick(logits[:, 1], None)
+            accept = e0 == d
+        # Tokens this step emits per row: e0, then e1 if the draft was accepted; EOS and max_new stop a row.
+        n = c["n_out"]
+        w0 = active & (n < max_new)
+        f0 = w0 & is_eos(e0)
+        w1 = w0 & ~f0 & accept & (n + 1 < max_new)
+        f1 = w1 & is_eos(e1)
+        out = c["out"].at[rows, jnp.where(w0, n, capacity)].set(e0, mode="drop")
+        out = out.at[rows, jnp.where(w1, n + 1, capacity)].set(e1, mode="drop")
+        n_new = n + w0.astype(jnp.int32) + w1.astype(jnp.int32)
+        unfinished = active & ~f0 & ~f1 & (n_new < max_new)
+        if stream:
+            io_callback(_stream_spec_to_host, None, n, jnp.stack([e0, e1], 1), jnp.stack([w0, w1], 1), ordered=True)
+        kv_valid = jax.lax.dynamic_update_slice(c["kv_valid"], accept[:, None], (zero, j + 1))
+        with jax.named_scope("draft"):
+            hm, mtp_cache = _mtp_forward(model, h, jnp.stack([e0, e1], axis=1), pos2, attn,
+                                         set_position(c["mtp_cache"], j, fresh=False), absorb=True)
+            hd = jnp.where(accept[:, None], hm[:, 1], hm[:, 0])  # the MTP state at the last accepted position
+            dl = model.logits(hd[:, None])[:, 0].astype(jnp.float32)
+            q = probs(dl) if do_sample else c["q"]
+            draft = pick(dl, k_draft)
+        return dict(step=c["step"] + 1, j=j + 2, out=out, n_out=n_new, tok=jnp.where(accept, e1, e0), draft=draft,
+                    q=q, pos=c["pos"] + 1 + accept.astype(jnp.int32), cache=cache, mtp_cache=mtp_cache,
+                    kv_valid=kv_valid, unfinished=unfinished,
+                    verified=c["verified"] + active.sum(dtype=jnp.int32),
+                    accepted=c["accepted"] + (active & accept).sum(dtype=jnp.int32))
+
+    carry = dict(step=jnp.asarray(1, jnp.int32), j=jnp.asarray(p, jnp.int32), out=out, n_out=n_out, tok=tok,
+                 draft=draft, q=q, pos=pos, cache=set_position(cache, p, fresh=False),
+                 mtp_cache=set_position(mtp_cache, p, fresh=False), kv_valid=kv_valid, unfinished=unfinished,
+                 verified=zero, accepted=zero)
+    c = jax.lax.while_loop(cond, body, carry)
+    return c["out"], jnp.max(c["n_out"]), jnp.stack([c["verified"], c["accepted"], c["step"] - 1])
+
+
 def set_compiler_options(options: dict | None) -> None:
     """(Re)builds the jitted programs with these XLA compiler options (default COMPILER_OPTIONS)."""
-    global _prefill_jit, _decode_jit, _generate_jit
+    global _prefill_jit, _decode_jit, _generate_jit, _speculative_jit
     opts = dict(COMPILER_OPTIONS if options is None else options)
     _prefill_jit = jax.jit(_prefill_impl, static_argnums=(0, 4), compiler_options=opts)
     _decode_jit = jax.jit(_decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=opts)
     _generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"),
                             compiler_options=opts)
+    _speculative_jit = jax.jit(_speculative_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k",
+                                                                   "stream"), compiler_options=opts)
 
 
 set_compiler_options(None)
@@ -280,7 +464,7 @@ def _check_args(model, ids, mask, max_new_tokens, do_sample, temperature, top_k,
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
              seed: int = 0, *, streamer: Callable[[int, np.ndarray], None] | None = None,
-             cache_len: int | None = None) -> np.ndarray:
+             cache_len: int | None = None, speculative: bool = False, return_stats: bool = False):
     """Generates continuations of a batch of prompts, like transformers' `generate`.
 
     model: a jaxmodels CausalLM. input_ids [batch, prompt] int; attention_mask [batch, prompt] with 0 on
@@ -291,7 +475,15 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     `max_new_tokens` were produced. streamer(step, tokens [batch]) is called on the host as each step's
     tokens are produced. cache_len: cache slots (default: the bucket of the padded prompt + new tokens).
 
-    Returns int32 [batch, prompt + new] numpy ids, the prompt first; `new` <= max_new_tokens.
+    speculative=True: self-speculative decoding with the model's DeepSeek-V3 MTP layer (see the section
+    above `_speculative_impl`): each step verifies the MTP draft and the next token in one forward pass.
+    Greedy output is the same as speculative=False; sampling keeps the same distribution (speculative
+    sampling with rejection). Needs the model loaded with its MTP layers; uses 2 cache slots per step.
+
+    Returns int32 [batch, prompt + new] numpy ids, the prompt first; `new` <= max_new_tokens. With
+    return_stats, returns (ids, stats): {"steps": forward passes of the decode loop, "new_tokens",
+    and with speculative=True "drafted", "accepted", "acceptance_rate" (accepted / drafted, over rows still
+    generating)}.
     """
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -300,9 +492,17 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     eos = _eos_list(eos_token_id, cfg)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    if speculative:
+        from jaxmodels.layers.mtp import num_mtp_layers
+        if num_mtp_layers(model) == 0:
+            raise GenerationError("speculative=True needs DeepSeek-V3's multi-token-prediction (MTP) layer, which this "
+                                  "model does not have: load a checkpoint that holds it (keys model.layers."
+                                  "{num_hidden_layers}.*, e.g. deepseek-ai/DeepSeek-V3) without mtp=False, or use "
+                                  "speculative=False")
     b, p = ids.shape
     pb = bucket(p)
-    need = pb + int(max_new_tokens)
+    # Speculative decoding writes 2 slots per step (a rejected draft's slot stays as a masked hole).
+    need = pb + (2 if speculative else 1) * int(max_new_tokens)
     if cache_len is None:
         cache_len = bucket(need)
     elif cache_len < need:
@@ -317,20 +517,33 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     eos_arr = np.full((-(-max(len(eos), 1) // 8) * 8,), -1, np.int32)
     eos_arr[:len(eos)] = eos
     graphdef, state = nnx.split(model)
+    assembler = None
     if streamer is not None:
+        if speculative:
+            streamer = assembler = _ColumnAssembler(streamer, b, int(pad_token_id))
         _STREAMERS.append(streamer)
+    fn = _speculative_jit if speculative else _generate_jit
     try:
-        out, steps = _generate_jit(state, ids_b, mask_b, np.int32(max_new_tokens), np.float32(temperature),
-                                   np.float32(top_p), np.int32(seed), eos_arr, np.int32(pad_token_id),
-                                   graphdef=graphdef, cache_len=int(cache_len), do_sample=bool(do_sample),
-                                   top_k=int(top_k), stream=streamer is not None)
+        res = fn(state, ids_b, mask_b, np.int32(max_new_tokens), np.float32(temperature), np.float32(top_p),
+                 np.int32(seed), eos_arr, np.int32(pad_token_id), graphdef=graphdef, cache_len=int(cache_len),
+                 do_sample=bool(do_sample), top_k=int(top_k), stream=streamer is not None)
         if streamer is not None:
             jax.effects_barrier()
     finally:
         if streamer is not None:
             _STREAMERS.pop()
-    steps = int(steps)
-    return np.concatenate([ids.astype(np.int32), np.asarray(out)[:, :steps]], axis=1)
+    out, steps = res[0], int(res[1])
+    if assembler is not None:
+        assembler.finish(steps)
+    result = np.concatenate([ids.astype(np.int32), np.asarray(out)[:, :steps]], axis=1)
+    if not return_stats:
+        return result
+    stats = {"new_tokens": steps, "steps": steps - 1}
+    if speculative:
+        drafted, accepted, loop_steps = (int(x) for x in np.asarray(res[2]))
+        stats.update(steps=loop_steps, drafted=drafted, accepted=accepted,
+                     acceptance_rate=accepted / drafted if drafted else float("nan"))
+    return result, stats
 
 
 __all__ = ["generate", "prefill", "decode_step", "bucket", "filter_logits", "select_tokens", "GenerationError",

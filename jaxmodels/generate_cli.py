@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--no-stream", action="store_true", help="print completions only when done")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt before it")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding with the checkpoint's DeepSeek-V3 MTP layer (same greedy output, "
+                        "fewer forward passes); prints the draft acceptance rate")
 
 
 def tiny_random_model(seed: int = 0):
@@ -157,7 +160,9 @@ def run(args) -> int:
         result = generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                           do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
                           top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, pad_token_id=pad, seed=args.seed,
-                          streamer=printer)
+                          streamer=printer, speculative=args.speculative, return_stats=args.speculative)
+        if args.speculative:
+            result, stats = result
     except FileNotFoundError as e:
         print(f"error: {e} (or omit --model to run the embedded default model)", file=sys.stderr)
         return 2
@@ -174,5 +179,8 @@ def run(args) -> int:
                 out.write(f"=== [{i}] {p}\n")
             echo = "" if args.no_echo or len(prompts) > 1 else p
             out.write(echo + continuation(tok, encoded[i], row) + "\n")
+    if args.speculative:
+        print(f"speculative: {stats['new_tokens']} tokens in {stats['steps'] + 1} forward passes, draft acceptance "
+              f"{stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']})", file=sys.stderr)
     out.flush()
     return 0

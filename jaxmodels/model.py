@@ -60,6 +60,39 @@ class DeepseekLayer(nnx.Module):
         return x + h, cache, stats
 
 
+class MTPLayer(DeepseekLayer):
+    """One DeepSeek-V3 multi-token-prediction depth (jaxmodels.layers.mtp explains the forward):
+    eh_proj([enorm(emb) ; hnorm(h)]) -> a decoder layer -> shared_head.norm. The embedding and the output
+    head are the main model's (shared)."""
+
+    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
+        # MTP layers sit after the main ones (index >= num_hidden_layers): MoE whenever the model has experts.
+        super().__init__(cfg, moe=cfg.is_moe and cfg.num_hidden_layers >= cfg.first_k_dense_replace, dtype=dtype,
+                         rngs=rngs, std=std)
+        self.enorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.hnorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, axes=("embed", None), dtype=dtype, rngs=rngs,
+                              std=std)
+        self.shared_head = _SharedHeadNorm(cfg, dtype)
+
+    def __call__(self, h, emb, cos, sin, mask, cache=None, absorb: bool = False, valid=None, segment_ids=None):
+        """h [b, s, hidden]: the previous stage's normed output at index i; emb [b, s, hidden]: the embedding
+        of token i + depth. Returns (normed output [b, s, hidden] — what the head and the next depth read,
+        updated cache, router stats or None)."""
+        with jax.named_scope("mtp_proj"):
+            x = self.eh_proj(jnp.concatenate([self.enorm(emb), self.hnorm(h)], axis=-1))  # [b, s, hidden]
+        x, cache, stats = super().__call__(x, cos, sin, mask, cache, absorb=absorb, valid=valid,
+                                           segment_ids=segment_ids)
+        return self.shared_head.norm(x), cache, stats
+
+
+class _SharedHeadNorm(nnx.Module):
+    """`shared_head.norm`; `shared_head.head` is the main lm_head (shared, see jaxmodels.layers.mtp)."""
+
+    def __init__(self, cfg: DeepseekConfig, dtype):
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+
 class StableLmLayer(nnx.Module):
     def __init__(self, cfg: StableLmConfig, *, dtype, rngs: nnx.Rngs, std: float):
         self.parallel = cfg.use_parallel_residual
@@ -142,7 +175,8 @@ class LayerStack(nnx.Module):
 class Decoder(nnx.Module):
     """Embeddings, the layer stack(s) and the final norm (transformers' `*Model`)."""
 
-    def __init__(self, cfg: BaseConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, std: float | None = None):
+    def __init__(self, cfg: BaseConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, std: float | None = None,
+                 num_mtp_layers: int = 0):
         std = cfg.initializer_range if std is None else std
         self.cfg = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs, std=std)
@@ -155,7 +189,12 @@ class Decoder(nnx.Module):
             self.dense_layers = stack(cfg.num_dense_layers, False)
             self.moe_layers = stack(cfg.num_moe_layers, True)
             self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+            # DeepSeek-V3's multi-token-prediction depths (not part of `stacks()`: jaxmodels.layers.mtp runs them).
+            self.mtp_layers = (LayerStack(lambda r: MTPLayer(cfg, dtype=dtype, rngs=r, std=std), num_mtp_layers, rngs)
+                               if num_mtp_layers else None)
         elif isinstance(cfg, StableLmConfig):
+            if num_mtp_layers:
+                raise ConfigError("num_mtp_layers > 0 needs a DeepSeek model (StableLM has no MTP layers)")
             self.layers = (LayerStack(lambda r: StableLmLayer(cfg, dtype=dtype, rngs=r, std=std),
                                       cfg.num_hidden_layers, rngs) if cfg.num_hidden_layers else None)
             self.norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
@@ -236,14 +275,14 @@ class _Headed(nnx.Module):
     head: str = ""
 
     def __init__(self, cfg: BaseConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None, std: float | None = None,
-                 scan: bool = True, attention_impl: str = "auto"):
+                 scan: bool = True, attention_impl: str = "auto", num_mtp_layers: int = 0):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.scan = scan
         # Static choices that a jitted call sees through the graph definition (changing them retraces):
         self.remat = "none"  # a key of REMAT_POLICIES, for training
         self.compute_dtype = None  # activations' dtype (None: the parameters'); e.g. bf16 over float32 weights
-        self.model = Decoder(cfg, dtype=dtype, rngs=rngs, std=std)
+        self.model = Decoder(cfg, dtype=dtype, rngs=rngs, std=std, num_mtp_layers=num_mtp_layers)
         self._make_head(cfg, dtype, rngs, cfg.initializer_range if std is None else std)
         self.attention_impl = attention_impl
 
@@ -380,15 +419,17 @@ def abstract_model(cfg: BaseConfig, dtype=jnp.float32, **kw) -> _Headed:
 
 
 def init_model(cfg, mesh, dtype=jnp.float32, *, rules=None, seed: int = 0, std: float | None = None,
-               scan: bool = True):
+               scan: bool = True, num_mtp_layers: int = 0):
     """A randomly initialised model created directly with its final shardings (jit with out_shardings):
-    no device ever holds more than its shards. For benchmarks and training from scratch."""
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, std=std))
+    no device ever holds more than its shards. For benchmarks and training from scratch.
+    num_mtp_layers: DeepSeek-V3 multi-token-prediction depths to add (jaxmodels.layers.mtp)."""
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype, std=std, num_mtp_layers=num_mtp_layers))
     shardings = sharding.state_shardings(abstract_state, mesh, rules)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def create():
-        return nnx.state(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), std=std))
+        return nnx.state(model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(seed), std=std,
+                                          num_mtp_layers=num_mtp_layers))
 
     model = nnx.merge(graphdef, create())
     model.scan = scan

@@ -266,9 +266,13 @@ def test_fp8_checkpoint_dequantised_at_load(fp8_checkpoints, batch, caplog):
     transformers running those weights), and its MTP layer is skipped with a logged note."""
     fp8, ref, ref_hf, dequantised = fp8_checkpoints
     with caplog.at_level(logging.INFO, logger="jaxmodels.convert"):
-        model = load(fp8, dtype=jnp.float32)
+        model = load(fp8, dtype=jnp.float32, mtp=False)
     assert re.search(r"skipping checkpoint layer.*\[2\].*multi-token-prediction", caplog.text), caplog.text
     assert_same_params(model, load(ref))
+    # By default the MTP layer is loaded, dequantised like the rest (it is a copy of layer 1 here).
+    with_mtp = params(load(fp8, dtype=jnp.float32))
+    np.testing.assert_array_equal(with_mtp["model.mtp_layers.layers.mlp.experts.down_proj"][0, 5],
+                                  dequantised["model.layers.1.mlp.experts.5.down_proj.weight"].T)
     ours = params(model)
     np.testing.assert_array_equal(  # an FP8 expert weight, through the [E, in, out] stacking
         ours["model.moe_layers.layers.mlp.experts.down_proj"][0, 5],
@@ -280,8 +284,8 @@ def test_fp8_checkpoint_dequantised_at_load(fp8_checkpoints, batch, caplog):
 
 
 def test_mtp_layers_skipped_with_note(tmp_path, ckpts, v3_model, caplog):
-    """Keys `model.layers.{num_hidden_layers}.*` (DeepSeek-V3's multi-token-prediction module) are not
-    loaded, and the log says so; the rest of the model is untouched."""
+    """With mtp=False, keys `model.layers.{num_hidden_layers}.*` (DeepSeek-V3's multi-token-prediction module)
+    are not loaded, and the log says so; the rest of the model is untouched."""
     src, hf = ckpts["deepseek_v3"]
     n = hf.config.num_hidden_layers
     tensors = read_tensors(src)
@@ -291,8 +295,10 @@ def test_mtp_layers_skipped_with_note(tmp_path, ckpts, v3_model, caplog):
     tensors[f"model.layers.{n}.eh_proj.weight"] = np.ones((32, 64), np.float32)
     tensors[f"model.layers.{n}.enorm.weight"] = np.ones(32, np.float32)
     path = write_checkpoint(src, tmp_path / "mtp", tensors)
+    with pytest.raises(CheckpointError, match="incomplete"):  # loaded by default: this MTP layer is incomplete
+        load(path)
     with caplog.at_level(logging.INFO, logger="jaxmodels.convert"):
-        model = load(path)
+        model = load(path, mtp=False)
     notes = [r for r in caplog.records if r.name == "jaxmodels.convert" and "multi-token-prediction" in r.message]
     assert len(notes) == 1 and f"[{n}]" in notes[0].getMessage()
     assert_same_params(model, v3_model)
@@ -544,7 +550,7 @@ def test_cli_convert_fp8_to_bf16(tmp_path, fp8_checkpoints, batch):
     fp8, ref, ref_hf, dequantised = fp8_checkpoints
     out = tmp_path / "bf16"
     assert main(["convert", "--model", fp8, "--out", os.fspath(out), "--dtype", "bf16",
-                 "--max-shard-size", "300KB"]) == 0
+                 "--max-shard-size", "300KB", "--no-mtp"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
     assert (out / INDEX_FILE).exists()
@@ -557,7 +563,7 @@ def test_cli_convert_fp8_to_bf16(tmp_path, fp8_checkpoints, batch):
         np.testing.assert_array_equal(tensors[k], v.astype(want), err_msg=k)
     # Streaming conversion writes what loading then saving writes, file for file.
     saved = tmp_path / "saved"
-    jaxmodels.save_pretrained(load(fp8, dtype=jnp.bfloat16), saved, max_shard_size="300KB", progress=False)
+    jaxmodels.save_pretrained(load(fp8, dtype=jnp.bfloat16, mtp=False), saved, max_shard_size="300KB", progress=False)
     assert sorted(os.listdir(saved)) == sorted(os.listdir(out))
     assert json.loads((saved / "config.json").read_text()) == cfg
     assert json.loads((saved / INDEX_FILE).read_text()) == json.loads((out / INDEX_FILE).read_text())

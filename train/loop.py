@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import jax
@@ -121,6 +122,8 @@ class Trainer:
         except DataError as e:
             raise TrainError(str(e)) from None
         self.total_steps = cfg.steps or max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
+        if cfg.progress:
+            print(f"data: {self.data.describe()}; {per_epoch} batches of {cfg.batch_size} per epoch", file=sys.stderr)
 
         # ---- optimizer, state, compiled steps ----
         trainable = _lora_filter() if cfg.lora else nnx.Param
