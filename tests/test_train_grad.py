@@ -65,8 +65,11 @@ def hf_named(cfg, grads) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("name", list(VARIANTS))
+# Right padding for every variant; left padding (the eager-attention case) for one per family.
+CASES = [(name, "right") for name in VARIANTS] + [(name, "left") for name in ("v2-greedy", "v3", "stablelm")]
+
+
+@pytest.mark.parametrize("name,padding", CASES)
 def test_loss_and_gradients_match_transformers(tmp_path, name, padding):
     family, overrides = VARIANTS[name]
     path, hf = make_checkpoint(tmp_path, family, **overrides)

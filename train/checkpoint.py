@@ -44,9 +44,11 @@ class Checkpoints:
 
     def save(self, step: int, state: dict, meta: dict) -> None:
         """Starts an asynchronous save of `state` ({"params", "buffers", "opt_state", ...}) and `meta`."""
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]), buffers=ocp.args.StandardSave(state["buffers"]),
-            opt_state=ocp.args.StandardSave(state["opt_state"]), meta=ocp.args.JsonSave(meta)), force=True)
+        # Orbax refuses an empty tree (StableLM has no buffers; plain SGD no optimizer state): such an item is
+        # not written, and `restore` gives back the (equally empty) target.
+        trees = {k: ocp.args.StandardSave(state[k]) for k in ("params", "buffers", "opt_state")
+                 if jax.tree.leaves(state[k])}
+        self.manager.save(step, args=ocp.args.Composite(**trees, meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -56,13 +58,13 @@ class Checkpoints:
         def abstract(tree):
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
-        args = {k: ocp.args.StandardRestore(abstract(target[k])) for k in items}
+        args = {k: ocp.args.StandardRestore(abstract(target[k])) for k in items if jax.tree.leaves(target[k])}
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise TrainError(f"checkpoint {self.directory}/{step} cannot be restored into this model ({e}); it was "
                              "written by a different model or LoRA setting") from None
-        return {k: out[k] for k in items}
+        return {k: out[k] if k in args else target[k] for k in items}
 
     def wait(self) -> None:
         """Blocks until the last asynchronous save is complete on disk."""

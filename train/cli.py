@@ -5,7 +5,7 @@
                   [--schedule cosine|linear|constant] [--weight-decay 0.1] [--clip 1.0] [--grad-accum K]
                   [--lora-rank R --lora-alpha A --lora-targets q_b_proj,kv_b_proj,o_proj,...]
                   [--mesh fsdp=8,expert=2] [--dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
-                  [--log-every N] [--seed S] [--resume] [--init-from-config]
+                  [--log-every N] [--seed S] [--resume] [--mtp-loss-weight 0.1] [--init-from-config]
 
 Records: {"text"} | {"prompt", "completion"} | {"messages"} (chat template; loss on assistant turns) for
 language models; {"text", "label"} / {"text", "labels"} for the classification heads. See README
@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DeepSeek-V3 aux-loss-free balancing rate (0: off)")
     p.add_argument("--aux-loss-alpha", type=float, default=None,
                    help="expert-balance loss weight (default: the checkpoint's aux_loss_alpha, else 0)")
+    p.add_argument("--mtp-loss-weight", type=float, default=0.0,
+                   help="DeepSeek-V3 multi-token prediction: add this x the mean MTP cross-entropy (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -80,7 +82,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
         eval_batches=args.eval_batches, seed=args.seed, resume=args.resume,
         init_from_config=args.init_from_config, bias_update_rate=args.bias_update_rate,
-        aux_loss_alpha=args.aux_loss_alpha, progress=not args.quiet)
+        aux_loss_alpha=args.aux_loss_alpha, mtp_loss_weight=args.mtp_loss_weight, progress=not args.quiet)
 
 
 def run(args) -> int:

@@ -62,6 +62,8 @@ class TrainConfig:
     bias_update_rate: float = 1e-3
     aux_loss_alpha: float | None = None
     seq_aux: bool | None = None
+    # DeepSeek-V3 multi-token prediction: adds mtp_loss_weight x the mean MTP cross-entropy (0: off).
+    mtp_loss_weight: float = 0.0
     progress: bool = True
 
     def __post_init__(self):
@@ -90,6 +92,8 @@ class TrainConfig:
             raise TrainError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.bias_update_rate < 0:
             raise TrainError(f"--bias-update-rate must be >= 0, got {self.bias_update_rate}")
+        if self.mtp_loss_weight < 0:
+            raise TrainError(f"--mtp-loss-weight must be >= 0, got {self.mtp_loss_weight}")
         if self.aux_loss_alpha is not None and self.aux_loss_alpha < 0:
             raise TrainError(f"--aux-loss-alpha must be >= 0, got {self.aux_loss_alpha}")
         if self.schedule not in SCHEDULES:

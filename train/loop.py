@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxmodels import sharding
 from jaxmodels.config import ConfigError, DeepseekConfig
+from jaxmodels.layers.mtp import num_mtp_layers
 from jaxmodels.model import model_class
 from jaxmodels.train import step as steplib
 from jaxmodels.train.checkpoint import Checkpoints
@@ -88,7 +89,8 @@ class Trainer:
         self.model_path = resolve_checkpoint(cfg.model) if model is None else cfg.model
         param_dtype = DTYPES[(cfg.param_dtype or ("bf16" if cfg.lora else "float32")).lower()]
         if model is None and cfg.init_from_config:
-            model = init_from_config(self.model_path, param_dtype, self.mesh, seed=cfg.seed)
+            model = init_from_config(self.model_path, param_dtype, self.mesh, seed=cfg.seed,
+                                     mtp=bool(cfg.mtp_loss_weight))
         elif model is None:
             model = from_pretrained(self.model_path, param_dtype, mesh=self.mesh, progress=cfg.progress)
         else:
@@ -98,6 +100,9 @@ class Trainer:
             raise TrainError(f"--seq-len {cfg.seq_len} is above the model's max_position_embeddings "
                              f"({mcfg.max_position_embeddings}); use a shorter --seq-len")
         steplib.check_batch_fits_mesh(cfg.batch_size, self.mesh)
+        if cfg.mtp_loss_weight and not num_mtp_layers(model):
+            raise TrainError(f"--mtp-loss-weight {cfg.mtp_loss_weight}: {self.model_path} has no multi-token-"
+                             "prediction layer (num_nextn_predict_layers with MTP weights); drop the flag")
         model.compute_dtype = DTYPES[cfg.dtype.lower()]
         model.remat = cfg.remat
         self.task = "causal_lm" if model.head in ("causal_lm", "base") else model.head
@@ -129,10 +134,11 @@ class Trainer:
         trainable = _lora_filter() if cfg.lora else nnx.Param
         self.graphdef, params, self.frozen, buffers = steplib.split_model(model, trainable)
         self.tx, self.schedule = optimizer(cfg, self.total_steps)
-        self.state = steplib.init_state(params, buffers, self.tx)
+        self.state = steplib.init_state(params, buffers, self.tx, self.mesh)
         self.opts = steplib.StepOptions(
             task=self.task, bias_update_rate=cfg.bias_update_rate if _has_routing_bias(mcfg) else 0.0,
-            aux_loss_alpha=_aux_alpha(cfg, self.model_path), seq_aux=_seq_aux(cfg, self.model_path))
+            aux_loss_alpha=_aux_alpha(cfg, self.model_path), seq_aux=_seq_aux(cfg, self.model_path),
+            mtp_loss_weight=cfg.mtp_loss_weight)
         self._step_fn, self._eval_fn = steplib.compile_steps(self.graphdef, self.tx, self.opts, self.state,
                                                              self.frozen)
         self.position = 0  # micro-batches consumed
@@ -186,6 +192,9 @@ class Trainer:
             out["expert_load"] = frac.mean(0)  # per expert, averaged over MoE layers
             out["expert_load_max_over_mean"] = float((frac.max(-1) * frac.shape[-1]).mean())
             out["expert_load_cv"] = float((frac.std(-1) / np.maximum(frac.mean(-1), 1e-12)).mean())
+        if "mtp_loss" in metrics:
+            out["mtp_loss"] = float(np.mean(metrics["mtp_loss"]))
+            out["mtp_accuracy"] = float(np.mean(metrics["mtp_accuracy"]))
         return out
 
     def evaluate(self) -> dict:
@@ -198,14 +207,19 @@ class Trainer:
         except DataError as e:
             raise TrainError(f"--eval-data: {e}") from None
         n = min(n, self.config.eval_batches or n)
-        total, count, correct = 0.0, 0, 0
+        total, count, correct, mtp = 0.0, 0, 0, 0.0
         for i in range(n):
             out = jax.device_get(self._eval_fn(self.state, self.frozen,
                                                steplib.put_batch(self.eval_data.batch(i, b), self.mesh, micro=False)))
             total, count, correct = total + float(out["loss_sum"]), count + int(out["tokens"]), \
                 correct + int(out["correct"])
+            mtp = mtp + np.asarray(out.get("mtp", 0.0), np.float64)
         loss = total / max(count, 1)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(count, 1)}
+        result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": correct / max(count, 1)}
+        if np.ndim(mtp):  # per depth: CE, and top-1 accuracy = the greedy draft acceptance rate
+            result["eval_mtp_loss"] = float(np.mean(mtp[:, 0] / np.maximum(mtp[:, 1], 1)))
+            result["eval_mtp_acceptance"] = float(np.mean(mtp[:, 2] / np.maximum(mtp[:, 1], 1)))
+        return result
 
     def save(self, wait: bool = False) -> None:
         meta = dict(self.identity, step=self.step_count, data_position=self.position, seed=self.config.seed,
@@ -272,16 +286,19 @@ def train(config: TrainConfig) -> Trainer:
     return trainer
 
 
-def init_from_config(path: str, dtype, mesh, *, seed: int = 0):
+def init_from_config(path: str, dtype, mesh, *, seed: int = 0, mtp: bool = False):
     """Training from scratch: the model config.json in `path` describes, freshly initialised (normal with the
-    config's initializer_range, created under jit with its final shardings); weight files there are ignored."""
+    config's initializer_range, created under jit with its final shardings); weight files there are ignored.
+    mtp: build the config's multi-token-prediction layers too (num_nextn_predict_layers; only when their loss
+    trains them, so an export never ships an untrained MTP layer)."""
     from jaxmodels.config import load_config
+    from jaxmodels.convert.keymap import mtp_layers
     from jaxmodels.model import init_model
 
     mcfg = load_config(path)
     if any(n.endswith(".safetensors") for n in os.listdir(path)):
         log.warning("--init-from-config: ignoring the weights in %s (training from a fresh initialisation)", path)
-    return init_model(mcfg, mesh, dtype, seed=seed)
+    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=len(mtp_layers(mcfg)) if mtp else 0)
 
 
 def default_lora_targets(cfg) -> tuple[str, ...]:

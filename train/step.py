@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
+from jaxmodels.layers.mtp import mtp_loss_terms, mtp_targets, num_mtp_layers
 from jaxmodels.train.loss import balance_loss, classification_loss, shift_labels, token_cross_entropy
 from jaxmodels.train.optim import update_routing_bias
 
@@ -44,6 +45,7 @@ class StepOptions:
     aux_loss_alpha: float = 0.0  # expert-balance loss weight (0: off)
     seq_aux: bool = True  # balance loss per sequence (DeepSeek-V2 seq_aux, V3) or over the batch
     bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing (0: off)
+    mtp_loss_weight: float = 0.0  # lambda x mean multi-token-prediction cross-entropy over depths (0: off)
 
 
 def split_model(model, trainable_filter=nnx.Param):
@@ -53,12 +55,14 @@ def split_model(model, trainable_filter=nnx.Param):
 
 
 def _forward(model, batch: dict, opts: StepOptions):
-    """Loss pieces of one micro-batch: (summed loss, counted targets, correct targets, router stats, valid)."""
+    """Loss pieces of one micro-batch: (summed loss, counted targets, correct targets, router stats, valid,
+    MTP terms: [(summed CE, counted targets, top-1 right) per depth] or [])."""
     if opts.task == "causal_lm":
         seg = batch["segment_ids"]
         h, stats = model.hidden(batch["input_ids"], positions=batch["positions"], segment_ids=seg, return_stats=True)
         total, count, correct = token_cross_entropy(model, h, shift_labels(batch["labels"]))
-        return total, count, correct, stats, seg != 0
+        mtp = mtp_loss_terms(model, h, batch, ce=token_cross_entropy) if opts.mtp_loss_weight else []
+        return total, count, correct, stats, seg != 0, mtp
     mask = batch["attention_mask"]
     h, stats = model.hidden(batch["input_ids"], mask, return_stats=True)
     logits = model.head_output(h, batch["input_ids"])
@@ -67,7 +71,7 @@ def _forward(model, batch: dict, opts: StepOptions):
     if model.config.num_labels > 1:
         labels = batch["labels"]
         correct = ((jnp.argmax(logits, -1) == labels) & (labels != -100)).sum()
-    return total, count, correct, stats, mask != 0
+    return total, count, correct, stats, mask != 0, []
 
 
 def count_targets(batch: dict, task: str, num_labels: int) -> jax.Array:
@@ -78,6 +82,12 @@ def count_targets(batch: dict, task: str, num_labels: int) -> jax.Array:
     if num_labels == 1:
         return jnp.asarray(labels.size, jnp.int32)
     return (labels != -100).sum()
+
+
+def count_mtp_targets(batch: dict, depth: int) -> jax.Array:
+    """Targets of MTP depth `depth` in a batch [micro-batches, rows, seq] (see jaxmodels.layers.mtp)."""
+    flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("labels", "segment_ids")}
+    return (mtp_targets(flat["labels"], depth, flat["segment_ids"]) != -100).sum()
 
 
 def _set_bias(buffers, update):
@@ -95,37 +105,43 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
     cfg = nnx.merge(graphdef, params, frozen, buffers).config
     n_targets = jnp.maximum(count_targets(batch, opts.task, cfg.num_labels), 1).astype(jnp.float32)
     k = next(iter(batch.values())).shape[0]
+    depths = num_mtp_layers(nnx.merge(graphdef, params, frozen, buffers)) if opts.mtp_loss_weight else 0
+    # Each depth's CE is averaged over the whole step's targets of that depth (exact under accumulation).
+    n_mtp = [jnp.maximum(count_mtp_targets(batch, d), 1).astype(jnp.float32) for d in range(depths)]
 
     def micro_loss(p, micro):
         model = nnx.merge(graphdef, p, frozen, buffers)
-        total, count, correct, stats, valid = _forward(model, micro, opts)
+        total, count, correct, stats, valid, mtp = _forward(model, micro, opts)
         objective = total / n_targets
+        if mtp:
+            objective += opts.mtp_loss_weight * sum(t / n for (t, _, _), n in zip(mtp, n_mtp)) / len(mtp)
+        mtp_sums = jnp.asarray([[t, c, r] for t, c, r in mtp], jnp.float32).reshape(len(mtp), 3)
         aux = jnp.zeros((), jnp.float32)
         if stats is not None and opts.aux_loss_alpha:
             aux = opts.aux_loss_alpha * balance_loss(stats, valid, cfg.num_experts_per_tok,
                                                      per_sequence=opts.seq_aux) / k
         load = None if stats is None else stats["load"].sum(1)  # [moe layers, experts]
-        return objective + aux, (total, count, correct, aux, load)
+        return objective + aux, (total, count, correct, aux, load, mtp_sums)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
     def accumulate(carry, micro):
-        grads, total, count, correct, aux, load = carry
-        g, (t, c, r, a, l) = grad_fn(params, micro)
+        grads, total, count, correct, aux, load, mtp = carry
+        g, (t, c, r, a, l, m) = grad_fn(params, micro)
         grads = jax.tree.map(jnp.add, grads, g)
         load = None if l is None else load + l
-        return (grads, total + t, count + c, correct + r, aux + a, load), None
+        return (grads, total + t, count + c, correct + r, aux + a, load, mtp + m), None
 
     if k == 1:  # no accumulator: one gradient buffer fewer
-        grads, (total, count, correct, aux, load) = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+        grads, (total, count, correct, aux, load, mtp) = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
     else:
         zeros = jax.tree.map(jnp.zeros_like, params)
         load0 = None
         if isinstance(cfg, DeepseekConfig) and cfg.num_moe_layers:
             load0 = jnp.zeros((cfg.num_moe_layers, cfg.n_routed_experts), jnp.float32)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                jnp.zeros((), jnp.float32), load0)
-        (grads, total, count, correct, aux, load), _ = jax.lax.scan(accumulate, init, batch)
+                jnp.zeros((), jnp.float32), load0, jnp.zeros((depths, 3), jnp.float32))
+        (grads, total, count, correct, aux, load, mtp), _ = jax.lax.scan(accumulate, init, batch)
 
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -136,6 +152,9 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
                "tokens": count, "accuracy": correct / jnp.maximum(count, 1)}
     if load is not None:
         metrics["expert_load"] = load
+    if depths:  # per depth: mean CE and top-1 accuracy (= the greedy draft acceptance rate)
+        metrics["mtp_loss"] = mtp[:, 0] / jnp.maximum(mtp[:, 1], 1)
+        metrics["mtp_accuracy"] = mtp[:, 2] / jnp.maximum(mtp[:, 1], 1)
     new_state = {"params": params, "opt_state": opt_state, "buffers": buffers, "step": state["step"] + 1}
     return new_state, metrics
 
@@ -143,8 +162,11 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
 def eval_step(graphdef, opts: StepOptions, state: dict, frozen, batch: dict):
     """Summed loss, counted targets and correct targets of one batch [rows, ...] (no gradient)."""
     model = nnx.merge(graphdef, state["params"], frozen, state["buffers"])
-    total, count, correct, _, _ = _forward(model, batch, opts)
-    return {"loss_sum": total, "tokens": count, "correct": correct}
+    total, count, correct, _, _, mtp = _forward(model, batch, opts)
+    out = {"loss_sum": total, "tokens": count, "correct": correct}
+    if mtp:
+        out["mtp"] = jnp.asarray([[t, c, r] for t, c, r in mtp], jnp.float32)  # [depths, (sum, count, right)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,10 +199,16 @@ def check_batch_fits_mesh(rows: int, mesh) -> None:
                          f"use a multiple of {ways} or a mesh with fewer data/fsdp/expert devices")
 
 
-def init_state(params, buffers, tx) -> dict:
+def init_state(params, buffers, tx, mesh=None) -> dict:
     """The train state on the parameters' devices: optimizer state created from (so placed like) them."""
     opt_state = jax.jit(tx.init)(params)
-    return {"params": params, "opt_state": opt_state, "buffers": buffers, "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": opt_state, "buffers": buffers, "step": jnp.zeros((), jnp.int32)}
+    if mesh is None:
+        return state
+    # Commit every leaf (uncommitted ones, e.g. the step counters, replicated on the mesh): the jitted step
+    # returns committed arrays, so an uncommitted first input would compile the step a second time.
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding if x.committed else replicated), state)
 
 
 def state_shardings(state) -> Any:
