@@ -18,6 +18,7 @@ several, each completion is printed when done.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxmodels.units import DTYPES
@@ -133,7 +134,21 @@ class _Printer:
         self.shown = text
 
 
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def _fast_compile_for_the_embedded_model(args) -> None:
+    """The embedded model is tiny: compiling its programs with LLVM's full optimisation takes most of the
+    first command's time (measured on 2 CPU cores: 19 s -> 11 s end to end, same tokens), and the compiled
+    code's speed does not matter at this size. XLA reads XLA_FLAGS when the backend starts, so this only
+    acts in a fresh process (the CLI), and never when the user set the flag or chose a --model."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if args.model is None and "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
+
+
 def run(args) -> int:
+    _fast_compile_for_the_embedded_model(args)
     from jaxmodels.convert.keymap import CheckpointError
     from jaxmodels.config import ConfigError
     from jaxmodels.generate import GenerationError, generate
