@@ -7,7 +7,8 @@
 --out (the weights ship in bf16), 3. the tokenizer files and a generation_config.json beside them,
 4. heldout_sample.jsonl: the held-out files of 1-4 KB (a few KB the tests re-measure), 5. eval.json: held-out
 loss and bits per byte of the shipped (bf16) weights on all held-out files and on the sample, with the
-gzip -9 / xz -9e baselines (benchmarks/default_model/evaluate.py), 6. sizes. MODEL_CARD.md is written by hand
+gzip -9 / xz -9e baselines (benchmarks/default_model/evaluate.py) and, with an MTP layer, the greedy
+speculative-decoding acceptance rate from held-out prompts, 6. sizes. MODEL_CARD.md is written by hand
 from eval.json and the run's metrics.jsonl.
 """
 
@@ -80,6 +81,21 @@ def main(argv=None) -> int:
         "weights": "bf16 on disk, evaluated in float32 (jaxmodels.from_pretrained(dir, jnp.float32))",
         "data": {k: base[k] for k in ("python", "held_out_rule", "train", "heldout", "vocab_size")},
     }
+    from jaxmodels.layers.mtp import num_mtp_layers
+    if num_mtp_layers(model):
+        # Greedy self-speculative decoding from every held-out file's first 128 tokens (64 new tokens each):
+        # the share of MTP drafts the main model accepts.
+        import numpy as np
+        accepted = drafted = steps = new = 0
+        for r in heldout:
+            ids = np.asarray([tok.encode(r["text"])[:128]])
+            _, st = jaxmodels.generate(model, ids, max_new_tokens=64, eos_token_id=[], speculative=True,
+                                       return_stats=True)
+            accepted, drafted = accepted + int(st["accepted"]), drafted + int(st["drafted"])
+            steps, new = steps + int(st["steps"]) + 1, new + int(st["new_tokens"])
+        result["mtp_speculative"] = {"prompts": len(heldout), "prompt_tokens": 128, "new_tokens": new,
+                                     "forward_passes": steps, "accepted": accepted, "drafted": drafted,
+                                     "acceptance_rate": accepted / max(drafted, 1)}
     sizes = {n: os.path.getsize(os.path.join(args.out, n)) for n in sorted(os.listdir(args.out))}
     result["bytes_on_disk"] = dict(sizes, total=sum(sizes.values()))
     with open(os.path.join(args.out, "eval.json"), "w") as f:
