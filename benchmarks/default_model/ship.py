@@ -25,6 +25,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_BYTES = (1024, 4096)  # held-out files this size go into the shipped sample
 
 
+def export_trained(run_dir: str, out_dir: str) -> None:
+    """`jaxmodels export RUN OUT` (train.export.export_run) for a from-scratch run, tolerating one known
+    trainer bug: train/step.py's `_set_bias` applies the main MoE layers' balancing update ([moe layers,
+    experts]) to every routing bias, so the MTP layer's bias ([1, experts]) is broadcast to [moe layers,
+    experts] after the first step. The MTP forward reads row `depth` of it (jaxmodels.layers.mtp._layer), so
+    that row is what was trained with; it is exported. Remove once step.py updates only its own layers."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmodels.convert.hf import save_pretrained
+    from jaxmodels.train.checkpoint import Checkpoints
+    from jaxmodels.train.export import TOKENIZER_FILES
+    from jaxmodels.train.loop import CONFIG_FILE, build_mesh, init_from_config
+    from jaxmodels.train.step import split_model
+
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        run_cfg = json.load(f)
+    assert run_cfg["init_from_config"] and not run_cfg.get("lora_rank"), "a from-scratch full training run"
+    ckpts = Checkpoints(run_dir, read_only=True)
+    step = ckpts.all_steps()[-1]
+    base = ckpts.read_meta(step)["model"]
+    model = init_from_config(base, jnp.float32, build_mesh(None), mtp=bool(run_cfg.get("mtp_loss_weight")))
+    _, params, _, buffers = split_model(model, nnx.Param)
+    with open(os.path.join(run_dir, "checkpoints", str(step), "buffers", "_METADATA")) as f:
+        stored = {k: v["value_metadata"]["write_shape"] for k, v in json.load(f)["tree_metadata"].items()}
+
+    def names(path):
+        return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+    def as_stored(path, x):
+        shape = tuple(stored[str(names(path))])
+        return x if shape == x.shape else jnp.zeros(shape, x.dtype)
+
+    target = jax.tree_util.tree_map_with_path(as_stored, buffers)
+    restored = ckpts.restore(step, {"params": params, "buffers": target}, items=("params", "buffers"))
+    fixed = jax.tree_util.tree_map_with_path(lambda p, x, ref: x[:ref.shape[0]] if x.shape != ref.shape else x,
+                                             restored["buffers"], buffers)
+    nnx.update(model, restored["params"], fixed)
+    ckpts.close()
+    save_pretrained(model, out_dir, progress=False)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(base, name)):
+            shutil.copy2(os.path.join(base, name), out_dir)
+    print(f"exported step {step} of {run_dir}")
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     import jax.numpy as jnp
@@ -33,7 +80,7 @@ def main(argv=None) -> int:
     from evaluate import heldout_metrics
     from jaxmodels.convert.hf import convert_checkpoint
     from jaxmodels.tokenizer import Tokenizer
-    from jaxmodels.train.export import TOKENIZER_FILES, export_run
+    from jaxmodels.train.export import TOKENIZER_FILES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="the `jaxmodels train` run directory")
@@ -47,7 +94,7 @@ def main(argv=None) -> int:
         if name not in keep:
             os.remove(os.path.join(args.out, name))
     with tempfile.TemporaryDirectory() as tmp:
-        export_run(args.run, os.path.join(tmp, "f32"), progress=False)
+        export_trained(args.run, os.path.join(tmp, "f32"))
         convert_checkpoint(os.path.join(tmp, "f32"), os.path.join(tmp, "bf16"), jnp.bfloat16, progress=False)
         for name in os.listdir(os.path.join(tmp, "bf16")):
             shutil.copy2(os.path.join(tmp, "bf16", name), args.out)
