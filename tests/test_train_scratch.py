@@ -62,3 +62,47 @@ def test_from_scratch_flag_parses_and_rejects_lora(tmp_path):
     with pytest.raises(TrainError, match="init-from-config"):
         config_from_args(p.parse_args(["--model", "m", "--data", data, "--out", str(tmp_path), "--steps", "1",
                                        "--init-from-config", "--lora-rank", "4"]))
+
+
+def _mtp_run(tmp_path, bias_update_rate):
+    from jaxmodels.train import TrainConfig, Trainer
+
+    path = os.path.join(tmp_path, "scratch-mtp")
+    CONFIG_CLASSES["deepseek_v3"](**TINY["deepseek_v3"], initializer_range=0.02,
+                                  num_nextn_predict_layers=1).save_pretrained(path)
+    add_word_tokenizer(path)
+    cfg = TrainConfig(model=path, data=_data(tmp_path), out=os.path.join(tmp_path, "run-mtp"), steps=3,
+                      batch_size=2, seq_len=32, lr=1e-2, warmup=0, init_from_config=True, mtp_loss_weight=0.3,
+                      bias_update_rate=bias_update_rate, dtype="float32", progress=False)
+    trainer = Trainer(cfg)
+    for _ in range(3):
+        m = trainer.step()
+    assert "mtp_loss" in m and math.isfinite(m["mtp_loss"])
+    trainer.save(wait=True)
+    return trainer
+
+
+def test_from_scratch_with_mtp_trains_and_exports_the_mtp_layer(tmp_path):
+    import jaxmodels
+    from jaxmodels.layers.mtp import num_mtp_layers
+    from jaxmodels.train import export_run
+
+    trainer = _mtp_run(tmp_path, bias_update_rate=0.0)
+    out = export_run(trainer.config.out, os.path.join(tmp_path, "hf"), progress=False)
+    loaded = jaxmodels.from_pretrained(out, progress=False)
+    assert num_mtp_layers(loaded) == 1
+    ids = np.arange(3, 19)[None]
+    np.testing.assert_allclose(np.asarray(loaded(ids).logits), np.asarray(trainer.model()(ids).logits), atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="train/step.py _set_bias applies the main MoE layers' balancing update "
+                   "[moe layers, experts] to the MTP layer's routing bias [1, experts] too (broadcast to [moe layers, "
+                   "experts]), so the run's checkpoint no longer restores into the model; benchmarks/default_model/"
+                   "ship.py works around it. Remove the xfail when step.py updates each bias from its own loads.")
+def test_mtp_routing_bias_keeps_its_shape_under_balancing(tmp_path):
+    from jaxmodels.train import export_run
+
+    trainer = _mtp_run(tmp_path, bias_update_rate=1e-3)
+    bias = trainer.state["buffers"]["model"]["mtp_layers"]["layers"]["mlp"]["gate"]["e_score_correction_bias"]
+    assert bias.shape == (1, TINY["deepseek_v3"]["n_routed_experts"]), bias.shape
+    export_run(trainer.config.out, os.path.join(tmp_path, "hf"), progress=False)
