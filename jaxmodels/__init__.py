@@ -10,6 +10,14 @@ from jaxmodels.sharding import make_mesh
 __version__ = "0.1.0"
 
 
+def default_model_dir() -> str:
+    """The embedded default model: a Hugging Face checkpoint directory inside the installed package (a small
+    DeepSeek-V3 trained on Python's standard library by `jaxmodels train`; see its MODEL_CARD.md)."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
+
 def from_pretrained(name_or_path, dtype=None, **kwargs):
     """Loads a Hugging Face checkpoint directory (or hub id, when online). See jaxmodels.convert.hf.from_pretrained."""
     from jaxmodels.convert.hf import from_pretrained as _load  # the model library itself knows nothing of files
@@ -24,6 +32,6 @@ def save_pretrained(model, out_dir, **kwargs):
     return _save(model, out_dir, **kwargs)
 
 
-__all__ = ["generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
+__all__ = ["default_model_dir", "generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
            "ModelOutput", "DeepseekV2Config", "DeepseekV3Config", "StableLmConfig", "ConfigError", "load_config",
            "config_from_hf", "abstract_model", "init_model", "make_mesh"]

@@ -5,7 +5,7 @@
                   [--schedule cosine|linear|constant] [--weight-decay 0.1] [--clip 1.0] [--grad-accum K]
                   [--lora-rank R --lora-alpha A --lora-targets q_b_proj,kv_b_proj,o_proj,...]
                   [--mesh fsdp=8,expert=2] [--dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
-                  [--log-every N] [--seed S] [--resume] [--mtp-loss-weight 0.1]
+                  [--log-every N] [--seed S] [--resume] [--mtp-loss-weight 0.1] [--init-from-config]
 
 Records: {"text"} | {"prompt", "completion"} | {"messages"} (chat template; loss on assistant turns) for
 language models; {"text", "label"} / {"text", "labels"} for the classification heads. See README
@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (and at the end)")
     p.add_argument("--eval-batches", type=int, help="evaluate on at most this many batches")
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation")
+    p.add_argument("--init-from-config", action="store_true",
+                   help="train from scratch: initialise the model --model's config.json describes (its tokenizer is "
+                        "used; weights there are ignored)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--bias-update-rate", type=float, default=1e-3,
                    help="DeepSeek-V3 aux-loss-free balancing rate (0: off)")
@@ -77,7 +80,8 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         lora_targets=None if not args.lora_targets else tuple(t.strip() for t in args.lora_targets.split(",") if t),
         mesh=args.mesh, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, seed=args.seed, resume=args.resume, bias_update_rate=args.bias_update_rate,
+        eval_batches=args.eval_batches, seed=args.seed, resume=args.resume,
+        init_from_config=args.init_from_config, bias_update_rate=args.bias_update_rate,
         aux_loss_alpha=args.aux_loss_alpha, mtp_loss_weight=args.mtp_loss_weight, progress=not args.quiet)
 
 

@@ -54,6 +54,9 @@ class TrainConfig:
     eval_batches: int | None = None  # default: the whole eval file
     seed: int = 0
     resume: bool = False
+    # Train from scratch: initialise from the model directory's config.json (init_model) instead of loading
+    # its weights; the directory still provides the tokenizer.
+    init_from_config: bool = False
     # MoE: DeepSeek-V3's auxiliary-loss-free balancing (bias += rate * sign(mean load - load) after each
     # step; 0 turns it off), and the balance losses (None: the checkpoint's aux_loss_alpha / seq_aux).
     bias_update_rate: float = 1e-3
@@ -100,6 +103,8 @@ class TrainConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) is not None and str(getattr(self, name)).lower() not in DTYPES:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        if self.init_from_config and self.lora_rank is not None:
+            raise TrainError("--init-from-config with --lora-rank would train adapters over random weights; drop one")
         if (self.lora_alpha is not None or self.lora_targets is not None) and self.lora_rank is None:
             raise TrainError("--lora-alpha / --lora-targets need --lora-rank R")
         for name in ("data", "eval_data"):

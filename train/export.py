@@ -45,7 +45,12 @@ def load_run(run_dir: str, step: int | None = None):
     base = meta["model"]
     lora = meta.get("lora")
     param_dtype = run_cfg.get("param_dtype") or ("bf16" if lora else "float32")
-    model = from_pretrained(base, DTYPES[param_dtype.lower()], progress=False)
+    if run_cfg.get("init_from_config"):  # trained from scratch: the base directory holds no weights
+        from jaxmodels.train.loop import build_mesh, init_from_config
+        model = init_from_config(base, DTYPES[param_dtype.lower()], build_mesh(None),
+                                 mtp=bool(run_cfg.get("mtp_loss_weight")))
+    else:
+        model = from_pretrained(base, DTYPES[param_dtype.lower()], progress=False)
     if lora:
         from jaxmodels.train.lora import add_lora
         add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])

@@ -88,7 +88,10 @@ class Trainer:
         from jaxmodels.convert.hf import from_pretrained, resolve_checkpoint
         self.model_path = resolve_checkpoint(cfg.model) if model is None else cfg.model
         param_dtype = DTYPES[(cfg.param_dtype or ("bf16" if cfg.lora else "float32")).lower()]
-        if model is None:
+        if model is None and cfg.init_from_config:
+            model = init_from_config(self.model_path, param_dtype, self.mesh, seed=cfg.seed,
+                                     mtp=bool(cfg.mtp_loss_weight))
+        elif model is None:
             model = from_pretrained(self.model_path, param_dtype, mesh=self.mesh, progress=cfg.progress)
         else:
             sharding.shard_model(model, self.mesh)
@@ -283,6 +286,21 @@ def train(config: TrainConfig) -> Trainer:
     return trainer
 
 
+def init_from_config(path: str, dtype, mesh, *, seed: int = 0, mtp: bool = False):
+    """Training from scratch: the model config.json in `path` describes, freshly initialised (normal with the
+    config's initializer_range, created under jit with its final shardings); weight files there are ignored.
+    mtp: build the config's multi-token-prediction layers too (num_nextn_predict_layers; only when their loss
+    trains them, so an export never ships an untrained MTP layer)."""
+    from jaxmodels.config import load_config
+    from jaxmodels.convert.keymap import mtp_layers
+    from jaxmodels.model import init_model
+
+    mcfg = load_config(path)
+    if any(n.endswith(".safetensors") for n in os.listdir(path)):
+        log.warning("--init-from-config: ignoring the weights in %s (training from a fresh initialisation)", path)
+    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=len(mtp_layers(mcfg)) if mtp else 0)
+
+
 def default_lora_targets(cfg) -> tuple[str, ...]:
     """Every attention projection and every dense/shared MLP projection (not the routed experts)."""
     if isinstance(cfg, DeepseekConfig):
@@ -331,4 +349,4 @@ def _norm(v):
     return json.loads(json.dumps(v))
 
 
-__all__ = ["Trainer", "train", "build_mesh", "default_lora_targets", "ConfigError"]
+__all__ = ["Trainer", "train", "build_mesh", "init_from_config", "default_lora_targets", "ConfigError"]
