@@ -46,9 +46,9 @@ VARIANTS = ["dense", "mgpu", "mgpu-m64", "xla", "xla-cudnn"]
 BWD_VARIANTS = ["dense", "mgpu", "mgpu-xla-drhs", "xla", "xla-cudnn"]
 
 
-def worker(variant: str, shape: str, reps: int, backward: bool = False) -> dict:
-    if backward:
-        return backward_worker(variant, shape, reps)
+def inputs(shape: str):
+    """(rows, group sizes (numpy), key, lhs [rows, hidden] bf16, rhs [experts, hidden, inter] bf16): uniform
+    random routing of `tokens` x top-k slots."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -60,6 +60,18 @@ def worker(variant: str, shape: str, reps: int, backward: bool = False) -> dict:
     key = jax.random.key(0)
     lhs = (jax.random.normal(key, (m, hidden), jnp.float32) * 0.1).astype(jnp.bfloat16)
     rhs = (jax.random.normal(jax.random.fold_in(key, 1), (e, hidden, inter), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    return m, sizes, key, lhs, rhs
+
+
+def worker(variant: str, shape: str, reps: int, backward: bool = False) -> dict:
+    if backward:
+        return backward_worker(variant, shape, reps)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    e, hidden, inter, k, tokens = SHAPES[shape]
+    m, sizes, key, lhs, rhs = inputs(shape)
     gs = jnp.asarray(sizes)
     if variant == "dense":
         fn = jax.jit(lambda a, b, g: a @ b[0])
@@ -107,12 +119,7 @@ def backward_worker(variant: str, shape: str, reps: int) -> dict:
     from jaxmodels.layers import moe
 
     e, hidden, inter, k, tokens = SHAPES[shape]
-    m = tokens * k
-    rng = np.random.default_rng(0)
-    sizes = np.bincount(rng.integers(0, e, m), minlength=e).astype(np.int32)
-    key = jax.random.key(0)
-    lhs = (jax.random.normal(key, (m, hidden), jnp.float32) * 0.1).astype(jnp.bfloat16)
-    rhs = (jax.random.normal(jax.random.fold_in(key, 1), (e, hidden, inter), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    m, sizes, key, lhs, rhs = inputs(shape)
     cot = (jax.random.normal(jax.random.fold_in(key, 2), (m, inter), jnp.float32) * 0.1).astype(jnp.bfloat16)
     gs = jnp.asarray(sizes)
     if variant == "dense":

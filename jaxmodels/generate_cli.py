@@ -75,8 +75,6 @@ def load(model: str, dtype: str | None):
     if model is None:
         from jaxmodels import default_model_dir
         model = default_model_dir()
-    import jax.numpy as jnp
-
     from jaxmodels.convert.hf import from_pretrained, resolve_checkpoint
     from jaxmodels.tokenizer import Tokenizer
 

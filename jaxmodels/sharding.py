@@ -28,7 +28,7 @@ import contextvars
 import functools
 import math
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

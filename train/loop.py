@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from jaxmodels import sharding
 from jaxmodels.config import ConfigError, DeepseekConfig
 from jaxmodels.layers.mtp import num_mtp_layers
-from jaxmodels.model import model_class
 from jaxmodels.train import step as steplib
 from jaxmodels.train.checkpoint import Checkpoints
 from jaxmodels.train.config import TrainConfig, TrainError, check_out_dir

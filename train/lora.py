@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
-from jaxmodels.convert.keymap import layer_stack, stack_offset
+from jaxmodels.convert.keymap import stack_offset
 from jaxmodels.layers.linear import Linear, LoRAParam
 from jaxmodels.layers.moe import Experts
 
