@@ -25,7 +25,9 @@ def load_run(run_dir: str, step: int | None = None):
     from jaxmodels.convert.hf import from_pretrained
     from jaxmodels.train.checkpoint import Checkpoints
     from jaxmodels.train.config import TrainError
-    from jaxmodels.train.loop import CONFIG_FILE, _lora_filter
+    from jaxmodels.layers.linear import LoRAParam
+    from jaxmodels.train.loop import CONFIG_FILE
+    from jaxmodels.train.lora import add_lora
     from jaxmodels.train.step import split_model
     from jaxmodels.units import DTYPES
 
@@ -52,9 +54,8 @@ def load_run(run_dir: str, step: int | None = None):
     else:
         model = from_pretrained(base, DTYPES[param_dtype.lower()], progress=False)
     if lora:
-        from jaxmodels.train.lora import add_lora
         add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
-    _, params, _, buffers = split_model(model, _lora_filter() if lora else nnx.Param)
+    _, params, _, buffers = split_model(model, LoRAParam if lora else nnx.Param)
     restored = ckpts.restore(step, {"params": params, "buffers": buffers}, items=("params", "buffers"))
     nnx.update(model, restored["params"], restored["buffers"])
     ckpts.close()

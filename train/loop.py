@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 
 from jaxmodels import sharding
 from jaxmodels.config import ConfigError, DeepseekConfig
+from jaxmodels.layers.linear import LoRAParam
 from jaxmodels.layers.mtp import num_mtp_layers
 from jaxmodels.train import step as steplib
 from jaxmodels.train.checkpoint import Checkpoints
 from jaxmodels.train.config import TrainConfig, TrainError, check_out_dir
 from jaxmodels.train.data import DataError, TrainData
+from jaxmodels.train.lora import add_lora, lora_config
 from jaxmodels.train.metrics import MetricsLog, flops_per_token, peak_flops
 from jaxmodels.train.optim import optimizer
 from jaxmodels.units import DTYPES
@@ -106,12 +108,11 @@ class Trainer:
         model.remat = cfg.remat
         self.task = "causal_lm" if model.head in ("causal_lm", "base") else model.head
         if cfg.lora:
-            from jaxmodels.train.lora import add_lora
             targets = cfg.lora_targets or default_lora_targets(mcfg)
             add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank, targets=targets,
                      seed=cfg.seed)
             sharding.shard_model(model, self.mesh)
-        self.lora = lora_settings(model) if cfg.lora else None
+        self.lora = lora_config(model) if cfg.lora else None
 
         # ---- data ----
         pad = mcfg.pad_token_id
@@ -130,7 +131,7 @@ class Trainer:
             print(f"data: {self.data.describe()}; {per_epoch} batches of {cfg.batch_size} per epoch", file=sys.stderr)
 
         # ---- optimizer, state, compiled steps ----
-        trainable = _lora_filter() if cfg.lora else nnx.Param
+        trainable = LoRAParam if cfg.lora else nnx.Param
         self.graphdef, params, self.frozen, buffers = steplib.split_model(model, trainable)
         self.tx, self.schedule = optimizer(cfg, self.total_steps)
         self.state = steplib.init_state(params, buffers, self.tx, self.mesh)
@@ -306,16 +307,6 @@ def default_lora_targets(cfg) -> tuple[str, ...]:
         attn = ("q_proj",) if cfg.q_lora_rank is None else ("q_a_proj", "q_b_proj")
         return attn + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_settings(model) -> dict:
-    from jaxmodels.train.lora import lora_config
-    return lora_config(model)
-
-
-def _lora_filter():
-    from jaxmodels.layers.linear import LoRAParam
-    return LoRAParam
 
 
 def _has_routing_bias(cfg) -> bool:
