@@ -63,9 +63,11 @@ def median(xs):
 
 
 def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: str | None = None,
-                probe: str | None = None) -> dict:
+                probe: str | None = None, profile: str | None = None) -> dict:
     """probe (diagnostics): "sgd" swaps AdamW for plain SGD (isolates the optimizer's cost), "bf16-master"
-    keeps bf16 weights (isolates the float32 master weights' casts)."""
+    keeps bf16 weights (isolates the float32 master weights' casts). profile: a folder; two more steps run
+    under the jax profiler and the device-time breakdown (benchmarks/profile_summary.py) is printed and
+    written there as profile_<row>.md."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -118,6 +120,24 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
         if i == 0:
             print(f"[ours {row}] first step (compile) {times[0]:.1f}s, loss {losses[0]:.3f}", flush=True)
     dt = median(times[2:])
+    if profile:
+        import tempfile
+
+        from profile_summary import summarize, trace
+        holder = {"state": state}
+
+        def one_step():
+            holder["state"], m = step_fn(holder["state"], frozen, batch)
+            return m["loss"]
+
+        tmp = tempfile.mkdtemp(prefix="trace_")
+        trace(one_step, 2, tmp)
+        state = holder["state"]
+        text = f"## {row} (remat {remat}, attention {attention}, probe {probe}): step {dt * 1e3:.1f} ms\n\n" + summarize(tmp, 2)
+        print(text, flush=True)
+        os.makedirs(profile, exist_ok=True)
+        with open(os.path.join(profile, f"profile_{row.replace('/', '_')}{'_' + probe if probe else ''}.md"), "w") as f:
+            f.write(text + "\n")
     tok_s = b * s / dt
     fpt = flops_per_token(model, s, lora=bool(lora))
     peak = peak_flops()
@@ -177,7 +197,7 @@ def worker_hf(row: str, steps: int) -> dict:
 def run_worker(kind: str, row: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--rows", row, "--steps", str(args.steps),
            "--attention", args.attention] + (["--remat", args.remat] if args.remat else []) + (
-               ["--probe", args.probe] if args.probe else [])
+               ["--probe", args.probe] if args.probe else []) + (["--profile", args.profile] if args.profile else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -222,11 +242,12 @@ def main():
     p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (model.attention_impl)")
     p.add_argument("--remat", default=None, help="override the rows' jaxmodels remat policy")
     p.add_argument("--probe", choices=["sgd", "bf16-master"], help="diagnostics (see worker_ours)")
+    p.add_argument("--profile", help="folder: profile two extra steps of ours, write the device-time breakdown there")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     if args.worker:
-        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe) if args.worker == "ours"
+        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe, args.profile) if args.worker == "ours"
                   else worker_hf(rows[0], args.steps))
         print("RESULT " + json.dumps(result), flush=True)
         return
