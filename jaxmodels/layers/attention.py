@@ -9,7 +9,9 @@ from the platform and the shapes (`choose_implementation`), or takes an explicit
   on Hopper with cuDNN >= 9.10. The dense mask goes in as an additive bias; with `segment_ids` the
   kernel is also told the mask is causal, so it skips the blocks above the diagonal.
 * "cudnn_packed": cuDNN's packed (THD) layout: every run of equal segment ids becomes its own causal
-  sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper.
+  sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper. cuDNN sizes its work by
+  the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
+  a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device).
 * "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests). Needs `segment_ids`.
 
 The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
@@ -29,6 +31,10 @@ from jaxmodels.layers.norms import PerHeadLayerNorm
 from jaxmodels.layers.rope import apply_rope
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
+
+# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN; uncapped (seq runs per row) its
+# workspace ran out of memory at 8x1024 on an H100.
+PACKED_MAX_SEGMENTS = 64
 
 # Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
 _MIN_FUSED_QUERIES = 64
@@ -189,7 +195,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         if impl == "cudnn":
             return _cudnn_attention(q, k, v, mask, scale, causal=segment_ids is not None)
         if impl == "cudnn_packed":
-            return _cudnn_packed_attention(q, k, v, segment_ids, scale)
+            runs = 1 + jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1).max()
+            m = min(PACKED_MAX_SEGMENTS, s)
+            return jax.lax.cond(runs <= m,
+                                lambda: _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments=m),
+                                lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
         return _splash_attention(q, k, v, segment_ids, scale, interpret=jax.default_backend() != "tpu")
 
 
