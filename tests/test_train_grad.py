@@ -98,3 +98,39 @@ def test_loss_and_gradients_match_transformers(tmp_path, name, padding):
     errors = {k: np.abs(ours[k] - r).max() / max(np.abs(r).max(), 1e-12) for k, r in ref_grads.items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] < GRAD_TOL, f"{worst}: relative gradient error {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("family", ["stablelm", "deepseek_v3"])
+def test_cast_once_equals_cast_where_used(tmp_path, family):
+    """The train step casts float32 master weights to bf16 once, before the layer scan
+    (`step.compute_params`); the layers would otherwise cast each weight where they use it. Same loss, same
+    gradients (the gradient of a cast is a cast back), float32 gradients for every parameter. The one
+    difference: decode-sized MoE calls (fewer token-slots than experts, as in this tiny model) gather expert
+    rows, and the gradient of a gather from a bf16 table sums colliding rows in bf16."""
+    import jax.numpy as jnp
+
+    from jaxmodels.train import step as steplib
+    from jaxmodels.train.loss import shift_labels, token_cross_entropy
+
+    path, _ = make_checkpoint(tmp_path, family)
+    model = jaxmodels.from_pretrained(path, jnp.float32, progress=False)
+    model.compute_dtype = jnp.bfloat16
+    graphdef, params, frozen, buffers = steplib.split_model(model)
+    cast = nnx.to_flat_state(steplib.compute_params(params, jnp.bfloat16))
+    kept = {".".join(map(str, p)) for p, v in cast if v.get_value().dtype == jnp.float32}
+    assert kept and all("embed_tokens" in k or "norm" in k or ".gate." in k for k in kept), kept
+    assert any(v.get_value().dtype == jnp.bfloat16 for _, v in cast)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, model.config.vocab_size, (2, 16)), jnp.int32)
+
+    def loss(p, once):
+        m = nnx.merge(graphdef, steplib.compute_params(p, jnp.bfloat16) if once else p, frozen, buffers)
+        total, count, _ = token_cross_entropy(m, m.hidden(ids), shift_labels(ids))
+        return total / count
+
+    (l0, g0), (l1, g1) = (jax.value_and_grad(loss)(params, once) for once in (False, True))
+    assert float(l0) == float(l1)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        assert b.dtype == np.float32
+        tol = 5e-3 if ".experts." in ".".join(map(str, p)) else 0.0
+        assert np.abs(a - b).max() <= tol * np.abs(a).max(), p

@@ -99,6 +99,34 @@ def _set_bias(buffers, update):
     return jax.tree_util.tree_map_with_path(one, buffers)
 
 
+# Parameters the forward pass does not simply cast to the compute dtype where it uses them: the router's
+# weight (logits in float32), the token embeddings (a bf16 table would sum its gradient over repeated tokens
+# in bf16), LayerNorm weights (StableLM's norms scale in float32) and LoRA adapters (their delta is formed
+# in float32). A leaf is kept when a name on its path is "gate" or contains one of the substrings.
+_KEEP_NAME, _KEEP_SUBSTRINGS = "gate", ("embed_tokens", "norm", "lora")
+
+
+def compute_params(params, compute_dtype):
+    """The parameters as the forward pass uses them: float32 master weights cast once to the compute dtype.
+
+    The layers cast each weight to the activations' dtype where they use it, so casting the whole stacked
+    tree once, before the layer scan, computes exactly the same values and gradients (the gradient of a cast
+    is a cast back). What it saves is per-layer work inside the scan: a cast of every layer's slice in the
+    forward and again in the backward, copies of the float32 slices, and float32 per-layer gradient writes
+    (the scan writes bf16 gradients; they become float32 once, where the optimizer reads them).
+    Leaves matched by _KEEP_NAME / _KEEP_SUBSTRINGS and non-float32 leaves are left as they are.
+    """
+    if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
+        return params
+
+    def one(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        keep = x.dtype != jnp.float32 or any(n == _KEEP_NAME or any(k in n for k in _KEEP_SUBSTRINGS)
+                                             for n in names)
+        return x if keep else x.astype(compute_dtype)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict):
     """state {"params", "opt_state", "buffers", "step"}; batch: arrays [micro-batches, rows, ...].
     Returns (new state, metrics dict of scalars and router loads)."""
@@ -112,7 +140,7 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
     n_mtp = [jnp.maximum(count_mtp_targets(batch, d), 1).astype(jnp.float32) for d in range(depths)]
 
     def micro_loss(p, micro):
-        model = nnx.merge(graphdef, p, frozen, buffers)
+        model = nnx.merge(graphdef, compute_params(p, whole.compute_dtype), frozen, buffers)
         total, count, correct, stats, valid, mtp = _forward(model, micro, opts)
         objective = total / n_targets
         if mtp:
