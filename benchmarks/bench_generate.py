@@ -36,7 +36,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 MODELS = {
     "deepseek-v2-lite": dict(
@@ -101,7 +101,11 @@ def param_counts(name: str) -> dict:
     from jaxmodels.model import abstract_model
     state = nnx.state(abstract_model(cfg, jnp.bfloat16))
     total = sum(math.prod(v.shape) for _, v in nnx.to_flat_state(state))
-    out = dict(total=total, embed=cfg.vocab_size * cfg.hidden_size, moe_layers=0, experts=0, expert=0, k=0)
+    heads = cfg.num_attention_heads
+    attn_dim = heads * ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2 if isinstance(
+        cfg, DeepseekConfig) else cfg.head_dim)  # per token and key: (q.k + p.v) / 2 multiply-adds per head
+    out = dict(total=total, embed=cfg.vocab_size * cfg.hidden_size, moe_layers=0, experts=0, expert=0, k=0,
+               attn_dim=attn_dim, layers=cfg.num_hidden_layers)
     if isinstance(cfg, DeepseekConfig) and cfg.is_moe:
         out.update(moe_layers=cfg.num_moe_layers, experts=cfg.n_routed_experts, k=cfg.num_experts_per_tok,
                    expert=3 * cfg.hidden_size * cfg.moe_intermediate_size)
@@ -109,6 +113,14 @@ def param_counts(name: str) -> dict:
     out["cache_bytes_per_token"] = bytes_per_token(cfg, jnp.bfloat16)
     del jax
     return out
+
+
+def prefill_flops_per_token(counts: dict, seq: int) -> float:
+    """Forward FLOPs per prompt token: 2 per weight the token uses (the k routed experts it picks, not the
+    embedding table) plus causal attention (2 matmuls over on average seq / 2 keys)."""
+    routed_total = counts["moe_layers"] * counts["experts"] * counts["expert"]
+    used = counts["total"] - routed_total - counts["embed"] + counts["moe_layers"] * counts["k"] * counts["expert"]
+    return 2 * used + 2 * 2 * counts["attn_dim"] * seq / 2 * counts["layers"]
 
 
 def decode_floor_bytes(counts: dict, batch: int, prompt: int = PROMPT, new: int = NEW) -> float:
@@ -226,6 +238,8 @@ def worker_ours(name: str, args) -> dict:
            "decode": {}, "compile_s": {}}
     print(f"[ours {name}] random init: {res['init_s']:.0f}s", flush=True)
     res["bandwidth_gbs"] = bandwidth_gbs()
+    from jaxmodels.train.metrics import peak_flops
+    res["peak_flops"] = peak_flops()
     rng = np.random.default_rng(0)
 
     for b, p in args.prefill:
@@ -269,6 +283,17 @@ def worker_ours(name: str, args) -> dict:
         step = (median(t_full) - median(t_one)) / (NEW - 1)
         print(f"[ours {name}{tag}] decode b{b}: {step * 1e3:.3f} ms/step, {b / step:.0f} tok/s "
               f"(first call {res['compile_s'][f'generate b{b}{tag}']:.0f}s)", flush=True)
+        if args.profile and not tag:
+            import tempfile
+
+            from profile_summary import summarize, trace
+            tmp = tempfile.mkdtemp(prefix="trace_")
+            trace(lambda: run(NEW), 1, tmp)  # per "step" below = per generate call: NEW decode steps + prefill
+            text = f"## {name} generate b{b} ({NEW} new tokens; divide by {NEW} for a decode step)\n\n" + summarize(tmp, 1)
+            print(text, flush=True)
+            if args.out:
+                with open(os.path.join(args.out, f"profile_{name}_b{b}.md"), "w") as f:
+                    f.write(text + "\n")
         return step
 
     for b in args.decode_batches:
@@ -342,16 +367,27 @@ def worker_hf(name: str, args) -> dict:
             ids = torch.randint(10, hf_cfg.vocab_size, (b, PROMPT), generator=g).to(dev)
             mask = torch.ones_like(ids)
 
-            def gen(k):
+            def gen(k, cache=None):
+                kw = {} if cache in (None, "dynamic") else {"cache_implementation": cache}
                 return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k,
-                                              do_sample=False, pad_token_id=0)
+                                              do_sample=False, pad_token_id=0, **kw)
 
-            timed(gen(2))
+            cache = args.hf_cache
+            try:  # transformers' static cache (and the compiled decode it turns on) where the model has one
+                timed(gen(2, cache))
+            except Exception as e:  # noqa: BLE001 - any failure: say so and use the dynamic cache
+                print(f"[hf {name}] cache_implementation={cache!r} failed ({type(e).__name__}: {str(e)[:120]}); "
+                      f"dynamic cache instead", flush=True)
+                cache = "dynamic"
+                timed(gen(2, cache))
+            res.setdefault("cache", {})[str(b)] = cache
+            gen = functools.partial(gen, cache=cache)
+            timed(gen(n))  # a compiled decode (static cache) may specialise on the length: warm it too
             t_full = median([timed(gen(n)) for _ in range(max(1, args.reps - 1))])
             t_one = median([timed(gen(1)) for _ in range(max(1, args.reps - 1))])
             step = (t_full - t_one) / (n - 1)
             res["decode"][str(b)] = step
-            print(f"[hf {name}] decode b{b}: {step * 1e3:.2f} ms/step, {b / step:.0f} tok/s", flush=True)
+            print(f"[hf {name}] decode b{b} ({cache} cache): {step * 1e3:.2f} ms/step, {b / step:.0f} tok/s", flush=True)
     return res
 
 
@@ -361,7 +397,8 @@ def worker_hf(name: str, args) -> dict:
 
 def run_worker(kind: str, name: str, args) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", name, "--reps", str(args.reps),
-           "--hf-new-tokens", str(args.hf_new_tokens), "--decode-batches", ",".join(map(str, args.decode_batches))]
+           "--hf-new-tokens", str(args.hf_new_tokens), "--decode-batches", ",".join(map(str, args.decode_batches)),
+           "--hf-cache", args.hf_cache]
     if args.no_prefill:
         cmd.append("--no-prefill")
     if args.explore:
@@ -397,7 +434,7 @@ def fmt(x, spec=".0f"):
 
 
 def table(results: dict, args) -> str:
-    rows = ["| model | measurement | jaxmodels tok/s | transformers tok/s | ratio | % HBM roofline |",
+    rows = ["| model | measurement | jaxmodels tok/s | transformers tok/s | ratio | % HBM roofline / MFU |",
             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for name in args.models:
         ours, hf = results.get(("ours", name)), results.get(("hf", name))
@@ -407,7 +444,9 @@ def table(results: dict, args) -> str:
             key = f"{b}x{p}"
             o = ours["prefill"].get(key) if ours else None
             h = hf["prefill"].get(key) if hf else None
-            rows.append(f"| {name} | prefill {key} | {fmt(o)} | {fmt(h)} | {fmt(o / h if o and h else None, '.2f')} | |")
+            mfu = o * prefill_flops_per_token(counts, p) / ours["peak_flops"] if o and ours.get("peak_flops") else None
+            rows.append(f"| {name} | prefill {key} | {fmt(o)} | {fmt(h)} | {fmt(o / h if o and h else None, '.2f')} | "
+                        f"{f'{100 * mfu:.0f}% MFU' if mfu else ''} |")
         for b in args.decode_batches:
             o = ours["decode"].get(str(b)) if ours else None
             h = hf["decode"].get(str(b)) if hf else None
@@ -428,7 +467,10 @@ def main():
                     help="comma-separated decode batch sizes")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill timings")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
-    ap.add_argument("--profile", action="store_true", help="with --explore and --out: a jax profiler trace")
+    ap.add_argument("--hf-cache", default="static", choices=["static", "dynamic"],
+                    help="transformers' decode cache (static falls back to dynamic where a model has none)")
+    ap.add_argument("--profile", action="store_true",
+                    help="ours: the device-time breakdown of a decode step at each batch (benchmarks/profile_summary.py)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs / HLO (default $OUT)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
