@@ -577,6 +577,8 @@ class _Pipeline:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="jaxmodels-load")
         self.lock = threading.Condition()
         self.held = 0  # bytes of host buffers alive (released when the buffer is freed, not when it is sent)
+        self._alive: dict[int, list] = {}  # piece number -> [bytes, sent]
+        self._count = itertools.count()
 
     def has_room(self, nbytes: int) -> bool:
         with self.lock:
@@ -586,19 +588,30 @@ class _Pipeline:
         with self.lock:
             return self.lock.wait_for(lambda: self.held == 0 or self.held + nbytes <= self.window, timeout)
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, number: int) -> None:
         with self.lock:
-            self.held -= nbytes
-            self.lock.notify_all()
+            entry = self._alive.pop(number, None)
+            if entry is not None:
+                self.held -= entry[0]
+                self.lock.notify_all()
+
+    def forgive(self) -> None:
+        """Stops counting buffers already sent whose memory the backend still holds (XLA:CPU keeps a sent
+        numpy buffer alive until its next computation): the device owns them now."""
+        with self.lock:
+            for number in [n for n, (_, sent) in self._alive.items() if sent]:
+                self.held -= self._alive.pop(number)[0]
 
     def start(self, piece: _Piece, device, dtype) -> Future:
         """A future of the piece on `device` (host layout); its host bytes are released when it resolves."""
+        number = next(self._count)
         with self.lock:
             self.held += piece.nbytes
+            self._alive[number] = [piece.nbytes, False]
         done = Future()
         host = [np.empty(piece.host_shape, dtype)]  # dropped once sent
         # Counted until really freed (a transfer may hold the buffer a little after the array is ready).
-        weakref.finalize(host[0], self._release, piece.nbytes)
+        weakref.finalize(host[0], self._release, number)
         tasks, current, size = [], [], 0
         for part in piece.parts:
             if current and size + part.nbytes > TASK_BYTES:
@@ -635,6 +648,9 @@ class _Pipeline:
                     finish(exc=e)
                     return
                 host.clear()
+                with self.lock:
+                    if number in self._alive:
+                        self._alive[number][1] = True
                 finish(value=value)
 
         for parts in tasks:
@@ -742,8 +758,8 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
                     land(*ijk, fut.result())
                 elif pipeline.has_room(piece.nbytes):
                     break
-                elif not pipeline.wait_for_room(piece.nbytes, timeout=1.0):  # all sent, buffers on their way out
-                    break  # (never stall on a buffer something else still holds)
+                elif not pipeline.wait_for_room(piece.nbytes, timeout=0.05):  # all sent, buffers on their way out
+                    pipeline.forgive()
             pending.append((i, j, k, pipeline.start(piece, blocks[j].devices[0], var.dtype)))
         while pending:
             *ijk, fut = pending.popleft()
