@@ -17,9 +17,13 @@ import logging
 import math
 import os
 import shutil
+import itertools
 import tempfile
-from collections import defaultdict
-from typing import Any
+import threading
+import weakref
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +81,7 @@ class Checkpoint:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: jaxmodels reads safetensors "
                                     "checkpoints (convert .bin files with transformers' save_pretrained first)")
         self._handles: dict[str, Any] = {}
+        self._maps: dict[str, tuple] = {}
         # Validate every shard's header now, and that each indexed key is really in its shard.
         by_file = defaultdict(list)
         for k, f in self.key_file.items():
@@ -110,6 +115,23 @@ class Checkpoint:
     def dtype(self, key: str) -> str:
         return self._handle(self.key_file[key]).get_slice(key).get_dtype()
 
+    def array(self, key: str) -> np.ndarray:
+        """A read-only view of tensor `key` straight onto the file's pages (np.memmap): slicing it and copying
+        the slice into a destination buffer is the only copy a load makes (safetensors' get_tensor copies
+        the whole tensor first). FP8 weights come back as stored (float8_e4m3fn); `_source` dequantises."""
+        if key not in self.key_file:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint at {self.path}")
+        file = self.key_file[key]
+        if file not in self._maps:
+            self._maps[file] = _map_file(file)
+        mm, start, header = self._maps[file]
+        info = header.get(key)
+        dtype = _NUMPY_DTYPES.get(info["dtype"]) if info else None
+        if dtype is None:  # a dtype we do not map ourselves: the library's (copying) reader
+            return self.get(key)
+        a, b = info["data_offsets"]
+        return mm[start + a: start + b].view(dtype).reshape(info["shape"])
+
     def get(self, key: str) -> np.ndarray:
         if key not in self.key_file:
             raise CheckpointError(f"tensor {key!r} is missing from the checkpoint at {self.path}")
@@ -119,6 +141,25 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"could not read {key!r} from {file} ({e}); the file is corrupt or truncated, "
                                   "re-download it") from e
+
+
+_NUMPY_DTYPES = {"BOOL": np.dtype(bool), "U8": np.dtype("<u1"), "I8": np.dtype("<i1"), "I16": np.dtype("<i2"),
+                 "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"), "I64": np.dtype("<i8"),
+                 "U64": np.dtype("<u8"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+                 "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+                 "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+
+
+def _map_file(file: str) -> tuple[np.ndarray, int, dict]:
+    """(the file as a read-only uint8 memmap, where its data starts, its header). safe_open has already
+    validated the header and that the data fits the file (Checkpoint opens every shard first)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    size = os.path.getsize(file)
+    mm = np.memmap(file, dtype=np.uint8, mode="r") if size > 8 + n else np.zeros(8 + n, np.uint8)
+    return mm, 8 + n, header
 
 
 def _leading_slots(path: tuple[str, ...]) -> int:
@@ -286,9 +327,11 @@ class _LazySlice:
     apply a transform first and then cut out one device's block: only that block is read from the file.
     """
 
-    def __init__(self, handle, key: str):
-        self._sl = handle.get_slice(key)
-        self._sel: list = [slice(0, n) for n in self._sl.get_shape()]  # per source axis: slice or int
+    def __init__(self, handle, key: str, shape: tuple[int, ...] | None = None):
+        # With `shape` (no handle): a view that only records the selection (the loader reads it itself).
+        self._sl = handle.get_slice(key) if handle is not None else None
+        shape = self._sl.get_shape() if shape is None else shape
+        self._sel: list = [slice(0, n) for n in shape]  # per source axis: slice or int
         self._axes = list(range(len(self._sel)))  # view dimension -> source axis
 
     def _copy(self) -> "_LazySlice":
@@ -347,22 +390,12 @@ class _LazySlice:
 
 def _read_block(ckpt: Checkpoint, key: str, pl: Placement, index: tuple) -> np.ndarray:
     """The block `index` (slices over the parameter's trailing dims) of checkpoint tensor `key` after its
-    layout transform, reading only that block where the transform allows (else the one whole tensor)."""
-    file = ckpt.key_file[key]
-    if 0 in ckpt.shape(key):  # zero-width tensors (n_shared_experts=0): nothing to read, safetensors refuses
-        empty = np.zeros(ckpt.shape(key), np.float32)
-        return (pl.transform(empty) if pl.transform is not None else empty)[index]
-    try:
-        if ckpt.dtype(key) not in ("F8_E4M3",):  # FP8 needs whole 128x128 scale blocks: read it whole
-            lazy = _LazySlice(ckpt._handle(file), key)
-            view = pl.transform(lazy) if pl.transform is not None else lazy
-            if isinstance(view, _LazySlice):
-                return view[index].read()
-    except (TypeError, AttributeError, IndexError):
-        pass  # a transform the lazy view cannot follow: fall back to the whole tensor (still one tensor)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"could not read {key!r} from {file} ({e}); the file is corrupt or truncated, "
-                              "re-download it") from e
+    layout transform, reading only that block where the transform allows (else the one whole tensor).
+    (The loader does the same through `_resolve`, into its own buffers.)"""
+    r = _resolve(ckpt, key, pl, index)
+    if r is not None:
+        sel, perm = r
+        return np.ascontiguousarray(_source(ckpt, key)[sel].transpose(perm))
     x = _read(ckpt, key)
     if pl.transform is not None:
         x = pl.transform(x)
@@ -373,62 +406,272 @@ def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_block(buf, value, offsets):
-    return jax.lax.dynamic_update_slice(buf, value, offsets)
+# Loading is a pipeline of pieces. A piece is one host buffer holding a box of one parameter: the whole
+# parameter, one device's block of it on a mesh, or a run of layers (experts) of a block larger than
+# PIECE_BYTES. Worker threads fill it straight from the files' pages (Checkpoint.array), converting to the
+# parameter dtype in that one copy, and send it to its device in one transfer, while the main thread
+# dispatches the device-side work of the pieces before (layout transposes, writes into the block) and
+# the next pieces are being read. Host memory stays near LOAD_WINDOW_BYTES (buffers being filled or in
+# transfer), whatever the model size.
+LOAD_WINDOW_BYTES = 2 << 30
+PIECE_BYTES = 1 << 30
+TASK_BYTES = 64 << 20  # one worker's share of a piece (a piece is filled by several threads at once)
+LOAD_THREADS = min(8, os.cpu_count() or 1)
 
 
-# A device block up to this size (or one checkpoint tensor, if larger) is assembled on the host and sent
-# in one transfer; larger blocks are assembled on the device one tensor slice at a time. Either way host
-# memory stays about max(one tensor, HOST_BLOCK_BYTES), never a layer or a model.
-HOST_BLOCK_BYTES = 4 << 20
+class _Part(NamedTuple):
+    """One checkpoint tensor's share of a piece: `buf[dest] = value`, where value is
+    source[sel] (then .transpose(perm) when perm is set), or transform(source)[index] when the transform
+    cannot be followed lazily (sel is None)."""
+
+    key: str
+    dest: tuple[int, ...]
+    sel: tuple | None
+    perm: tuple[int, ...] | None
+    transform: Any
+    index: tuple | None
+    nbytes: int
 
 
-def _load_sharded(ckpt: Checkpoint, var, entries, slots: int, sharding, dtype) -> jax.Array:
-    """One parameter created directly with `sharding`: each distinct device block is built from the
-    checkpoint slices that fall in it (replicas get a device-to-device copy of the first one), reading
-    only those slices from the files."""
-    shape = tuple(var.shape)
-    itemsize = np.dtype(dtype).itemsize
-    groups: dict[tuple, list] = defaultdict(list)
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        groups[tuple((s.start, s.stop) for s in _norm_index(index, shape))].append(device)
-    bound = max(HOST_BLOCK_BYTES, math.prod(shape[slots:]) * itemsize)
-    arrays = {}
-    for bounds, devices in groups.items():
-        index = tuple(slice(a, b) for a, b in bounds)
-        block = tuple(b - a for a, b in bounds)
-        if slots == 0:
-            (key, pl), = entries
-            first = jax.device_put(_read_block(ckpt, key, pl, index).astype(dtype, copy=False), devices[0])
-        else:
-            mine = [(key, pl) for key, pl in entries
-                    if all(bounds[j][0] <= pl.index[j] < bounds[j][1] for j in range(len(pl.index)))]
-            on_host = math.prod(block) * itemsize <= bound
-            buf = np.empty(block, dtype) if on_host else jnp.zeros(block, dtype, device=devices[0])
-            for key, pl in mine:
-                lead = pl.index
-                piece = _read_block(ckpt, key, pl, index[len(lead):]).astype(dtype, copy=False)
-                at = tuple(lead[j] - bounds[j][0] for j in range(len(lead)))
-                if on_host:
-                    buf[at] = piece
-                else:
-                    offsets = tuple(np.int32(i) for i in at) + (np.int32(0),) * (len(shape) - len(lead))
-                    piece = jax.device_put(piece.reshape((1,) * len(lead) + piece.shape), devices[0])
-                    buf = _write_block(buf, piece, offsets)
-                del piece
-            first = jax.device_put(buf, devices[0]) if on_host else buf
-            del buf
-        arrays[devices[0]] = first
-        for d in devices[1:]:
-            arrays[d] = jax.device_put(first, d)
-    return jax.make_array_from_single_device_arrays(shape, sharding, list(arrays.values()))
+class _Piece(NamedTuple):
+    box: tuple[tuple[int, int], ...]  # [start, stop) per parameter dim
+    host_shape: tuple[int, ...]
+    axes: tuple[int, ...] | None  # device-side transpose host layout -> parameter layout (None: identity)
+    parts: list
+    nbytes: int  # host buffer bytes
+    credit: int  # parameter bytes it adds (runs may overlap the run before: see _split)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(buf, value, index):
-    """buf [layers, ...] with layer `index` replaced by value [...], in place (buf is donated)."""
-    return jax.lax.dynamic_update_slice(buf, value[None], (index,) + (0,) * value.ndim)
+class _Block(NamedTuple):
+    box: tuple[tuple[int, int], ...]
+    devices: list  # [None]: the default device, uncommitted (no sharding asked for)
+    pieces: list
+
+
+def _split(box, n_lead: int, itemsize: int, limit: int):
+    """Boxes of one shape, at most `limit` bytes where cutting the first n_lead dims allows, covering `box`,
+    each with the bytes it adds. The last run along the cut dim starts early enough to keep the shape (it
+    overlaps the one before), so one compiled write serves every run."""
+    ext = [b - a for a, b in box]
+    nbytes = math.prod(ext) * itemsize
+    if nbytes <= limit or n_lead == 0:
+        return [(tuple(box), nbytes)]
+    d = 0
+    while d < n_lead - 1 and math.prod(ext[d + 1:]) * itemsize > limit:
+        d += 1
+    one = math.prod(ext[d + 1:]) * itemsize
+    most = max(1, min(ext[d], limit // max(one, 1)))
+    k = -(-ext[d] // -(-ext[d] // most))  # as many runs as needed, evened out: little overlap
+    a, b = box[d]
+    starts = list(range(a, b - k + 1, k))
+    if starts[-1] + k < b:
+        starts.append(b - k)
+    out = []
+    for outer in itertools.product(*(range(lo, hi) for lo, hi in box[:d])):
+        prev = a
+        for st in starts:
+            out.append((tuple((i, i + 1) for i in outer) + ((st, st + k),) + tuple(box[d + 1:]),
+                        (st + k - max(st, prev)) * one))
+            prev = st + k
+    return out
+
+
+def _resolve(ckpt: Checkpoint, key: str, pl: Placement, index: tuple):
+    """(sel, perm) such that transform(tensor)[index] == tensor[sel].transpose(perm), from the tensor's shape
+    alone; None when the transform is not one the lazy view follows (slices, swapaxes)."""
+    try:
+        lazy = _LazySlice(None, key, ckpt.shape(key))
+        view = pl.transform(lazy) if pl.transform is not None else lazy
+        if not isinstance(view, _LazySlice):
+            return None
+        view = view[index]
+    except (TypeError, AttributeError, IndexError):
+        return None
+    kept = [a for a, s in enumerate(view._sel) if isinstance(s, slice)]
+    return tuple(view._sel), tuple(kept.index(a) for a in view._axes)
+
+
+def _make_piece(ckpt: Checkpoint, entries, box, credit: int, itemsize: int) -> _Piece:
+    """The parts of `entries` inside `box`. When every part reads a region of its tensor with the same axis
+    order (e.g. all experts [out, in] for an [in, out] parameter), the host buffer keeps the files' order and
+    the device transposes the whole piece at once (a host transpose runs at a fraction of memory speed);
+    otherwise the host writes the parameter's layout."""
+    ext = tuple(b - a for a, b in box)
+    found = []
+    for key, pl in entries:
+        m = len(pl.index)
+        if all(box[j][0] <= pl.index[j] < box[j][1] for j in range(m)):
+            index = tuple(slice(a, b) for a, b in box[m:])
+            found.append((key, pl, m, tuple(pl.index[j] - box[j][0] for j in range(m)), index,
+                          _resolve(ckpt, key, pl, index)))
+    sigs = {(m, r[1]) if r is not None else None for _, _, m, _, _, r in found}
+    parts = []
+    if len(sigs) == 1 and None not in sigs:
+        (m, perm), = sigs
+        raw = [0] * len(perm)
+        for j, p in enumerate(perm):
+            raw[p] = ext[m + j]
+        host_shape = ext[:m] + tuple(raw)
+        axes = tuple(range(m)) + tuple(m + p for p in perm)
+        axes = None if axes == tuple(range(len(axes))) else axes
+        nb = math.prod(raw) * itemsize
+        parts = [_Part(key, dest, r[0], None, None, None, nb) for key, _, _, dest, _, r in found]
+    else:
+        host_shape, axes = ext, None
+        for key, pl, m, dest, index, r in found:
+            nb = math.prod(ext[m:]) * itemsize
+            if r is not None:
+                parts.append(_Part(key, dest, r[0], None if r[1] == tuple(range(len(r[1]))) else r[1], None, None,
+                                   nb))
+            else:
+                parts.append(_Part(key, dest, None, None, pl.transform, index, nb))
+    return _Piece(tuple(box), host_shape, axes, parts, math.prod(host_shape) * itemsize, credit)
+
+
+def _plan_blocks(ckpt: Checkpoint, shape: tuple[int, ...], entries, sharding, itemsize: int) -> list[_Block]:
+    """The distinct device blocks of one parameter (replicas share one read), each cut into pieces."""
+    if sharding is None:
+        groups = {tuple((0, n) for n in shape): [None]}
+    else:
+        groups = defaultdict(list)
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            groups[tuple((s.start, s.stop) for s in _norm_index(index, shape))].append(device)
+    n_lead = min(len(pl.index) for _, pl in entries)
+    return [_Block(box, devices, [_make_piece(ckpt, entries, b, c, itemsize)
+                                  for b, c in _split(box, n_lead, itemsize, PIECE_BYTES)])
+            for box, devices in groups.items()]
+
+
+def _source(ckpt: Checkpoint, key: str) -> np.ndarray:
+    """Tensor `key` as stored (a view of the file's pages); FP8 weights dequantised to float32."""
+    x = ckpt.array(key)
+    if x.dtype == ml_dtypes.float8_e4m3fn:
+        x = dequantize_fp8(x, ckpt.array(key[: -len("weight")] + "weight_scale_inv"))
+    return x
+
+
+def _fill(ckpt: Checkpoint, buf: np.ndarray, parts) -> None:
+    for part in parts:
+        try:
+            if part.sel is not None:
+                x = _source(ckpt, part.key)[part.sel]
+                if part.perm is not None:
+                    x = x.transpose(part.perm)
+            else:  # a transform the lazy view cannot follow: the whole tensor through it
+                x = _read(ckpt, part.key)
+                x = (part.transform(x) if part.transform is not None else x)[part.index]
+            buf[part.dest] = x  # the one copy: file pages -> buffer, in the parameter dtype
+        except CheckpointError:
+            raise
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"could not read {part.key!r} from {ckpt.key_file[part.key]} ({e}); the file is "
+                                  "corrupt or truncated, re-download it") from e
+
+
+class _Pipeline:
+    """Fills pieces on a thread pool and sends each to its device, with at most `window` host bytes held
+    (a piece larger than the window runs alone)."""
+
+    def __init__(self, ckpt: Checkpoint, window: int, threads: int):
+        self.ckpt, self.window = ckpt, window
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="jaxmodels-load")
+        self.lock = threading.Condition()
+        self.held = 0  # bytes of host buffers alive (released when the buffer is freed, not when it is sent)
+        self._alive: dict[int, list] = {}  # piece number -> [bytes, sent]
+        self._count = itertools.count()
+
+    def has_room(self, nbytes: int) -> bool:
+        with self.lock:
+            return self.held == 0 or self.held + nbytes <= self.window
+
+    def wait_for_room(self, nbytes: int, timeout: float) -> bool:
+        with self.lock:
+            return self.lock.wait_for(lambda: self.held == 0 or self.held + nbytes <= self.window, timeout)
+
+    def _release(self, number: int) -> None:
+        with self.lock:
+            entry = self._alive.pop(number, None)
+            if entry is not None:
+                self.held -= entry[0]
+                self.lock.notify_all()
+
+    def forgive(self) -> None:
+        """Stops counting buffers already sent whose memory the backend still holds (XLA:CPU keeps a sent
+        numpy buffer alive until its next computation): the device owns them now."""
+        with self.lock:
+            for number in [n for n, (_, sent) in self._alive.items() if sent]:
+                self.held -= self._alive.pop(number)[0]
+
+    def start(self, piece: _Piece, device, dtype) -> Future:
+        """A future of the piece on `device` (host layout); its host bytes are released when it resolves."""
+        number = next(self._count)
+        with self.lock:
+            self.held += piece.nbytes
+            self._alive[number] = [piece.nbytes, False]
+        done = Future()
+        host = [np.empty(piece.host_shape, dtype)]  # dropped once sent
+        # Counted until really freed (a transfer may hold the buffer a little after the array is ready).
+        weakref.finalize(host[0], self._release, number)
+        tasks, current, size = [], [], 0
+        for part in piece.parts:
+            if current and size + part.nbytes > TASK_BYTES:
+                tasks.append(current)
+                current, size = [], 0
+            current.append(part)
+            size += part.nbytes
+        tasks.append(current)
+        state = {"left": len(tasks), "failed": False}
+
+        def finish(exc=None, value=None):
+            done.set_exception(exc) if exc is not None else done.set_result(value)
+
+        def run(parts):
+            try:
+                _fill(self.ckpt, host[0], parts)
+            except BaseException as e:  # noqa: BLE001 (handed to the caller through the future)
+                with self.lock:
+                    first = not state["failed"]
+                    state["failed"] = True
+                    state["left"] -= 1
+                if first:
+                    finish(exc=e)  # (the buffer goes with the last task still running)
+                return
+            with self.lock:
+                state["left"] -= 1
+                last = state["left"] == 0 and not state["failed"]
+            if last:
+                try:
+                    value = jax.device_put(host[0]) if device is None else jax.device_put(host[0], device)
+                    value.block_until_ready()  # the transfer is done: the host buffer can go
+                except BaseException as e:  # noqa: BLE001
+                    host.clear()
+                    finish(exc=e)
+                    return
+                host.clear()
+                with self.lock:
+                    if number in self._alive:
+                        self._alive[number][1] = True
+                finish(value=value)
+
+        for parts in tasks:
+            self.pool.submit(run, parts)
+        return done
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _to_layout(piece, axes):
+    return jnp.transpose(piece, axes)
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _write_piece(buf, piece, offsets, axes):
+    """buf with the box at `offsets` replaced by piece (transposed to the parameter layout), in place."""
+    if axes is not None:
+        piece = jnp.transpose(piece, axes)
+    return jax.lax.dynamic_update_slice(buf, piece, offsets)
 
 
 def _mtp_count(cfg: BaseConfig, ckpt: Checkpoint, mtp: bool | None) -> int:
@@ -455,36 +698,76 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
     graphdef, abstract_state = nnx.split(abstract)
     plan = plan_load(cfg, ckpt, abstract_state)
     _check_shared_copies(ckpt, plan.pop(SHARED, []))
-    flat = []
     items = list(nnx.to_flat_state(abstract_state))
-    bar = tqdm(items, desc="loading", unit="param", disable=not progress)
-    for p, var in bar:
+    # Plan every piece first (headers only), so the progress bar knows the bytes and reading never waits.
+    params = []
+    for p, var in items:
         name = tuple(str(x) for x in p)
-        target_dtype = var.dtype
         sharding = sharding_fn(name, var) if sharding_fn else None
-        entries = plan[name]
-        slots = _leading_slots(name)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            # On a mesh: every device block is read from its own slices of the file (host ~ one tensor).
-            value = _load_sharded(ckpt, var, entries, slots, sharding, target_dtype)
-        elif slots == 0:
-            (key, pl), = entries
-            value = jax.device_put(_read(ckpt, key).astype(target_dtype), sharding)
+        blocks = _plan_blocks(ckpt, tuple(var.shape), plan[name], sharding, np.dtype(var.dtype).itemsize)
+        params.append((p, var, sharding, blocks))
+    total = sum(piece.credit for *_, blocks in params for block in blocks for piece in block.pieces)
+    bar = tqdm(total=total, desc="loading", unit="B", unit_scale=True, disable=not progress)
+    jobs = [(i, j, k) for i, (*_, blocks) in enumerate(params) for j, block in enumerate(blocks)
+            for k in range(len(block.pieces))]
+    assembling: dict[tuple[int, int], jax.Array] = {}  # device buffers of blocks sent in several pieces
+    ready: dict[int, dict[int, jax.Array]] = defaultdict(dict)  # param -> block -> its array on devices[0]
+    values: dict[int, jax.Array] = {}
+
+    def land(i: int, j: int, k: int, piece_on_device: jax.Array) -> None:
+        """Dispatches the device-side work of piece k of block j of parameter i (asynchronous)."""
+        _, var, sharding, blocks = params[i]
+        block = blocks[j]
+        piece = block.pieces[k]
+        if len(block.pieces) == 1:
+            value = _to_layout(piece_on_device, piece.axes) if piece.axes is not None else piece_on_device
         else:
-            # Stacked parameter: fill one layer slice on the host at a time, write it into the device buffer.
-            by_layer = defaultdict(list)
-            for key, pl in entries:
-                by_layer[pl.index[0]].append((key, pl))
-            value = jnp.zeros(var.shape, target_dtype, device=sharding)
-            for layer in range(var.shape[0]):
-                host = np.empty(var.shape[1:], dtype=target_dtype)
-                for key, pl in by_layer[layer]:
-                    x = _read(ckpt, key)
-                    if pl.transform is not None:
-                        x = pl.transform(x)
-                    host[pl.index[1:]] = x
-                value = _set_layer(value, jnp.asarray(host), layer)
-        flat.append((p, var.replace(value=value)))
+            buf = assembling.pop((i, j), None)
+            if buf is None:
+                buf = jnp.zeros(tuple(b - a for a, b in block.box), var.dtype, device=block.devices[0])
+            offsets = tuple(np.int32(a - b) for (a, _), (b, _) in zip(piece.box, block.box))
+            buf = _write_piece(buf, piece_on_device, offsets, piece.axes)
+            if k < len(block.pieces) - 1:
+                assembling[(i, j)] = buf
+                bar.update(piece.credit)
+                return
+            value = buf
+        bar.update(piece.credit)
+        ready[i][j] = value
+        if len(ready[i]) == len(blocks):
+            per_block = ready.pop(i)
+            if sharding is None:
+                values[i] = per_block[0]
+                return
+            arrays = []
+            for jj, b in enumerate(blocks):
+                arrays.append(per_block[jj])
+                arrays += [jax.device_put(per_block[jj], d) for d in b.devices[1:]]  # replicas: device to device
+            values[i] = jax.make_array_from_single_device_arrays(tuple(var.shape), sharding, arrays)
+
+    pipeline = _Pipeline(ckpt, LOAD_WINDOW_BYTES, LOAD_THREADS)
+    pending: deque = deque()
+    try:
+        for i, j, k in jobs:
+            _, var, _, blocks = params[i]
+            piece = blocks[j].pieces[k]
+            # Hand finished pieces to their devices; wait on the oldest only when the window is full.
+            while True:
+                if pending and (pending[0][3].done() or not pipeline.has_room(piece.nbytes)):
+                    *ijk, fut = pending.popleft()
+                    land(*ijk, fut.result())
+                elif pipeline.has_room(piece.nbytes):
+                    break
+                elif not pipeline.wait_for_room(piece.nbytes, timeout=0.05):  # all sent, buffers on their way out
+                    pipeline.forgive()
+            pending.append((i, j, k, pipeline.start(piece, blocks[j].devices[0], var.dtype)))
+        while pending:
+            *ijk, fut = pending.popleft()
+            land(*ijk, fut.result())
+    finally:
+        pipeline.close()
+        bar.close()
+    flat = [(p, var.replace(value=values[i])) for i, (p, var, _, _) in enumerate(params)]
     return graphdef, nnx.from_flat_state(flat)
 
 

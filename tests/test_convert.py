@@ -319,6 +319,40 @@ def test_bf16_checkpoint(tmp_path):
     np.testing.assert_array_equal(f32["model.embed_tokens.weight"], src["model.embed_tokens.weight"].astype(np.float32))
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "stablelm", "fp8"])
+def test_loading_in_small_pieces_is_bit_exact(ckpts, fp8_checkpoints, monkeypatch, family):
+    """The pipelined loader with a window and pieces far smaller than the parameters (blocks sent in runs
+    of layers and experts, the last run overlapping, written and transposed on the device, several
+    threads) gives the same arrays as whole-parameter pieces, and its progress bar counts every byte once."""
+    path = fp8_checkpoints[0] if family == "fp8" else ckpts[family][0]
+    whole = load(path)
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.kw = total, 0, kw
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    hf = jaxmodels.convert.hf
+    monkeypatch.setattr(hf, "tqdm", Bar)
+    # (FP8 weights are dequantised whole for every piece that cuts them: larger pieces keep this quick)
+    monkeypatch.setattr(hf, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
+    monkeypatch.setattr(hf, "LOAD_WINDOW_BYTES", 20000)
+    monkeypatch.setattr(hf, "TASK_BYTES", 1000)
+    monkeypatch.setattr(hf, "LOAD_THREADS", 3)
+    pieces = load(path)
+    assert_same_params(whole, pieces)
+    (bar,) = bars
+    nbytes = sum(v.nbytes for v in params(pieces).values())
+    assert bar.total == bar.n == nbytes and bar.kw["unit"] == "B", (bar.total, bar.n, nbytes)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def _break(kind, tmp_path, ckpts):
     """Writes a broken checkpoint of kind `kind`; returns its path."""
