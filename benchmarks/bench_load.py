@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import common  # noqa: E402
 from bench_generate import MODELS  # noqa: E402  (the real-size configurations)
+from common import fmt  # noqa: E402
 
 CONFIGS = {
     "stablelm-3b": MODELS["stablelm-3b"],
@@ -150,21 +151,7 @@ def worker_hf(path: str) -> dict:
 
 def run_worker(kind: str, path: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--path", path]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-    print(f"!! {kind} {path} failed (rc {proc.returncode}): {err[:300]}", flush=True)
-    if args.out:
-        with open(os.path.join(args.out, f"fail_{kind}_{os.path.basename(path)}.log"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
-    return {"error": err[:120]}
-
-
-def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    return common.run_worker(cmd, f"{kind} {os.path.basename(path)}", timeout=args.timeout, out=args.out)
 
 
 def table(results: dict) -> str:
@@ -221,11 +208,7 @@ def main():
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     print(table(results))
-    if args.out:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table(results) + "\n")
+    common.save_results(args.out, results, table(results))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import common  # noqa: E402
 from bench_generate import MODELS  # noqa: E402  (the real-size configurations)
+from common import fmt  # noqa: E402
 
 CONFIGS = {
     "stablelm-3b": MODELS["stablelm-3b"],
@@ -198,25 +199,12 @@ def run_worker(kind: str, row: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--rows", row, "--steps", str(args.steps),
            "--attention", args.attention] + (["--remat", args.remat] if args.remat else []) + (
                ["--probe", args.probe] if args.probe else []) + (["--profile", args.profile] if args.profile else [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            print(f"-- {kind} {row} done in {time.perf_counter() - t:.0f}s", flush=True)
-            return json.loads(line[len("RESULT "):])
-        print(line, flush=True)
-    err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-    if args.out:
-        with open(os.path.join(args.out, f"fail_{kind}_{row.replace('/', '_')}.log"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
-    print(f"!! {kind} {row} failed (rc {proc.returncode}): {err[:300]}", flush=True)
-    return {"error": "out of memory" if "out of memory" in proc.stderr.lower() or "RESOURCE_EXHAUSTED" in proc.stderr
-            else err[:120]}
-
-
-def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    result = common.run_worker(cmd, f"{kind} {row}", timeout=args.timeout, out=args.out, echo=True,
+                               env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"})
+    if "error" not in result:
+        print(f"-- {kind} {row} done in {time.perf_counter() - t:.0f}s", flush=True)
+    return result
 
 
 def table(results: dict) -> str:
@@ -260,11 +248,7 @@ def main():
             results[row]["hf"] = run_worker("hf", row, args)
         print(json.dumps({row: results[row]}), flush=True)
     print(table(results))
-    if args.out:
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table(results) + "\n")
+    common.save_results(args.out, results, table(results))
 
 
 if __name__ == "__main__":
