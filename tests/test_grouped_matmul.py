@@ -170,16 +170,18 @@ def _hopper() -> bool:
     return dev.platform == "gpu" and getattr(dev, "compute_capability", "") == "9.0"
 
 
-def _numpy_ragged_dot_vjp(lhs, rhs, cot, sizes):
-    """(out, d_lhs, d_rhs) of ragged_dot(lhs, rhs, sizes) with cotangent cot; rows past the groups: zero."""
-    out, d_lhs, d_rhs = np.zeros(cot.shape), np.zeros(lhs.shape), np.zeros(rhs.shape)
-    start = 0
-    for g, size in enumerate(sizes):
-        rows = slice(start, start + int(size))
+def _numpy_ragged_dot_vjp(lhs, rhs, cot, sizes, groups):
+    """(out, d_lhs, d_rhs[groups]) of ragged_dot(lhs, rhs, sizes) with cotangent cot; rows past the groups
+    are zero."""
+    out, d_lhs, d_rhs = np.zeros(cot.shape), np.zeros(lhs.shape), np.zeros((len(groups),) + rhs.shape[1:])
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for g in range(len(sizes)):
+        rows = slice(starts[g], starts[g + 1])
         out[rows] = lhs[rows] @ rhs[g]
         d_lhs[rows] = cot[rows] @ rhs[g].T
-        d_rhs[g] = lhs[rows].T @ cot[rows]
-        start += int(size)
+    for i, g in enumerate(groups):
+        rows = slice(starts[g], starts[g + 1])
+        d_rhs[i] = lhs[rows].T @ cot[rows]
     return out, d_lhs, d_rhs
 
 
@@ -216,11 +218,19 @@ def test_mosaic_matches_ragged_dot(m, g, k, n, impl):
                                                     a, b, gs, c))
     calls = re.findall(r"custom_call\s*@(\w+)", f.lower(lhs, rhs, gs, cot).as_text())
     assert sum("mosaic" in c for c in calls) == (3 if impl == "auto" else 2), calls
-    got = [np.asarray(x.astype(jnp.float32)) for x in f(lhs, rhs, gs, cot)]
+    out, d_lhs, d_rhs = f(lhs, rhs, gs, cot)
+    # d_rhs has every expert's [k, n] (7.5 GB at V3's shapes): check it on the device for the empty groups
+    # and compare a sample of groups (non-empty ones at both ends and the middle, and one empty) on the host.
+    empty = np.flatnonzero(sizes == 0)
+    assert not bool(jnp.any(d_rhs[jnp.asarray(empty)])), "empty groups must get zero weight gradient"
+    full = np.flatnonzero(sizes > 0)
+    sample = np.unique(np.concatenate([full[:2], full[len(full) // 2:len(full) // 2 + 1], full[-2:], empty[:1]]))
+    got = [np.asarray(x.astype(jnp.float32)) for x in (out, d_lhs, d_rhs[jnp.asarray(sample)])]
 
     # Reference: jax.lax.ragged_dot's meaning and VJP, group by group in float64 numpy on the same bf16
     # values (XLA's own GPU ragged_dot expands densely over the groups: minutes at 256 groups).
-    want = _numpy_ragged_dot_vjp(*(np.asarray(x.astype(jnp.float32), np.float64) for x in (lhs, rhs, cot)), sizes)
+    want = _numpy_ragged_dot_vjp(*(np.asarray(x.astype(jnp.float32), np.float64) for x in (lhs, rhs, cot)), sizes,
+                                 sample)
     for name, gv, wv in zip(("out", "d_lhs", "d_rhs"), got, want):
         assert np.all(np.isfinite(gv)), name
         scale = np.abs(wv).max()
@@ -228,4 +238,3 @@ def test_mosaic_matches_ragged_dot(m, g, k, n, impl):
         assert np.abs(gv - wv).max() <= 1e-2 * scale, (name, np.abs(gv - wv).max() / scale)
         assert np.linalg.norm(gv - wv) <= 5e-3 * np.linalg.norm(wv), name
     assert not np.any(got[0][owned:]) and not np.any(got[1][owned:]), "rows beyond the groups must be zero"
-    assert not np.any(got[2][sizes == 0]), "empty groups must get zero weight gradient"
