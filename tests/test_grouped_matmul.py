@@ -238,3 +238,26 @@ def test_mosaic_matches_ragged_dot(m, g, k, n, impl):
         assert np.abs(gv - wv).max() <= 1e-2 * scale, (name, np.abs(gv - wv).max() / scale)
         assert np.linalg.norm(gv - wv) <= 5e-3 * np.linalg.norm(wv), name
     assert not np.any(got[0][owned:]) and not np.any(got[1][owned:]), "rows beyond the groups must be zero"
+
+
+def test_permute_rows_value_and_gradient_equal_take():
+    """moe.permute_rows is x[perm] with a gather (not a scatter-add) for its gradient: same values and
+    gradient as jnp.take for a permutation, also under the MoE's repeat-then-permute."""
+    rng = np.random.default_rng(0)
+    t, k, d = 12, 3, 5
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    perm = jnp.asarray(rng.permutation(t * k), jnp.int32)
+    inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(t * k, dtype=jnp.int32))
+    cot = jnp.asarray(rng.normal(size=(t * k, d)), jnp.float32)
+
+    def ours(x):
+        return jnp.sum(moe.permute_rows(jnp.repeat(x, k, axis=0), perm, inverse) * cot)
+
+    def reference(x):  # the form the MoE used before: a gather by token index
+        return jnp.sum(jnp.take(x, perm // k, axis=0) * cot)
+
+    np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(reference)(x), rtol=1e-5, atol=1e-6)
+    y = moe.permute_rows(moe.permute_rows(cot, perm, inverse), inverse, perm)
+    np.testing.assert_array_equal(y, cot)  # unsorting undoes sorting
+    assert "scatter" not in jax.jit(jax.grad(ours)).lower(x).as_text()
