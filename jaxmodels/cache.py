@@ -11,8 +11,10 @@ first new token goes to (the same for every row: prompts are left-padded to one 
   shared rope key `k_pe` [qk_rope_head_dim] per token per layer; per-head K/V are never stored.
 * `KVCache` (StableLM) holds rotated K and V per KV head.
 
-`update(new...)` writes the new entries and returns what the layer attends to: the whole cache
-(decode), or with `fresh=True` (prefill into an empty cache) just the new entries themselves.
+`update(new...)` writes the new entries and returns what the layer attends to: the cache's first
+`read_len` slots (decode; None = all of them), or with `fresh=True` (prefill into an empty cache) just the
+new entries themselves. `read_len` is static: the decode loop runs in phases of growing read lengths so a
+step reads only about the filled part of a long cache (`jaxmodels.generate.read_lengths`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ def _write(buf: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -
     return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), start)
 
 
-def _read(buf: jax.Array, layer: jax.Array) -> jax.Array:
-    """One layer's slice [b, T, ...] of buf [layers, b, T, ...]."""
-    return jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)
+def _read(buf: jax.Array, layer: jax.Array, length: int | None = None) -> jax.Array:
+    """One layer's first `length` slots (None: all T) [b, length, ...] of buf [layers, b, T, ...]."""
+    zero = jnp.zeros((), jnp.int32)
+    sizes = (1, buf.shape[1], buf.shape[2] if length is None else length) + buf.shape[3:]
+    return jax.lax.dynamic_slice(buf, (layer,) + (zero,) * (buf.ndim - 1), sizes)[0]
 
 
 class _LayerStackedCache:
@@ -45,7 +49,7 @@ class _LayerStackedCache:
         written = self.replace(**{n: _write(getattr(self, n), v, self.layer, self.index) for n, v in new.items()})
         if self.fresh:  # prefill into an empty cache: attend to the new entries themselves
             return (*new.values(), written)
-        return (*(_read(getattr(written, n), self.layer) for n in new), written)
+        return (*(_read(getattr(written, n), self.layer, self.read_len) for n in new), written)
 
     def at_layer(self, layer):
         return self.replace(layer=jnp.asarray(layer, jnp.int32))
@@ -60,6 +64,7 @@ class MLACache(_LayerStackedCache):
     index: jax.Array  # int32 scalar: slot of the first token written by the next update
     layer: jax.Array  # int32 scalar: the layer of this stack the next update writes
     fresh: bool = struct.field(pytree_node=False, default=False)
+    read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns
 
     def update(self, c_kv: jax.Array, k_pe: jax.Array):
         """c_kv [b, s, lora], k_pe [b, s, rope] -> (latents to attend to, rope keys, updated cache)."""
@@ -79,6 +84,7 @@ class KVCache(_LayerStackedCache):
     index: jax.Array
     layer: jax.Array
     fresh: bool = struct.field(pytree_node=False, default=False)
+    read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns
 
     def update(self, k: jax.Array, v: jax.Array):
         """k, v [b, s, kv_heads, d] -> (keys to attend to, values, updated cache)."""
@@ -118,7 +124,8 @@ def bytes_per_token(cfg: BaseConfig, dtype=jnp.bfloat16) -> int:
     return per_layer * itemsize * cfg.num_hidden_layers
 
 
-def set_position(cache: dict[str, Any], index, fresh: bool) -> dict[str, Any]:
-    """The same caches with write slot `index` and the prefill/decode mode `fresh`."""
+def set_position(cache: dict[str, Any], index, fresh: bool, read_len: int | None = None) -> dict[str, Any]:
+    """The same caches with write slot `index`, the prefill/decode mode `fresh` and the slots a decode
+    update reads back (`read_len`, static; None = all)."""
     index = jnp.asarray(index, jnp.int32)
-    return {k: c.replace(index=index, fresh=fresh) for k, c in cache.items()}
+    return {k: c.replace(index=index, fresh=fresh, read_len=read_len) for k, c in cache.items()}

@@ -112,13 +112,32 @@ def _prefill(model, ids, mask, cache_len: int):
     return _last_logits(model, h), set_position(cache, p, fresh=False), kv_valid, next_pos
 
 
-def _decode(model, cache, tokens, positions, kv_valid):
-    """One token per row: tokens, positions [b] -> (logits [b, vocab], cache with index advanced)."""
+def _decode(model, cache, tokens, positions, kv_valid, read_len: int | None = None):
+    """One token per row: tokens, positions [b] -> (logits [b, vocab], cache with index advanced).
+    read_len (static): attend to the first read_len cache slots only (they must hold every filled one)."""
     index = next(iter(cache.values())).index
-    t = kv_valid.shape[1]
-    attn = (kv_valid & (jnp.arange(t) <= index)[None])[:, None, :]  # [b, 1, T]
-    h, cache = model.model(tokens[:, None], attn, positions[:, None], cache, scan=model.scan, absorb=True)
+    t = kv_valid.shape[1] if read_len is None else read_len
+    attn = (kv_valid[:, :t] & (jnp.arange(t) <= index)[None])[:, None, :]  # [b, 1, t]
+    h, cache = model.model(tokens[:, None], attn, positions[:, None], set_position(cache, index, False, read_len),
+                           scan=model.scan, absorb=True)
     return _last_logits(model, h), set_position(cache, index + 1, fresh=False)
+
+
+# Decode reads the cache in phases of growing length: a step whose filled slots fit in the first L reads only
+# those L (the loop moves to the next phase when they fill up). At most READ_PHASES lengths per generate
+# call (each compiles the decode step once more), halving down from the cache length; caches of at most
+# MIN_PHASED_CACHE slots are read whole (too short for a phase to pay for its compile).
+READ_PHASES = 4
+MIN_PHASED_CACHE = 512
+
+
+def read_lengths(first_index: int, cache_len: int, slots_per_step: int = 1) -> list[int]:
+    """The decode loop's read lengths (static, ascending, the last = cache_len). first_index: the slot the
+    first decode step writes; each step writes slots_per_step slots and reads every slot up to them."""
+    if cache_len <= MIN_PHASED_CACHE:
+        return [cache_len]
+    lengths = sorted({cache_len >> k for k in range(READ_PHASES)})
+    return [n for n in lengths if n >= first_index + slots_per_step]
 
 
 # XLA:GPU otherwise copies each layer's weights out of the stacked [layers, ...] parameters before every
@@ -246,16 +265,19 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
         step, _, _, _, _, unfinished = carry
         return (step < max_new) & jnp.any(unfinished)
 
-    def body(carry):
+    def body(carry, read_len):
         step, out, tok, pos, cache, unfinished = carry
         with jax.named_scope("decode"):
-            logits, cache = _decode(model, cache, tok, pos, kv_valid)
+            logits, cache = _decode(model, cache, tok, pos, kv_valid, read_len)
         tok, unfinished = finish(step, pick(logits, jax.random.fold_in(key, step)), unfinished)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
         return step + 1, out, tok, pos + 1, cache, unfinished
 
     carry = (jnp.asarray(1, jnp.int32), out, tok, pos, cache, unfinished)
-    steps, out, *_ = jax.lax.while_loop(cond, body, carry)
+    for n in read_lengths(p, cache_len):  # the step writing slot `index` reads slots [0, index]
+        carry = jax.lax.while_loop(lambda c, n=n: cond(c) & (next(iter(c[4].values())).index < n),
+                                   functools.partial(body, read_len=n), carry)
+    steps, out, *_ = carry
     return out, steps
 
 
@@ -341,16 +363,16 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
     def cond(carry):
         return jnp.any(carry["unfinished"])
 
-    def body(c):
+    def body(c, read_len):
         j, active = c["j"], c["unfinished"]
         step_key = jax.random.fold_in(key, c["step"])
         k_accept, k_resid, k_next, k_draft = jax.random.split(step_key, 4)
-        slots = jnp.arange(c["kv_valid"].shape[1])
-        attn = c["kv_valid"][:, None, :] & (slots[None, None, :] <= j + jnp.arange(2)[None, :, None])  # [b, 2, T]
+        slots = jnp.arange(read_len)
+        attn = c["kv_valid"][:, None, :read_len] & (slots[None, None, :] <= j + jnp.arange(2)[None, :, None])
         two = jnp.stack([c["tok"], c["draft"]], axis=1)  # [b, 2]
         pos2 = c["pos"][:, None] + jnp.arange(2, dtype=jnp.int32)[None]  # [b, 2]
-        with jax.named_scope("verify"):
-            h, cache = model.model(two, attn, pos2, set_position(c["cache"], j, fresh=False), scan=model.scan,
+        with jax.named_scope("verify"):  # attn [b, 2, read_len]
+            h, cache = model.model(two, attn, pos2, set_position(c["cache"], j, False, read_len), scan=model.scan,
                                    absorb=True)
             logits = model.logits(h).astype(jnp.float32)  # [b, 2, vocab]
         d = c["draft"]
@@ -381,13 +403,14 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
         kv_valid = jax.lax.dynamic_update_slice(c["kv_valid"], accept[:, None], (zero, j + 1))
         with jax.named_scope("draft"):
             hm, mtp_cache = _mtp_forward(model, h, jnp.stack([e0, e1], axis=1), pos2, attn,
-                                         set_position(c["mtp_cache"], j, fresh=False), absorb=True)
+                                         set_position(c["mtp_cache"], j, False, read_len), absorb=True)
             hd = jnp.where(accept[:, None], hm[:, 1], hm[:, 0])  # the MTP state at the last accepted position
             dl = model.logits(hd[:, None])[:, 0].astype(jnp.float32)
             q = probs(dl) if do_sample else c["q"]
             draft = pick(dl, k_draft)
         return dict(step=c["step"] + 1, j=j + 2, out=out, n_out=n_new, tok=jnp.where(accept, e1, e0), draft=draft,
-                    q=q, pos=c["pos"] + 1 + accept.astype(jnp.int32), cache=cache, mtp_cache=mtp_cache,
+                    q=q, pos=c["pos"] + 1 + accept.astype(jnp.int32), cache=set_position(cache, j + 2, False),
+                    mtp_cache=set_position(mtp_cache, j + 2, False),
                     kv_valid=kv_valid, unfinished=unfinished,
                     verified=c["verified"] + active.sum(dtype=jnp.int32),
                     accepted=c["accepted"] + (active & accept).sum(dtype=jnp.int32))
@@ -396,7 +419,10 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
                  draft=draft, q=q, pos=pos, cache=set_position(cache, p, fresh=False),
                  mtp_cache=set_position(mtp_cache, p, fresh=False), kv_valid=kv_valid, unfinished=unfinished,
                  verified=zero, accepted=zero)
-    c = jax.lax.while_loop(cond, body, carry)
+    for n in read_lengths(p, cache_len, slots_per_step=2):  # a step writes slots j, j + 1 and reads [0, j + 1]
+        carry = jax.lax.while_loop(lambda c, n=n: cond(c) & (c["j"] + 2 <= n), functools.partial(body, read_len=n),
+                                   carry)
+    c = carry
     return c["out"], jnp.max(c["n_out"]), jnp.stack([c["verified"], c["accepted"], c["step"] - 1])
 
 

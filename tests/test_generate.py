@@ -254,3 +254,46 @@ def test_clear_errors(tiny):
         jaxmodels.generate(model, ids, max_new_tokens=5, cache_len=8)
     with pytest.raises(GenerationError, match="CausalLM"):
         jaxmodels.generate(object(), ids)
+
+
+def phased(min_cache: int):
+    """Context: decode reads the cache in phases from caches of more than min_cache slots (jax's caches are
+    cleared: the phase constants are read at trace time)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = G.MIN_PHASED_CACHE
+        G.MIN_PHASED_CACHE = min_cache
+        jax.clear_caches()
+        try:
+            yield
+        finally:
+            G.MIN_PHASED_CACHE = old
+            jax.clear_caches()
+    return ctx()
+
+
+def test_read_lengths():
+    assert G.read_lengths(16, 64) == [64]  # short caches are read whole
+    with phased(0):
+        assert G.read_lengths(16, 64) == [32, 64]
+        assert G.read_lengths(3, 64) == [8, 16, 32, 64]  # at most READ_PHASES lengths
+        assert G.read_lengths(15, 64, slots_per_step=2) == [32, 64]
+        assert G.read_lengths(62, 64, slots_per_step=2) == [64]
+    assert G.read_lengths(100, 4096) == [512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "stablelm"])
+def test_phased_cache_reads_equal_whole_reads(tiny, family):
+    """Decode reading the first L cache slots in phases gives the tokens reading it whole gives, across the
+    phase boundaries (prompt bucket 16, 40 new tokens: a 64-slot cache read as 32, then 64)."""
+    model, _ = tiny[family]
+    ids, mask = padded_prompts(model.config.vocab_size, seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[], pad_token_id=0)
+    whole = jaxmodels.generate(model, ids, **kw)
+    with phased(0):
+        before = G.TRACE_COUNT["generate"]
+        got = jaxmodels.generate(model, ids, **kw)
+        assert G.TRACE_COUNT["generate"] == before + 1  # the phases live in the one program
+    np.testing.assert_array_equal(got, whole)

@@ -299,3 +299,27 @@ def test_speculative_sampling_keeps_the_distribution():
         p = chi2_contingency(table)[1]
         print("col", col, "p", p, table)
         assert p > 1e-3
+
+
+def test_speculative_with_phased_cache_reads():
+    """Speculative decoding reads the cache in phases of growing length too (2 slots per step): greedy output
+    still equals plain greedy (both phased) and equals reading the cache whole."""
+    import sys
+
+    G = sys.modules["jaxmodels.generate"]
+    model = drafting_model(seed=2)
+    ids = np.random.default_rng(5).integers(1, 96, size=(2, 9))
+    kw = dict(max_new_tokens=30, eos_token_id=[])
+    whole = jaxmodels.generate(model, ids, speculative=True, **kw)
+    old = G.MIN_PHASED_CACHE
+    G.MIN_PHASED_CACHE = 0
+    jax.clear_caches()
+    try:
+        assert len(G.read_lengths(16, 128, slots_per_step=2)) > 1
+        spec = jaxmodels.generate(model, ids, speculative=True, **kw)
+        plain = jaxmodels.generate(model, ids, **kw)
+    finally:
+        G.MIN_PHASED_CACHE = old
+        jax.clear_caches()
+    np.testing.assert_array_equal(spec, whole)
+    np.testing.assert_array_equal(spec, plain)
