@@ -38,6 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
+from common import fmt, median  # noqa: E402
+
 MODELS = {
     "deepseek-v2-lite": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
@@ -79,11 +81,6 @@ if os.environ.get("BENCH_SMOKE"):  # a CPU smoke run of the script itself: tiny 
             _cfg.update(moe_intermediate_size=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
                         v_head_dim=16, q_lora_rank=_cfg["q_lora_rank"] and 24)
     PREFILL, DECODE_BATCHES, PROMPT, NEW = [(1, 64), (2, 32)], [1, 4], 16, 8
-
-
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -284,16 +281,10 @@ def worker_ours(name: str, args) -> dict:
         print(f"[ours {name}{tag}] decode b{b}: {step * 1e3:.3f} ms/step, {b / step:.0f} tok/s "
               f"(first call {res['compile_s'][f'generate b{b}{tag}']:.0f}s)", flush=True)
         if args.profile and not tag:
-            import tempfile
-
-            from profile_summary import summarize, trace
-            tmp = tempfile.mkdtemp(prefix="trace_")
-            trace(lambda: run(NEW), 1, tmp)  # per "step" below = per generate call: NEW decode steps + prefill
-            text = f"## {name} generate b{b} ({NEW} new tokens; divide by {NEW} for a decode step)\n\n" + summarize(tmp, 1)
-            print(text, flush=True)
-            if args.out:
-                with open(os.path.join(args.out, f"profile_{name}_b{b}.md"), "w") as f:
-                    f.write(text + "\n")
+            from profile_summary import profile
+            # One "step" of the summary = one generate call: NEW decode steps + the prefill.
+            profile(lambda: run(NEW), 1, f"{name} generate b{b} ({NEW} new tokens; divide by {NEW} for a decode step)",
+                    os.path.join(args.out, f"profile_{name}_b{b}.md") if args.out else None)
         return step
 
     for b in args.decode_batches:
@@ -387,7 +378,8 @@ def worker_hf(name: str, args) -> dict:
             t_one = median([timed(gen(1)) for _ in range(max(1, args.reps - 1))])
             step = (t_full - t_one) / (n - 1)
             res["decode"][str(b)] = step
-            print(f"[hf {name}] decode b{b} ({cache} cache): {step * 1e3:.2f} ms/step, {b / step:.0f} tok/s", flush=True)
+            print(f"[hf {name}] decode b{b} ({cache} cache): {step * 1e3:.2f} ms/step, {b / step:.0f} tok/s",
+                  flush=True)
     return res
 
 
@@ -429,10 +421,6 @@ def run_worker(kind: str, name: str, args) -> dict | None:
     return result
 
 
-def fmt(x, spec=".0f"):
-    return "-" if x is None else format(x, spec)
-
-
 def table(results: dict, args) -> str:
     rows = ["| model | measurement | jaxmodels tok/s | transformers tok/s | ratio | % HBM roofline / MFU |",
             "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -444,7 +432,8 @@ def table(results: dict, args) -> str:
             key = f"{b}x{p}"
             o = ours["prefill"].get(key) if ours else None
             h = hf["prefill"].get(key) if hf else None
-            mfu = o * prefill_flops_per_token(counts, p) / ours["peak_flops"] if o and ours.get("peak_flops") else None
+            peak = ours.get("peak_flops") if ours else None
+            mfu = o * prefill_flops_per_token(counts, p) / peak if o and peak else None
             rows.append(f"| {name} | prefill {key} | {fmt(o)} | {fmt(h)} | {fmt(o / h if o and h else None, '.2f')} | "
                         f"{f'{100 * mfu:.0f}% MFU' if mfu else ''} |")
         for b in args.decode_batches:
@@ -470,7 +459,8 @@ def main():
     ap.add_argument("--hf-cache", default="static", choices=["static", "dynamic"],
                     help="transformers' decode cache (static falls back to dynamic where a model has none)")
     ap.add_argument("--profile", action="store_true",
-                    help="ours: the device-time breakdown of a decode step at each batch (benchmarks/profile_summary.py)")
+                    help="ours: the device-time breakdown of a decode step at each batch "
+                         "(benchmarks/profile_summary.py)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs / HLO (default $OUT)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)

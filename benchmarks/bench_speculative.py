@@ -25,7 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-from bench_generate import MODELS, median, random_normal  # noqa: E402  (BENCH_SMOKE shrinks MODELS there)
+from bench_generate import MODELS, random_normal  # noqa: E402  (BENCH_SMOKE shrinks MODELS there)
+from common import median  # noqa: E402
 
 PROMPT = 16 if os.environ.get("BENCH_SMOKE") else 128
 NEW = 8 if os.environ.get("BENCH_SMOKE") else 64

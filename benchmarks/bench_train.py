@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import common  # noqa: E402
 from bench_generate import MODELS  # noqa: E402  (the real-size configurations)
-from common import fmt  # noqa: E402
+from common import fmt, median  # noqa: E402
 
 CONFIGS = {
     "stablelm-3b": MODELS["stablelm-3b"],
@@ -56,11 +56,6 @@ if os.environ.get("BENCH_SMOKE"):  # a CPU smoke run of the script itself: tiny 
 LORA_TARGETS = {"stablelm-3b": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                 "v2-lite-6l": ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj")}
-
-
-def median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: str | None = None,
@@ -122,23 +117,17 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
             print(f"[ours {row}] first step (compile) {times[0]:.1f}s, loss {losses[0]:.3f}", flush=True)
     dt = median(times[2:])
     if profile:
-        import tempfile
-
-        from profile_summary import summarize, trace
+        from profile_summary import profile as run_profile
         holder = {"state": state}
 
         def one_step():
             holder["state"], m = step_fn(holder["state"], frozen, batch)
             return m["loss"]
 
-        tmp = tempfile.mkdtemp(prefix="trace_")
-        trace(one_step, 2, tmp)
+        name = f"profile_{row.replace('/', '_')}{'_' + probe if probe else ''}.md"
+        run_profile(one_step, 2, f"{row} (remat {remat}, attention {attention}, probe {probe}): step "
+                    f"{dt * 1e3:.1f} ms", os.path.join(profile, name))
         state = holder["state"]
-        text = f"## {row} (remat {remat}, attention {attention}, probe {probe}): step {dt * 1e3:.1f} ms\n\n" + summarize(tmp, 2)
-        print(text, flush=True)
-        os.makedirs(profile, exist_ok=True)
-        with open(os.path.join(profile, f"profile_{row.replace('/', '_')}{'_' + probe if probe else ''}.md"), "w") as f:
-            f.write(text + "\n")
     tok_s = b * s / dt
     fpt = flops_per_token(model, s, lora=bool(lora))
     peak = peak_flops()
@@ -235,8 +224,8 @@ def main():
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     if args.worker:
-        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe, args.profile) if args.worker == "ours"
-                  else worker_hf(rows[0], args.steps))
+        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe, args.profile)
+                  if args.worker == "ours" else worker_hf(rows[0], args.steps))
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.out:

@@ -41,5 +41,10 @@ def save_results(out: str | None, results: dict, table: str) -> None:
         f.write(table + "\n")
 
 
-def fmt(x, spec: str) -> str:
+def fmt(x, spec: str = ".0f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]

@@ -37,6 +37,22 @@ def trace(fn, steps: int, out_dir: str) -> None:
             jax.block_until_ready(fn())
 
 
+def profile(fn, steps: int, title: str, out_file: str | None = None) -> str:
+    """Traces `steps` calls of fn into a temporary folder; prints the summary under `title` (and writes it
+    to out_file) and returns it."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="trace_")
+    trace(fn, steps, tmp)
+    text = f"## {title}\n\n" + summarize(tmp, steps)
+    print(text, flush=True)
+    if out_file:
+        os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+        with open(out_file, "w") as f:
+            f.write(text + "\n")
+    return text
+
+
 def _events(out_dir: str):
     files = sorted(glob.glob(os.path.join(out_dir, "**", "perfetto_trace.json.gz"), recursive=True))
     if not files:
@@ -48,19 +64,20 @@ def _events(out_dir: str):
 
 def summarize(out_dir: str, steps: int = 1, top: int = 30) -> str:
     events = _events(out_dir)
-    procs = {e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    meta = [e for e in events if e.get("ph") == "M"]
+    procs = {e["pid"]: e["args"].get("name", "") for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in meta if e.get("name") == "thread_name"}
     device = {p for p, n in procs.items() if re.search(r"/device:(GPU|TPU)", n)}
     if not device:  # a CPU run: XLA's own threads on the host stand in for the device
         device = set(procs)
-    # Device lines: kernel streams. Derived lines ("XLA Ops", "XLA Modules", "Steps", ...) repeat the same
-    # time; keep only stream lines when there are any.
+    # Device lines: kernel streams (on CPU: XLA's executor threads). Derived lines ("XLA Ops", "XLA Modules",
+    # "Steps", ...) repeat the same time; keep only those lines when there are any.
     lines = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in device:
             lines[(e["pid"], e.get("tid"))].append(e)
-    streams = {k: v for k, v in lines.items() if re.search(r"stream|XLAEigen", threads.get(k, ""), re.I)}
+    executors = re.compile(r"stream|XLAEigen|XLAPjRtCpuClient", re.I)
+    streams = {k: v for k, v in lines.items() if executors.search(threads.get(k, ""))}
     chosen = streams or lines
     by_name = collections.Counter()
     count = collections.Counter()

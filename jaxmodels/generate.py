@@ -274,9 +274,9 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
         return step + 1, out, tok, pos + 1, cache, unfinished
 
     carry = (jnp.asarray(1, jnp.int32), out, tok, pos, cache, unfinished)
-    for n in read_lengths(p, cache_len):  # the step writing slot `index` reads slots [0, index]
-        carry = jax.lax.while_loop(lambda c, n=n: cond(c) & (next(iter(c[4].values())).index < n),
-                                   functools.partial(body, read_len=n), carry)
+    for n in read_lengths(p, cache_len):  # step s writes slot p + s - 1 and reads slots [0, p + s - 1]
+        carry = jax.lax.while_loop(lambda c, n=n: cond(c) & (p + c[0] - 1 < n), functools.partial(body, read_len=n),
+                                   carry)
     steps, out, *_ = carry
     return out, steps
 

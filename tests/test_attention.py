@@ -142,6 +142,11 @@ def test_packed_segments_layout():
     np.testing.assert_array_equal(offsets[1, :2], [0, -1])
     np.testing.assert_array_equal(lengths[1, :2], [8, -1])
     assert (offsets[:, 5:] == -1).all() and (lengths[:, 5:] == -1).all()
+    # Capped at M runs (what "cudnn_packed" passes cuDNN): the same runs while a row has at most M.
+    offsets_m, lengths_m = packed_segments(ids, max_segments=4)
+    assert offsets_m.shape == (2, 5) and lengths_m.shape == (2, 4)
+    np.testing.assert_array_equal(offsets_m, offsets[:, :5])
+    np.testing.assert_array_equal(lengths_m, lengths[:, :4])
 
 
 def test_choice_on_cpu_and_clear_errors():

@@ -42,3 +42,17 @@ def test_random_normal_fills_every_block(shape):
     assert x.shape == shape
     assert np.all(x != 0) and len(np.unique(x)) == x.size  # every block written, no block repeated
     assert 0.01 < x.std() < 0.03
+
+
+def test_profile_summary_reads_a_real_trace(tmp_path):
+    """benchmarks/profile_summary.py: a jax profiler trace of a jitted function becomes per-step tables."""
+    from benchmarks import profile_summary
+
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((256, 256))
+    f(x).block_until_ready()
+    text = profile_summary.profile(lambda: f(x), 3, "tanh matmul", str(tmp_path / "profile.md"))
+    busy = float(text.split("device busy time per step: ")[1].split(" ms")[0])
+    assert busy > 0
+    assert "| category | ms/step | share |" in text and "| kernel | HLO op | calls/step |" in text
+    assert (tmp_path / "profile.md").read_text().startswith("## tanh matmul")

@@ -90,11 +90,16 @@ def count_mtp_targets(batch: dict, depth: int) -> jax.Array:
     return (mtp_targets(flat["labels"], depth, flat["segment_ids"]) != -100).sum()
 
 
+def _path_names(path) -> list[str]:
+    """The names along a pytree path of an nnx state (dict keys / attribute names)."""
+    return [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+
+
 def _set_bias(buffers, update):
     """The buffers with the main MoE stack's routing bias [moe layers, experts] replaced by update(old).
     (An MTP layer's own router keeps its bias: its loads are not part of the main forward's statistics.)"""
     def one(path, x):
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        names = _path_names(path)
         return update(x) if BIAS_NAME in names and "moe_layers" in names else x
     return jax.tree_util.tree_map_with_path(one, buffers)
 
@@ -111,18 +116,18 @@ def compute_params(params, compute_dtype):
 
     The layers cast each weight to the activations' dtype where they use it, so casting the whole stacked
     tree once, before the layer scan, computes the same values and gradients (the gradient of a cast is a
-    cast back; tested: bitwise for StableLM, within bf16 rounding for the routed experts on CPU). What it saves is per-layer work inside the scan: a cast of every layer's slice in the
-    forward and again in the backward, copies of the float32 slices, and float32 per-layer gradient writes
-    (the scan writes bf16 gradients; they become float32 once, where the optimizer reads them).
+    cast back; tested: bitwise for StableLM, within bf16 rounding for the routed experts on CPU). What it
+    saves is per-layer work inside the scan: a cast of every layer's slice in the forward and again in the
+    backward, copies of the float32 slices, and float32 per-layer gradient writes (the scan writes bf16
+    gradients; they become float32 once, where the optimizer reads them).
     Leaves matched by _KEEP_NAME / _KEEP_SUBSTRINGS and non-float32 leaves are left as they are.
     """
     if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
         return params
 
     def one(path, x):
-        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
         keep = x.dtype != jnp.float32 or any(n == _KEEP_NAME or any(k in n for k in _KEEP_SUBSTRINGS)
-                                             for n in names)
+                                             for n in _path_names(path))
         return x if keep else x.astype(compute_dtype)
     return jax.tree_util.tree_map_with_path(one, params)
 
