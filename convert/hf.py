@@ -417,6 +417,7 @@ LOAD_WINDOW_BYTES = 2 << 30
 PIECE_BYTES = 1 << 30
 TASK_BYTES = 64 << 20  # one worker's share of a piece (a piece is filled by several threads at once)
 LOAD_THREADS = min(8, os.cpu_count() or 1)
+FORGIVE_AFTER_S = 2.0  # a sent buffer not freed by then stops counting against the window (_Pipeline.forgive)
 
 
 class _Part(NamedTuple):
@@ -596,8 +597,9 @@ class _Pipeline:
                 self.lock.notify_all()
 
     def forgive(self) -> None:
-        """Stops counting buffers already sent whose memory the backend still holds (XLA:CPU keeps a sent
-        numpy buffer alive until its next computation): the device owns them now."""
+        """Stops counting buffers already sent whose memory the backend still holds: the device owns them
+        now. (A safety valve: a backend that kept a sent buffer would otherwise stall the loading; XLA:CPU,
+        which adopts numpy buffers, gets a copy instead, see `start`.)"""
         with self.lock:
             for number in [n for n, (_, sent) in self._alive.items() if sent]:
                 self.held -= self._alive.pop(number)[0]
@@ -642,6 +644,10 @@ class _Pipeline:
             if last:
                 try:
                     value = jax.device_put(host[0]) if device is None else jax.device_put(host[0], device)
+                    if next(iter(value.devices())).platform == "cpu":
+                        # XLA:CPU adopts a numpy buffer zero-copy for the array's whole life: copy it into
+                        # the runtime's own memory so the host buffer is freed now and the window holds.
+                        value = jnp.copy(value)
                     value.block_until_ready()  # the transfer is done: the host buffer can go
                 except BaseException as e:  # noqa: BLE001
                     host.clear()
@@ -758,7 +764,7 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
                     land(*ijk, fut.result())
                 elif pipeline.has_room(piece.nbytes):
                     break
-                elif not pipeline.wait_for_room(piece.nbytes, timeout=0.05):  # all sent, buffers on their way out
+                elif not pipeline.wait_for_room(piece.nbytes, timeout=FORGIVE_AFTER_S):  # sent, on their way out
                     pipeline.forgive()
             pending.append((i, j, k, pipeline.start(piece, blocks[j].devices[0], var.dtype)))
         while pending:
