@@ -140,11 +140,17 @@ def read_lengths(first_index: int, cache_len: int, slots_per_step: int = 1) -> l
     return [n for n in lengths if n >= first_index + slots_per_step]
 
 
-# XLA:GPU otherwise copies each layer's weights out of the stacked [layers, ...] parameters before every
-# cuBLAS call inside the layer scan (a dynamic-slice it cannot fuse into a library call): at decode that
-# triples the bytes a step moves. Dynamic-slice fusion lets the GEMM read the slice in place. Other
-# backends ignore the option.
-COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True}
+# XLA:GPU compiler options for the generation programs (other backends ignore them). Inside the layer scan
+# each layer's weights are a dynamic-slice of the stacked [layers, ...] parameters. Measured on an H100
+# (stablelm-3b decode, benchmarks/RESULTS.md 2026-11-23 18:30 UTC):
+# - Triton GEMM fusions cannot read a dynamic-slice operand, so XLA copied every MLP weight out of the stack
+#   before its matmul (3 x 35 MB per layer per step); cuBLAS with dynamic-slice fusion reads it in place.
+# - The dot-merger pass fuses q/k/v (and gate/up) into one matmul by concatenating their weights: a copy of
+#   those weights every step, since they change with the layer.
+# Without both, a decode step reads each weight once: b1 5.58 -> 3.16 ms, b32 9.00 -> 5.24 ms; MLA/MoE decode
+# and prefill unchanged. (The training step measured the same with and without them.)
+COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False,
+                    "xla_disable_hlo_passes": "dot-merger"}
 
 
 def _prefill_impl(graphdef, state, ids, mask, cache_len):
