@@ -5,7 +5,8 @@ parameters. It travels through the layer scan as part of the *carry* (not as sca
 each layer writes only its new tokens into the big buffer with `dynamic_update_slice` and XLA keeps
 one buffer for the whole decode loop instead of re-stacking a copy per step. The layer a cache
 object addresses is `layer` (set by `LayerStack` before each layer runs); `index` is the slot the
-first new token goes to (the same for every row: prompts are left-padded to one length).
+first new token goes to: a scalar, the same for every row (prompts are left-padded to one length), or one
+slot per row [batch] (speculative decoding, where rows advance by different amounts).
 
 * `MLACache` (DeepSeek-V2/V3) holds only the normed latent `c_kv` [kv_lora_rank] and the rotated
   shared rope key `k_pe` [qk_rope_head_dim] per token per layer; per-head K/V are never stored.
@@ -30,9 +31,17 @@ from jaxmodels.config import BaseConfig, DeepseekConfig, StableLmConfig
 
 
 def _write(buf: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-    """buf [layers, b, T, ...] <- new [b, s, ...] at (layer, :, index:index+s)."""
-    start = (layer, jnp.zeros((), jnp.int32), index) + (jnp.zeros((), jnp.int32),) * (buf.ndim - 3)
-    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), start)
+    """buf [layers, b, T, ...] <- new [b, s, ...] at (layer, :, index:index+s); index a scalar (every row) or
+    [b] (row r at index[r]: speculative decoding, where rows advance by different amounts)."""
+    zero = jnp.zeros((), jnp.int32)
+    new = new.astype(buf.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, zero, index) + (zero,) * (buf.ndim - 3))
+
+    def row(buf_r, new_r, i):  # buf_r [layers, T, ...], new_r [s, ...]
+        return jax.lax.dynamic_update_slice(buf_r, new_r[None], (layer, i) + (zero,) * (buf_r.ndim - 2))
+
+    return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(buf, new, index)
 
 
 def _read(buf: jax.Array, layer: jax.Array, length: int | None = None) -> jax.Array:
@@ -61,7 +70,7 @@ class MLACache(_LayerStackedCache):
 
     c_kv: jax.Array
     k_pe: jax.Array
-    index: jax.Array  # int32 scalar: slot of the first token written by the next update
+    index: jax.Array  # int32 scalar or [batch]: slot of the first token written by the next update
     layer: jax.Array  # int32 scalar: the layer of this stack the next update writes
     fresh: bool = struct.field(pytree_node=False, default=False)
     read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns

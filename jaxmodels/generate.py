@@ -123,6 +123,30 @@ def _decode(model, cache, tokens, positions, kv_valid, read_len: int | None = No
     return _last_logits(model, h), set_position(cache, index + 1, fresh=False)
 
 
+def _pair_forward(model, cache, two, pos2, kv_valid, j, read_len: int):
+    """The main model over two tokens per row, two [b, 2] at positions pos2 [b, 2], written to cache slots j and
+    j + 1 (j: scalar or [b]), attending to the first read_len slots up to its own. The step both a speculative
+    verify and a paired decode run. Returns (h [b, 2, hidden], logits [b, 2, vocab] float32, mask, cache)."""
+    jj = jnp.reshape(j, (-1, 1, 1))  # [b or 1, 1, 1]
+    slots = jnp.arange(read_len)[None, None, :]
+    attn = kv_valid[:, None, :read_len] & (slots <= jj + jnp.arange(2)[None, :, None])  # [b, 2, read_len]
+    h, cache = model.model(two, attn, pos2, set_position(cache, j, False, read_len), scan=model.scan, absorb=True)
+    return h, model.logits(h).astype(jnp.float32), attn, cache
+
+
+def _decode_paired(model, cache, tokens, positions, kv_valid, read_len: int):
+    """`_decode` computed as the first of two copies of each token (slot index + 1 gets a throwaway entry that
+    the next step overwrites). Greedy decoding of a model with MTP layers runs this: it has exactly the shapes
+    of a speculative verify step, so both run the same GPU kernels with the same rounding and
+    speculative=True gives bit for bit the tokens of speculative=False (a 1-token step runs matrix-vector
+    kernels whose bf16 rounding differs from the verify's 2-row ones and flips near-tied argmaxes)."""
+    index = next(iter(cache.values())).index
+    pos2 = positions[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+    _, logits, _, cache = _pair_forward(model, cache, jnp.stack([tokens, tokens], axis=1), pos2, kv_valid, index,
+                                        read_len)
+    return logits[:, 0], set_position(cache, index + 1, fresh=False)
+
+
 # Decode reads the cache in phases of growing length: a step whose filled slots fit in the first L reads only
 # those L (the loop moves to the next phase when they fill up). At most READ_PHASES lengths per generate
 # call (each compiles the decode step once more), halving down from the cache length; caches of at most
@@ -274,13 +298,20 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
     def body(carry, read_len):
         step, out, tok, pos, cache, unfinished = carry
         with jax.named_scope("decode"):
-            logits, cache = _decode(model, cache, tok, pos, kv_valid, read_len)
+            if paired:
+                logits, cache = _decode_paired(model, cache, tok, pos, kv_valid, read_len)
+            else:
+                logits, cache = _decode(model, cache, tok, pos, kv_valid, read_len)
         tok, unfinished = finish(step, pick(logits, jax.random.fold_in(key, step)), unfinished)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
         return step + 1, out, tok, pos + 1, cache, unfinished
 
     carry = (jnp.asarray(1, jnp.int32), out, tok, pos, cache, unfinished)
-    for n in read_lengths(p, cache_len):  # step s writes slot p + s - 1 and reads slots [0, p + s - 1]
+    # Greedy decoding of a model with MTP layers runs speculative decoding's step shapes and reads the whole
+    # cache as it does (a different read length can round the attention sums differently): see _decode_paired.
+    paired = not do_sample and _has_mtp(model)
+    # step s writes slot p + s - 1 (paired: and p + s) and reads slots [0, p + s - 1]
+    for n in [cache_len] if paired else read_lengths(p, cache_len):
         carry = jax.lax.while_loop(lambda c, n=n: cond(c) & (p + c[0] - 1 < n), functools.partial(body, read_len=n),
                                    carry)
     steps, out, *_ = carry
@@ -298,12 +329,16 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
 # free. The MTP layer then runs on the same two slots (main hidden state at i, embedding of token i+1)
 # and drafts again from the last accepted position.
 #
-# Cache layout: one shared write index for all rows, advanced by 2 every step (the index stays a
-# scalar and writes stay dynamic_update_slice). A rejected draft's slot is marked invalid in the per-row
-# `kv_valid` mask instead of being rewound, so rows advance by different amounts without per-row
-# indices or scatters; positions are per row anyway. The price: a step uses 2 slots even when it
-# produces 1 token, so the cache holds prompt + 2 * max_new_tokens slots, and decode attention reads the
-# holes (masked). The MTP layer has its own one-layer latent cache with the same slots and mask.
+# Cache layout: the same as plain decoding's, one slot per token. Each row has its own write slot j (the
+# slot of tok); a step writes tok and draft to slots j, j + 1 and advances j by 1 + accepted, so a rejected
+# draft's entry is simply overwritten by the next step. With the same layout, the same step shapes
+# (greedy plain decoding of a model with MTP layers runs `_decode_paired`) and the whole cache read by both,
+# speculative greedy output is bit for bit the plain one on any backend. The MTP layer has its own
+# one-layer latent cache with the same slots.
+
+def _has_mtp(model) -> bool:
+    return getattr(model.model, "mtp_layers", None) is not None
+
 
 def _stack_sizes_mtp(model) -> dict[str, int]:
     return {"mtp_layers": model.model.mtp_layers.num_layers}
@@ -334,7 +369,7 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
     TRACE_COUNT["generate"] += 1
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
-    capacity = (cache_len - p) // 2 + 1  # output columns (>= max_new_tokens, see generate)
+    capacity = cache_len - p  # output columns (>= max_new_tokens, see generate)
     key = jax.random.key(seed)
     pick = functools.partial(select_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     probs = functools.partial(_probs, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -369,18 +404,14 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
     def cond(carry):
         return jnp.any(carry["unfinished"])
 
-    def body(c, read_len):
-        j, active = c["j"], c["unfinished"]
+    def body(c):
+        j, active = c["j"], c["unfinished"]  # j [b]: each row's slot of tok
         step_key = jax.random.fold_in(key, c["step"])
         k_accept, k_resid, k_next, k_draft = jax.random.split(step_key, 4)
-        slots = jnp.arange(read_len)
-        attn = c["kv_valid"][:, None, :read_len] & (slots[None, None, :] <= j + jnp.arange(2)[None, :, None])
         two = jnp.stack([c["tok"], c["draft"]], axis=1)  # [b, 2]
         pos2 = c["pos"][:, None] + jnp.arange(2, dtype=jnp.int32)[None]  # [b, 2]
-        with jax.named_scope("verify"):  # attn [b, 2, read_len]
-            h, cache = model.model(two, attn, pos2, set_position(c["cache"], j, False, read_len), scan=model.scan,
-                                   absorb=True)
-            logits = model.logits(h).astype(jnp.float32)  # [b, 2, vocab]
+        with jax.named_scope("verify"):  # attn [b, 2, cache_len]
+            h, logits, attn, cache = _pair_forward(model, c["cache"], two, pos2, kv_valid, j, cache_len)
         d = c["draft"]
         if do_sample:
             p0 = probs(logits[:, 0])
@@ -406,29 +437,26 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
         unfinished = active & ~f0 & ~f1 & (n_new < max_new)
         if stream:
             io_callback(_stream_spec_to_host, None, n, jnp.stack([e0, e1], 1), jnp.stack([w0, w1], 1), ordered=True)
-        kv_valid = jax.lax.dynamic_update_slice(c["kv_valid"], accept[:, None], (zero, j + 1))
+        advance = jnp.where(active, 1 + accept.astype(jnp.int32), 0)  # finished rows stay where they are
         with jax.named_scope("draft"):
             hm, mtp_cache = _mtp_forward(model, h, jnp.stack([e0, e1], axis=1), pos2, attn,
-                                         set_position(c["mtp_cache"], j, False, read_len), absorb=True)
+                                         set_position(c["mtp_cache"], j, False, cache_len), absorb=True)
             hd = jnp.where(accept[:, None], hm[:, 1], hm[:, 0])  # the MTP state at the last accepted position
             dl = model.logits(hd[:, None])[:, 0].astype(jnp.float32)
             q = probs(dl) if do_sample else c["q"]
             draft = pick(dl, k_draft)
-        return dict(step=c["step"] + 1, j=j + 2, out=out, n_out=n_new, tok=jnp.where(accept, e1, e0), draft=draft,
-                    q=q, pos=c["pos"] + 1 + accept.astype(jnp.int32), cache=set_position(cache, j + 2, False),
-                    mtp_cache=set_position(mtp_cache, j + 2, False),
-                    kv_valid=kv_valid, unfinished=unfinished,
+        return dict(step=c["step"] + 1, j=j + advance, out=out, n_out=n_new, tok=jnp.where(accept, e1, e0),
+                    draft=draft, q=q, pos=c["pos"] + advance, cache=set_position(cache, j + advance, False),
+                    mtp_cache=set_position(mtp_cache, j + advance, False), unfinished=unfinished,
                     verified=c["verified"] + active.sum(dtype=jnp.int32),
                     accepted=c["accepted"] + (active & accept).sum(dtype=jnp.int32))
 
-    carry = dict(step=jnp.asarray(1, jnp.int32), j=jnp.asarray(p, jnp.int32), out=out, n_out=n_out, tok=tok,
-                 draft=draft, q=q, pos=pos, cache=set_position(cache, p, fresh=False),
-                 mtp_cache=set_position(mtp_cache, p, fresh=False), kv_valid=kv_valid, unfinished=unfinished,
-                 verified=zero, accepted=zero)
-    for n in read_lengths(p, cache_len, slots_per_step=2):  # a step writes slots j, j + 1 and reads [0, j + 1]
-        carry = jax.lax.while_loop(lambda c, n=n: cond(c) & (c["j"] + 2 <= n), functools.partial(body, read_len=n),
-                                   carry)
-    c = carry
+    j = jnp.full((b,), p, jnp.int32)
+    carry = dict(step=jnp.asarray(1, jnp.int32), j=j, out=out, n_out=n_out, tok=tok, draft=draft, q=q, pos=pos,
+                 cache=set_position(cache, j, fresh=False), mtp_cache=set_position(mtp_cache, j, fresh=False),
+                 unfinished=unfinished, verified=zero, accepted=zero)
+    # A step writes slots j, j + 1 (at most p + max_new - 1, see generate) and reads the whole cache.
+    c = jax.lax.while_loop(lambda c: cond(c) & (jnp.max(c["j"]) + 2 <= cache_len), body, carry)
     return c["out"], jnp.max(c["n_out"]), jnp.stack([c["verified"], c["accepted"], c["step"] - 1])
 
 
@@ -510,7 +538,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     speculative=True: self-speculative decoding with the model's DeepSeek-V3 MTP layer (see the section
     above `_speculative_impl`): each step verifies the MTP draft and the next token in one forward pass.
     Greedy output is the same as speculative=False; sampling keeps the same distribution (speculative
-    sampling with rejection). Needs the model loaded with its MTP layers; uses 2 cache slots per step.
+    sampling with rejection). Needs the model loaded with its MTP layers. (Greedy decoding of a model with
+    MTP layers computes each step as speculative decoding's 2-token verify does, so that the two agree bit
+    for bit on GPUs too, whose kernels round a 1-row and a 2-row matmul differently.)
 
     Returns int32 [batch, prompt + new] numpy ids, the prompt first; `new` <= max_new_tokens. With
     return_stats, returns (ids, stats): {"steps": forward passes of the decode loop, "new_tokens",
@@ -533,8 +563,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                                   "speculative=False")
     b, p = ids.shape
     pb = bucket(p)
-    # Speculative decoding writes 2 slots per step (a rejected draft's slot stays as a masked hole).
-    need = pb + (2 if speculative else 1) * int(max_new_tokens)
+    need = pb + int(max_new_tokens)
     if cache_len is None:
         cache_len = bucket(need)
     elif cache_len < need:
