@@ -225,6 +225,8 @@ def worker_ours(name: str, args) -> dict:
     import jaxmodels.generate  # noqa: F401
     from jaxmodels.generate import bucket
     G = sys.modules["jaxmodels.generate"]  # the module (jaxmodels.generate is the function)
+    if args.xla_options:  # replaces generate's COMPILER_OPTIONS (e.g. '{}' for XLA's defaults)
+        G.set_compiler_options(json.loads(args.xla_options))
 
     cfg = config_from_hf(MODELS[name])
     t0 = time.perf_counter()
@@ -395,6 +397,8 @@ def run_worker(kind: str, name: str, args) -> dict | None:
         cmd.append("--no-prefill")
     if args.explore:
         cmd.append("--explore")
+    if args.xla_options:
+        cmd += ["--xla-options", args.xla_options]
     if args.profile:
         cmd.append("--profile")
     if args.out:
@@ -455,6 +459,8 @@ def main():
     ap.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
                     help="comma-separated decode batch sizes")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill timings")
+    ap.add_argument("--xla-options", help="JSON dict of XLA compiler options for our programs instead of "
+                    "jaxmodels.generate.COMPILER_OPTIONS, e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
     ap.add_argument("--hf-cache", default="static", choices=["static", "dynamic"],
                     help="transformers' decode cache (static falls back to dynamic where a model has none)")
