@@ -1,6 +1,14 @@
-"""RMSNorm (DeepSeek) and LayerNorm with bias (StableLM), both computed in float32."""
+"""RMSNorm (DeepSeek) and LayerNorm with bias (StableLM), both computed in float32.
+
+Under differentiation a norm keeps only its input (bf16 in training) and recomputes its float32 internals in
+the backward pass (`jax.checkpoint`), as torch's kernels keep the input and two per-row statistics: saving
+the float32 intermediates costs several float32 [batch, seq, hidden] tensors per norm per layer (memory, and
+a copy each into the layer scan's stacked residuals). The forward pass is unchanged.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +23,18 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        # transformers casts back to the input dtype before the scale; keep that order for bf16 parity.
-        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,), prevent_cse=False)
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    # transformers casts back to the input dtype before the scale; keep that order for bf16 parity.
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,), prevent_cse=False)
 def layer_norm(x: jax.Array, weight: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
     """LayerNorm over the last axis in float32; weight/bias broadcast against x."""
     xf = x.astype(jnp.float32)
