@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jaxmodels.layers.linear import ACTIVATIONS, Linear
+from jaxmodels.layers.linear import Linear, gated
 
 
 class MLP(nnx.Module):
@@ -17,4 +17,4 @@ class MLP(nnx.Module):
         self.act = act
 
     def __call__(self, x):
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.act))

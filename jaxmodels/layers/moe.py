@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
-from jaxmodels.layers.linear import ACTIVATIONS, lora_delta, param
+from jaxmodels.layers.linear import ACTIVATIONS, gated, lora_delta, param
 from jaxmodels.layers.mlp import MLP
 
 
@@ -295,8 +295,8 @@ def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
     # Every token once per slot, then the slots in expert order: [t * k, hidden], grouped by expert.
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)
     group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
-    h = ACTIVATIONS[act](grouped_matmul(x_sorted, gate_w, group_sizes)) * grouped_matmul(
-        x_sorted, up_w, group_sizes)  # [t * k, inter]
+    h = gated(grouped_matmul(x_sorted, gate_w, group_sizes), grouped_matmul(x_sorted, up_w, group_sizes),
+              act)  # [t * k, inter]
     y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]; foreign slots' rows are zero
     y = permute_rows(y_sorted, inverse, order).reshape(t, k, -1)  # back to slot order
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
