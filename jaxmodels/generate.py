@@ -337,7 +337,9 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
 # one-layer latent cache with the same slots.
 
 def _has_mtp(model) -> bool:
-    return getattr(model.model, "mtp_layers", None) is not None
+    from jaxmodels.layers.mtp import num_mtp_layers
+
+    return num_mtp_layers(model) > 0
 
 
 def _stack_sizes_mtp(model) -> dict[str, int]:

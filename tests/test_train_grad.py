@@ -135,3 +135,21 @@ def test_cast_once_equals_cast_where_used(tmp_path, family):
         assert b.dtype == np.float32
         tol = 5e-3 if ".experts." in ".".join(map(str, p)) else 0.0
         assert np.abs(a - b).max() <= tol * np.abs(a).max(), p
+
+
+def test_norms_and_gated_mlp_keep_only_their_inputs_for_backward():
+    """The residuals a norm or a gated MLP hands to the backward pass (the leaves of its VJP closure) are its
+    inputs (and the norm weight), never float32 [tokens, hidden] intermediates or the activation's output."""
+    import jax.numpy as jnp
+
+    from jaxmodels.layers.linear import gated
+    from jaxmodels.layers.norms import layer_norm, rms_norm
+
+    x = jnp.ones((4, 8, 64), jnp.bfloat16)
+    w = jnp.ones((64,), jnp.float32)
+    for f in (lambda x: layer_norm(x, w, w, 1e-5), lambda x: rms_norm(x, w, 1e-6)):
+        _, vjp = jax.vjp(f, x)
+        assert [(r.dtype, r.shape) for r in jax.tree.leaves(vjp)] == [(jnp.bfloat16, x.shape), (jnp.float32, w.shape)]
+    g = jnp.ones((16, 32), jnp.bfloat16)
+    _, vjp = jax.vjp(lambda a, b: gated(a, b, "silu"), g, g)
+    assert [(r.dtype, r.shape) for r in jax.tree.leaves(vjp)] == [(jnp.bfloat16, g.shape)] * 2  # gate and up

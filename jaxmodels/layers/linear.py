@@ -104,4 +104,3 @@ def gated(gate: jax.Array, up: jax.Array, act: str) -> jax.Array:
     outputs) and recomputes the rest in the backward pass, so the activation's output and the product never
     become saved residuals (two [tokens, intermediate] tensors per MLP per layer); the forward is unchanged."""
     return ACTIVATIONS[act](gate) * up
-
