@@ -123,7 +123,7 @@ def worker_ours(path: str) -> dict:
 
     import jaxmodels
 
-    jax.devices()  # backend start-up is not loading
+    jnp.zeros(1).block_until_ready()  # backend start-up is not loading (the transformers worker's torch.zeros(1))
     t = time.perf_counter()
     model = jaxmodels.from_pretrained(path, dtype=jnp.bfloat16, progress=False)
     jax.block_until_ready(nnx.state(model))

@@ -413,10 +413,19 @@ def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 # dispatches the device-side work of the pieces before (layout transposes, writes into the block) and
 # the next pieces are being read. Host memory stays near LOAD_WINDOW_BYTES (buffers being filled or in
 # transfer), whatever the model size.
+#
+# Measured on H100 / H200 hosts (benchmarks/RESULTS.md, 2026-11-23 21:3x-22:0x UTC): with 1 GB pieces the first
+# load in a process took 2.6-4.3 s for stablelm-3b (5.6 GB), a second one 0.6 s: the first 1 GB transfers
+# took ~0.9 s each, and the device-side programs, compiled one after the other on first use, 0.3-1.3 s
+# each. 32 MB pieces and the programs compiled in parallel up front (`_Programs`) load it in 1.2-1.4 s.
 LOAD_WINDOW_BYTES = 2 << 30
-PIECE_BYTES = 1 << 30
+PIECE_BYTES = 32 << 20
 TASK_BYTES = 64 << 20  # one worker's share of a piece (a piece is filled by several threads at once)
 LOAD_THREADS = min(8, os.cpu_count() or 1)
+COMPILE_THREADS = min(8, os.cpu_count() or 1)
+# The loader's programs only move data: on GPUs, LLVM's cheapest settings compile them ~30% faster and they
+# run as fast (measured on an H200; other backends keep their defaults).
+LOADER_GPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FORGIVE_AFTER_S = 2.0  # a sent buffer not freed by then stops counting against the window (_Pipeline.forgive)
 
 
@@ -551,13 +560,24 @@ def _source(ckpt: Checkpoint, key: str) -> np.ndarray:
     return x
 
 
+def _transpose_into(dst: np.ndarray, x: np.ndarray, perm, block: int = 128) -> None:
+    """dst[...] = x.transpose(perm), in blocks along dst's last axis so that the source rows being read stay
+    in cache (about 2.5x numpy's plain strided copy)."""
+    axis = perm[-1]
+    for a in range(0, dst.shape[-1], block):
+        sel = [slice(None)] * x.ndim
+        sel[axis] = slice(a, a + block)
+        dst[..., a:a + block] = x[tuple(sel)].transpose(perm)
+
+
 def _fill(ckpt: Checkpoint, buf: np.ndarray, parts) -> None:
     for part in parts:
         try:
             if part.sel is not None:
                 x = _source(ckpt, part.key)[part.sel]
                 if part.perm is not None:
-                    x = x.transpose(part.perm)
+                    _transpose_into(buf[part.dest], x, part.perm)
+                    continue
             else:  # a transform the lazy view cannot follow: the whole tensor through it
                 x = _read(ckpt, part.key)
                 x = (part.transform(x) if part.transform is not None else x)[part.index]
@@ -680,6 +700,49 @@ def _write_piece(buf, piece, offsets, axes):
     return jax.lax.dynamic_update_slice(buf, piece, offsets)
 
 
+class _Programs:
+    """The load's device-side programs (layout transposes, block buffers, piece writes), compiled on a thread
+    pool while the files are being read. Each distinct shape is its own XLA program, and XLA:GPU took
+    0.3-1.3 s to compile one (an H100/H200 host; the transposing writes of expert pieces the longest):
+    compiled one after the other on first use, as plain `jit` calls would, they cost a model with a dozen
+    distinct shapes seconds of its load. Several compile at once (4 transposes: 1.64 s one after the other,
+    0.37 s on 4 threads)."""
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="jaxmodels-compile")
+        self.compiled: dict[tuple, Future] = {}
+
+    def _get(self, key: tuple, lower) -> Future:
+        if key not in self.compiled:
+            device = key[-1]
+            opts = LOADER_GPU_COMPILER_OPTIONS if device.platform == "gpu" else None
+            self.compiled[key] = self.pool.submit(lambda: lower().compile(opts))
+        return self.compiled[key]
+
+    @staticmethod
+    def _spec(shape, dtype, device):
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+
+    def layout(self, shape, dtype, axes, device) -> Future:
+        return self._get(("layout", tuple(shape), np.dtype(dtype), axes, device),
+                         lambda: _to_layout.lower(self._spec(shape, dtype, device), axes))
+
+    def zeros(self, shape, dtype, device) -> Future:
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        return self._get(("zeros", tuple(shape), np.dtype(dtype), device),
+                         lambda: jax.jit(functools.partial(jnp.zeros, tuple(shape), dtype),
+                                         out_shardings=sharding).lower())
+
+    def write(self, shape, piece_shape, dtype, axes, device) -> Future:
+        offsets = (np.int32(0),) * len(shape)
+        return self._get(("write", tuple(shape), tuple(piece_shape), np.dtype(dtype), axes, device),
+                         lambda: _write_piece.lower(self._spec(shape, dtype, device),
+                                                    self._spec(piece_shape, dtype, device), offsets, axes))
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _mtp_count(cfg: BaseConfig, ckpt: Checkpoint, mtp: bool | None) -> int:
     """MTP layers to build: those the checkpoint holds (mtp None), none (False), all the config names (True)."""
     if mtp is False:
@@ -720,19 +783,36 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
     ready: dict[int, dict[int, jax.Array]] = defaultdict(dict)  # param -> block -> its array on devices[0]
     values: dict[int, jax.Array] = {}
 
+    default_device = jax.device_put(np.int32(0)).devices().pop()
+    programs = _Programs(COMPILE_THREADS)
+
+    def request_programs(var, block) -> tuple:
+        """Starts compiling what the block's pieces need on device (see `_Programs`)."""
+        device = block.devices[0] or default_device
+        shape = tuple(b - a for a, b in block.box)
+        if len(block.pieces) == 1:
+            piece = block.pieces[0]
+            return (programs.layout(piece.host_shape, var.dtype, piece.axes, device),) if piece.axes else ()
+        return (programs.zeros(shape, var.dtype, device),) + tuple(
+            programs.write(shape, piece.host_shape, var.dtype, piece.axes, device) for piece in block.pieces)
+
+    compiling = {(i, j): request_programs(var, block) for i, (_, var, _, blocks) in enumerate(params)
+                 for j, block in enumerate(blocks)}
+
     def land(i: int, j: int, k: int, piece_on_device: jax.Array) -> None:
         """Dispatches the device-side work of piece k of block j of parameter i (asynchronous)."""
         _, var, sharding, blocks = params[i]
         block = blocks[j]
         piece = block.pieces[k]
+        fns = compiling[(i, j)]
         if len(block.pieces) == 1:
-            value = _to_layout(piece_on_device, piece.axes) if piece.axes is not None else piece_on_device
+            value = fns[0].result()(piece_on_device) if piece.axes is not None else piece_on_device
         else:
             buf = assembling.pop((i, j), None)
             if buf is None:
-                buf = jnp.zeros(tuple(b - a for a, b in block.box), var.dtype, device=block.devices[0])
+                buf = fns[0].result()()
             offsets = tuple(np.int32(a - b) for (a, _), (b, _) in zip(piece.box, block.box))
-            buf = _write_piece(buf, piece_on_device, offsets, piece.axes)
+            buf = fns[1 + k].result()(buf, piece_on_device, offsets)
             if k < len(block.pieces) - 1:
                 assembling[(i, j)] = buf
                 bar.update(piece.credit)
@@ -772,6 +852,7 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
             land(*ijk, fut.result())
     finally:
         pipeline.close()
+        programs.close()
         bar.close()
     flat = [(p, var.replace(value=values[i])) for i, (p, var, _, _) in enumerate(params)]
     return graphdef, nnx.from_flat_state(flat)

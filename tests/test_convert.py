@@ -353,6 +353,16 @@ def test_loading_in_small_pieces_is_bit_exact(ckpts, fp8_checkpoints, monkeypatc
     assert bar.total == bar.n == nbytes and bar.kw["unit"] == "B", (bar.total, bar.n, nbytes)
 
 
+@pytest.mark.parametrize("perm", [(1, 0, 2), (0, 2, 1), (2, 1, 0), (2, 0, 1), (1, 2, 0)])
+def test_blocked_host_transpose_equals_numpy(perm):
+    """The loader's host-side transpose (pieces whose parts need different axis orders) copies in blocks
+    along the destination's last axis, block edges not dividing it included."""
+    x = np.arange(5 * 7 * 300, dtype=np.float32).reshape(5, 7, 300)
+    dst = np.empty(x.transpose(perm).shape, x.dtype)
+    jaxmodels.convert.hf._transpose_into(dst, x, perm, block=64)
+    np.testing.assert_array_equal(dst, x.transpose(perm))
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def _break(kind, tmp_path, ckpts):
     """Writes a broken checkpoint of kind `kind`; returns its path."""
