@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxmodels.layers.attention import (
-    choose_implementation, dot_product_attention, packed_segments, segment_mask)
+    PACKED_MAX_HEAD_DIM, choose_implementation, dot_product_attention, packed_segments, segment_mask)
 from jaxmodels.model import causal_mask
 
 
@@ -165,6 +165,22 @@ def test_choice_on_cpu_and_clear_errors():
         dot_product_attention(q, k, v, mask=causal_mask(None, 1, 128), scale=1.0, segment_ids=seg[:, :64])
 
 
+def test_cudnn_packed_refuses_mla_head_dims(monkeypatch):
+    """cuDNN's packed layout crashed the GPU at MLA's head dim 192 (H100, jax 0.11.2): on a (simulated) Hopper
+    with cuDNN it is refused with the reason, while StableLM's 80 is accepted and auto keeps "cudnn"."""
+    from jaxmodels.layers import attention as A
+
+    monkeypatch.setattr(A, "_cuda_facts", lambda: ((9, 0), 91000))
+    monkeypatch.setattr(A, "_cudnn_module", lambda: object())
+    seg = jnp.ones((1, 128), jnp.int32)
+    mla = make_inputs(0, 1, 128, 4, 4, 192, 128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dim 192.*'cudnn' runs"):
+        choose_implementation(*mla, seg, "cudnn_packed")
+    assert A._cudnn_unsupported(*mla, seg, packed=False) is None  # "cudnn" takes it
+    stablelm = make_inputs(0, 1, 128, 4, 4, 80, 80, jnp.bfloat16)
+    assert choose_implementation(*stablelm, seg, "cudnn_packed") == "cudnn_packed"
+
+
 SPLASH_CASES = {  # name: (b, s, heads, kv_heads, dq, dv); splash needs seq multiples of 128
     "gqa": (2, 256, 4, 2, 32, 32),
     "mla": (1, 256, 2, 2, 48, 32),
@@ -272,7 +288,10 @@ def test_cudnn_matches_xla_bf16(case):
     # XLA in bf16 is.
     (_, out_ref), g_ref = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
     (_, out_x), g_x = run("xla", q, k, v)
-    impls = ["cudnn"] + (["cudnn_packed"] if packed else [])
+    impls = ["cudnn"] + (["cudnn_packed"] if packed and dq <= PACKED_MAX_HEAD_DIM else [])
+    if packed and dq > PACKED_MAX_HEAD_DIM:  # (it crashed the GPU with MLA's 192: refused instead)
+        with pytest.raises(ValueError, match="packed layout crashed"):
+            run("cudnn_packed", q, k, v)
     for impl in impls:
         (_, out_c), g_c = run(impl, q, k, v)
         out_c = np.where(real, np.asarray(out_c, np.float32), 0)

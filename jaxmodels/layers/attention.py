@@ -11,7 +11,9 @@ from the platform and the shapes (`choose_implementation`), or takes an explicit
 * "cudnn_packed": cuDNN's packed (THD) layout: every run of equal segment ids becomes its own causal
   sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper. cuDNN sizes its work by
   the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
-  a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device).
+  a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device). Head dims up to
+  `PACKED_MAX_HEAD_DIM` only: with MLA's 192 the forward kernel died with an illegal instruction and the
+  backward returned NaN (H100, jax 0.11.2, 2026-11-23); "cudnn" (the default) runs MLA with segments.
 * "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests). Needs `segment_ids`.
 
 The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
@@ -35,6 +37,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
 # Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN; uncapped (seq runs per row) its
 # workspace ran out of memory at 8x1024 on an H100.
 PACKED_MAX_SEGMENTS = 64
+# Largest q/k head dim "cudnn_packed" accepts: 80 (StableLM) ran and matched XLA on an H100; 192 (MLA) crashed.
+PACKED_MAX_HEAD_DIM = 128
 
 # Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
 _MIN_FUSED_QUERIES = 64
@@ -114,6 +118,9 @@ def _cudnn_unsupported(q, k, v, segment_ids, packed: bool) -> str | None:
             return "cudnn_packed needs segment_ids"
         if cc < (9, 0):
             return "cuDNN's packed layout needs Hopper or newer"
+        if dq > PACKED_MAX_HEAD_DIM:
+            return (f"cuDNN's packed layout crashed with head dim {dq} (MLA) on an H100; it takes head dims up to "
+                    f"{PACKED_MAX_HEAD_DIM}. 'cudnn' runs these segments correctly")
         if k.shape[2] != q.shape[2] and jax.__version_info__ < (0, 11):
             # jax < 0.11 strides packed kv offsets by the query head count (fixed in 0.11).
             return "cuDNN's packed layout with GQA needs jax >= 0.11"
