@@ -37,7 +37,8 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
 # Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN; uncapped (seq runs per row) its
 # workspace ran out of memory at 8x1024 on an H100.
 PACKED_MAX_SEGMENTS = 64
-# Largest q/k head dim "cudnn_packed" accepts: 80 (StableLM) ran and matched XLA on an H100; 192 (MLA) crashed.
+# Largest q/k head dim "cudnn_packed" accepts: 64, 80 (StableLM), 96 and 128 ran forward and backward and matched
+# XLA on an H100 (jax 0.11.2); 192 (MLA) crashed.
 PACKED_MAX_HEAD_DIM = 128
 
 # Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
