@@ -153,3 +153,36 @@ def test_norms_and_gated_mlp_keep_only_their_inputs_for_backward():
     g = jnp.ones((16, 32), jnp.bfloat16)
     _, vjp = jax.vjp(lambda a, b: gated(a, b, "silu"), g, g)
     assert [(r.dtype, r.shape) for r in jax.tree.leaves(vjp)] == [(jnp.bfloat16, g.shape)] * 2  # gate and up
+
+
+def test_moe_float32_combine_and_router_keep_bf16_inputs_for_backward():
+    """The MoE's float32 slot combine and router logits hand their bf16 inputs to the backward pass (and
+    recompute the float32 casts), not float32 [tokens, top_k, hidden] / [tokens, hidden] copies; values and
+    gradients are those of the plain float32 einsums."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxmodels.layers.moe import _router_logits, combine_slots
+
+    ks = jax.random.split(jax.random.key(0), 3)
+    y = jax.random.normal(ks[0], (6, 2, 32), jnp.bfloat16)
+    wts = jax.random.uniform(ks[1], (6, 2), jnp.float32)
+    _, vjp = jax.vjp(combine_slots, y, wts)
+    assert sorted((str(r.dtype), r.shape) for r in jax.tree.leaves(vjp)) == [("bfloat16", y.shape), ("float32", wts.shape)]
+    x = jax.random.normal(ks[2], (6, 32), jnp.bfloat16)
+    router = jnp.ones((8, 32), jnp.bfloat16)
+    _, vjp = jax.vjp(_router_logits, x, router)
+    assert all(r.dtype == jnp.bfloat16 for r in jax.tree.leaves(vjp))
+
+    def plain_combine(y, w):
+        return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), w)
+
+    def plain_logits(x, r):
+        return jnp.einsum("td,ed->te", x.astype(jnp.float32), r.astype(jnp.float32))
+
+    for ours, plain, args in ((combine_slots, plain_combine, (y, wts)), (_router_logits, plain_logits, (x, router))):
+        out, grads = jax.value_and_grad(lambda *a, f=ours: jnp.sum(f(*a) ** 2), argnums=(0, 1))(*args)
+        ref, ref_grads = jax.value_and_grad(lambda *a, f=plain: jnp.sum(f(*a) ** 2), argnums=(0, 1))(*args)
+        np.testing.assert_array_equal(out, ref)
+        for a, b in zip(grads, ref_grads):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

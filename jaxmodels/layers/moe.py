@@ -96,6 +96,14 @@ GROUPED_MATMUL = "auto"
 _IMPLS = ("auto", "auto-xla-drhs", "xla")
 
 
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def combine_slots(y: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_k weights[t, k] * y[t, k, :] in float32 -> [tokens, hidden]. Under differentiation this keeps y in
+    its own dtype (bf16 in training) for the weights' gradient and recomputes the float32 cast in the backward
+    pass (`jax.checkpoint`), instead of saving a float32 [tokens, top_k, hidden] copy per MoE layer."""
+    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
+
+
 def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
     """Expert compute for a few tokens: each token-slot multiplies by its own expert's weights, so a decode
     step reads k experts per token and never the others. Returns float32 [tokens, hidden]."""
@@ -113,7 +121,7 @@ def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
         up = jnp.sum(xs[:, :, None] * up_w[flat].astype(f32), axis=1)  # [slots, inter]
         h = (ACTIVATIONS[act](gate.astype(x.dtype)) * up.astype(x.dtype)).astype(f32)
         y = jnp.sum(h[:, :, None] * down_w[flat].astype(f32), axis=1)  # [slots, hidden]
-    return jnp.einsum("tkd,tk->td", y.reshape(t, k, -1).astype(jnp.float32), weights)
+    return combine_slots(y.reshape(t, k, -1), weights)
 
 
 # Tiles of the Mosaic-GPU kernels (H100, benchmarks/bench_grouped_matmul.py). A kernel needs its contraction
@@ -299,7 +307,7 @@ def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
               act)  # [t * k, inter]
     y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]; foreign slots' rows are zero
     y = permute_rows(y_sorted, inverse, order).reshape(t, k, -1)  # back to slot order
-    return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
+    return combine_slots(y, weights)
 
 
 @jax.custom_vjp
@@ -419,7 +427,14 @@ class Router(nnx.Module):
             self.e_score_correction_bias = None
 
     def logits(self, x):  # x [tokens, hidden] -> [tokens, experts] float32
-        return jnp.einsum("td,ed->te", x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        return _router_logits(x, self.weight[...])
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _router_logits(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [tokens, hidden] @ w [experts, hidden]^T in float32; differentiated, it keeps x in its own dtype and
+    recomputes the float32 cast (no float32 [tokens, hidden] copy saved per MoE layer)."""
+    return jnp.einsum("td,ed->te", x.astype(jnp.float32), w.astype(jnp.float32))
 
 
 class MoE(nnx.Module):
