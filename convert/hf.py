@@ -712,9 +712,9 @@ class _Programs:
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="jaxmodels-compile")
         self.compiled: dict[tuple, Future] = {}
 
-    def _get(self, key: tuple, lower) -> Future:
+    def _get(self, key: tuple, device, lower) -> Future:
+        key = key + (device,)
         if key not in self.compiled:
-            device = key[-1]
             opts = LOADER_GPU_COMPILER_OPTIONS if device.platform == "gpu" else None
             self.compiled[key] = self.pool.submit(lambda: lower().compile(opts))
         return self.compiled[key]
@@ -724,18 +724,18 @@ class _Programs:
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(device))
 
     def layout(self, shape, dtype, axes, device) -> Future:
-        return self._get(("layout", tuple(shape), np.dtype(dtype), axes, device),
+        return self._get(("layout", tuple(shape), np.dtype(dtype), axes), device,
                          lambda: _to_layout.lower(self._spec(shape, dtype, device), axes))
 
     def zeros(self, shape, dtype, device) -> Future:
         sharding = jax.sharding.SingleDeviceSharding(device)
-        return self._get(("zeros", tuple(shape), np.dtype(dtype), device),
+        return self._get(("zeros", tuple(shape), np.dtype(dtype)), device,
                          lambda: jax.jit(functools.partial(jnp.zeros, tuple(shape), dtype),
                                          out_shardings=sharding).lower())
 
     def write(self, shape, piece_shape, dtype, axes, device) -> Future:
         offsets = (np.int32(0),) * len(shape)
-        return self._get(("write", tuple(shape), tuple(piece_shape), np.dtype(dtype), axes, device),
+        return self._get(("write", tuple(shape), tuple(piece_shape), np.dtype(dtype), axes), device,
                          lambda: _write_piece.lower(self._spec(shape, dtype, device),
                                                     self._spec(piece_shape, dtype, device), offsets, axes))
 
