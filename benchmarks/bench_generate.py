@@ -255,6 +255,10 @@ def worker_ours(name: str, args) -> dict:
         res["prefill"][f"{b}x{p}"] = b * p / median(ts)
         print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s "
               f"(first call {res['compile_s'][f'prefill {b}x{p}']:.0f}s)", flush=True)
+        if args.profile:
+            from profile_summary import profile
+            profile(lambda: G._prefill_jit(graphdef, state, ids, mask, p), 2, f"{name} prefill {b}x{p}",
+                    os.path.join(args.out, f"profile_{name}_prefill_{b}x{p}.md") if args.out else None)
 
     def decode_rate(b, tag=""):
         ids = rng.integers(10, cfg.vocab_size, (b, PROMPT)).astype(np.int32)
@@ -393,7 +397,9 @@ def run_worker(kind: str, name: str, args) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--models", name, "--reps", str(args.reps),
            "--hf-new-tokens", str(args.hf_new_tokens), "--decode-batches", ",".join(map(str, args.decode_batches)),
            "--hf-cache", args.hf_cache]
-    if args.no_prefill:
+    if args.prefill:
+        cmd += ["--prefill", ",".join(f"{b}x{p}" for b, p in args.prefill)]
+    else:
         cmd.append("--no-prefill")
     if args.explore:
         cmd.append("--explore")
@@ -459,13 +465,15 @@ def main():
     ap.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
                     help="comma-separated decode batch sizes")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill timings")
+    ap.add_argument("--prefill", default=",".join(f"{b}x{p}" for b, p in PREFILL),
+                    help="comma-separated prefill shapes BATCHxLENGTH")
     ap.add_argument("--xla-options", help="JSON dict of XLA compiler options for our programs instead of "
                     "jaxmodels.generate.COMPILER_OPTIONS, e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
     ap.add_argument("--hf-cache", default="static", choices=["static", "dynamic"],
                     help="transformers' decode cache (static falls back to dynamic where a model has none)")
     ap.add_argument("--profile", action="store_true",
-                    help="ours: the device-time breakdown of a decode step at each batch "
+                    help="ours: the device-time breakdown of each prefill and of a decode step at each batch "
                          "(benchmarks/profile_summary.py)")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for logs / HLO (default $OUT)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -473,7 +481,7 @@ def main():
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
-    args.prefill = [] if args.no_prefill else PREFILL
+    args.prefill = [] if args.no_prefill else [tuple(int(n) for n in bp.split("x")) for bp in args.prefill.split(",") if bp]
     for m in args.models:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")

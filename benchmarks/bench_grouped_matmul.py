@@ -26,6 +26,11 @@ Shapes (rows = tokens * top-k of a 1x2048 prefill, routed uniformly at random):
   dense          a plain matmul's forward + backward of the same FLOPs
 
   python benchmarks/bench_grouped_matmul.py --backward
+
+--sweep times the Mosaic-GPU forward kernel over a grid of tile sizes (SWEEP) at each shape, in one process,
+and prints them fastest first (what `jaxmodels.layers.moe` ships is marked):
+
+  python benchmarks/bench_grouped_matmul.py --sweep --shapes v3,v3-down
 """
 
 from __future__ import annotations
@@ -38,10 +43,15 @@ import subprocess
 import sys
 import time
 
-SHAPES = {  # name: (experts, hidden, inter, top_k, tokens)
+SHAPES = {  # name: (experts, in, out, top_k, tokens): gate/up projections, and the down projection (-down)
     "v2-lite": (64, 2048, 1408, 6, 2048),
     "v3": (256, 7168, 2048, 8, 2048),
+    "v2-lite-down": (64, 1408, 2048, 6, 2048),
+    "v3-down": (256, 2048, 7168, 8, 2048),
 }
+# --sweep: the Mosaic-GPU forward kernel's tiles, all in one process (no XLA flags involved), fastest first.
+SWEEP = dict(block_m=(128,), block_n=(128, 256), block_k=(64, 128), max_concurrent_steps=(2, 4),
+             grid_block_n=(1, 8))
 VARIANTS = ["dense", "mgpu", "mgpu-m64", "xla", "xla-cudnn"]
 BWD_VARIANTS = ["dense", "mgpu", "mgpu-xla-drhs", "xla", "xla-cudnn"]
 
@@ -109,6 +119,55 @@ def worker(variant: str, shape: str, reps: int, backward: bool = False) -> dict:
                 custom_calls=kinds[:6], device=jax.devices()[0].device_kind)
 
 
+def sweep_worker(shape: str, reps: int, budget_s: float) -> dict:
+    """Every SWEEP tile config of the Mosaic-GPU forward at one shape (skipping those that do not fit shared
+    memory or do not divide the shape), until budget_s seconds have passed."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jaxmodels.layers import moe
+
+    e, hidden, inter, k, tokens = SHAPES[shape]
+    m, sizes, key, lhs, rhs = inputs(shape)
+    gs = jnp.asarray(sizes)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    a, b = np.asarray(lhs[: starts[2]].astype(jnp.float32)), np.asarray(rhs[:2].astype(jnp.float32))
+    shipped = dict(moe._FWD_TILES, block_n=128)
+    rows, t_start = [], time.perf_counter()
+    for combo in itertools.product(*SWEEP.values()):
+        kw = dict(zip(SWEEP, combo))
+        if inter % (kw["block_n"] * kw["grid_block_n"]) or hidden % kw["block_k"]:
+            continue
+        if time.perf_counter() - t_start > budget_s:
+            rows.append(dict(kw, ms=None, note="budget"))
+            continue
+        fn = jax.jit(lambda x, w, g, kw=kw: ragged_dot_mgpu.ragged_dot(x, w, group_sizes=g, **kw))
+        try:
+            compiled = fn.lower(lhs, rhs, gs).compile()
+            out = compiled(lhs, rhs, gs)
+            out.block_until_ready()
+        except Exception as err:  # shared memory exceeded, unsupported tiles
+            rows.append(dict(kw, ms=None, note=str(err).splitlines()[0][:80]))
+            continue
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            compiled(lhs, rhs, gs).block_until_ready()
+            ts.append(time.perf_counter() - t)
+        o = np.asarray(out[: starts[2]].astype(jnp.float32))
+        ref = np.concatenate([a[: starts[1]] @ b[0], a[starts[1]:] @ b[1]])
+        err = float(np.abs(o - ref).max() / (np.abs(ref).max() + 1e-9))
+        sec = sorted(ts)[len(ts) // 2]
+        rows.append(dict(kw, ms=sec * 1e3, tflops=2 * m * hidden * inter / sec / 1e12, err=err,
+                         shipped=kw == shipped))
+    return dict(rows=rows, device=jax.devices()[0].device_kind)
+
+
 def backward_worker(variant: str, shape: str, reps: int) -> dict:
     """Forward + backward of grouped_matmul (the model's function) at one shape; see --backward."""
     import jax
@@ -170,11 +229,18 @@ def main():
     ap.add_argument("--backward", action="store_true", help="time forward + backward (3x the forward FLOPs)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=150, help="seconds per variant (compile included)")
+    ap.add_argument("--sweep", action="store_true", help="time the Mosaic-GPU kernel over a grid of tile sizes")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], args.worker[1], args.reps, args.backward)), flush=True)
+        if args.sweep:
+            res = sweep_worker(args.worker[1], args.reps, args.timeout - 30)
+        else:
+            res = worker(args.worker[0], args.worker[1], args.reps, args.backward)
+        print("RESULT " + json.dumps(res), flush=True)
         return
+    if args.sweep:
+        return sweep(args)
     variants = args.variants or ",".join(BWD_VARIANTS if args.backward else VARIANTS)
     what = "fwd+bwd " if args.backward else ""
     rows = [f"| shape | variant | compile s | {what}ms | {what}TFLOP/s | max rel err | custom calls |",
@@ -203,6 +269,36 @@ def main():
                 rows.append(f"| {shape} | {variant} | timed out after {time.perf_counter() - t:.0f} s | | | | |")
             print(rows[-1], flush=True)
     print("\n".join(rows))
+
+
+def sweep(args):
+    out = []
+    for shape in args.shapes.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "sweep", shape, "--sweep", "--reps",
+               str(args.reps), "--timeout", str(args.timeout)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60)
+        except subprocess.TimeoutExpired:
+            out.append(f"{shape}: timed out")
+            continue
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            out.append(f"{shape}: failed (rc {p.returncode}): {(p.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+            continue
+        rows = json.loads(lines[-1][7:])["rows"]
+        e, hidden, inter, k, tokens = SHAPES[shape]
+        out += ["", f"{shape}: {e} experts, [{tokens * k}, {hidden}] x [{hidden}, {inter}] per expert",
+                "| block_m | block_n | block_k | steps | grid_block_n | ms | TFLOP/s | max rel err |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sorted(rows, key=lambda r: (r["ms"] is None, r["ms"] or 0)):
+            cells = f"| {r['block_m']} | {r['block_n']} | {r['block_k']} | {r['max_concurrent_steps']} | {r['grid_block_n']} |"
+            if r["ms"] is None:
+                out.append(f"{cells} {r['note']} | | |")
+            else:
+                mark = " (shipped)" if r["shipped"] else ""
+                out.append(f"{cells} {r['ms']:.3f}{mark} | {r['tflops']:.0f} | {r['err']:.1e} |")
+        print("\n".join(out[-len(rows) - 4:]), flush=True)
+    print("\n".join(out))
 
 
 if __name__ == "__main__":
