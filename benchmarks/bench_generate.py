@@ -231,6 +231,7 @@ def worker_ours(name: str, args) -> dict:
     cfg = config_from_hf(MODELS[name])
     t0 = time.perf_counter()
     model = random_state(cfg, jnp.bfloat16)
+    model.scan = not args.no_scan
     graphdef, state = nnx.split(model)
     jax.block_until_ready(state)
     res = {"device": jax.devices()[0].device_kind, "init_s": time.perf_counter() - t0, "prefill": {},
@@ -405,6 +406,8 @@ def run_worker(kind: str, name: str, args) -> dict | None:
         cmd.append("--explore")
     if args.xla_options:
         cmd += ["--xla-options", args.xla_options]
+    if args.no_scan:
+        cmd.append("--no-scan")
     if args.profile:
         cmd.append("--profile")
     if args.out:
@@ -469,6 +472,8 @@ def main():
                     help="comma-separated prefill shapes BATCHxLENGTH")
     ap.add_argument("--xla-options", help="JSON dict of XLA compiler options for our programs instead of "
                     "jaxmodels.generate.COMPILER_OPTIONS, e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
+    ap.add_argument("--no-scan", action="store_true",
+                    help="ours: layers unrolled in the program (model.scan = False) instead of a scan over the stack")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
     ap.add_argument("--hf-cache", default="static", choices=["static", "dynamic"],
                     help="transformers' decode cache (static falls back to dynamic where a model has none)")

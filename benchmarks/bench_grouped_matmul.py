@@ -31,6 +31,7 @@ Shapes (rows = tokens * top-k of a 1x2048 prefill, routed uniformly at random):
 and prints them fastest first (what `jaxmodels.layers.moe` ships is marked):
 
   python benchmarks/bench_grouped_matmul.py --sweep --shapes v3,v3-down
+  python benchmarks/bench_grouped_matmul.py --sweep --shapes v3 --grid max_concurrent_steps=4,5 --grid grid_block_n=8,16
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def sweep_worker(shape: str, reps: int, budget_s: float) -> dict:
     gs = jnp.asarray(sizes)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     a, b = np.asarray(lhs[: starts[2]].astype(jnp.float32)), np.asarray(rhs[:2].astype(jnp.float32))
-    shipped = dict(moe._FWD_TILES, block_n=128)
+    shipped = moe._forward_tiles(inter)
     rows, t_start = [], time.perf_counter()
     for combo in itertools.product(*SWEEP.values()):
         kw = dict(zip(SWEEP, combo))
@@ -230,8 +231,15 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=150, help="seconds per variant (compile included)")
     ap.add_argument("--sweep", action="store_true", help="time the Mosaic-GPU kernel over a grid of tile sizes")
+    ap.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                    help="--sweep: replace one axis of the tile grid, e.g. --grid grid_block_n=8,16 (repeatable)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for item in args.grid:
+        name, _, values = item.partition("=")
+        if name not in SWEEP or not values:
+            ap.error(f"--grid {item!r}: expected NAME=V1,V2 with NAME one of {list(SWEEP)}")
+        SWEEP[name] = tuple(int(v) for v in values.split(","))
     if args.worker:
         if args.sweep:
             res = sweep_worker(args.worker[1], args.reps, args.timeout - 30)
@@ -275,7 +283,7 @@ def sweep(args):
     out = []
     for shape in args.shapes.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "sweep", shape, "--sweep", "--reps",
-               str(args.reps), "--timeout", str(args.timeout)]
+               str(args.reps), "--timeout", str(args.timeout)] + [f"--grid={g}" for g in args.grid]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 60)
         except subprocess.TimeoutExpired:

@@ -98,6 +98,15 @@ def _last_logits(model, h):
     return model.logits(h[:, -1:, :])[:, 0].astype(jnp.float32)  # [b, vocab]
 
 
+def prompt_segments(mask: jax.Array) -> jax.Array:
+    """[b, p] int32 segment ids of left-padded prompts (0 = padding, 1 = the prompt): a prompt is one document,
+    and for left padding `segment_mask` of these equals `causal_mask(mask)` on every row (a padding query sees
+    no earlier real key in either). Passed with the dense mask, they tell the fused attention kernels the mask
+    is causal, so they skip the blocks above the diagonal instead of computing them under a bias (cuDNN), or
+    run at all (splash on TPU takes no dense mask)."""
+    return (mask != 0).astype(jnp.int32)
+
+
 def _prefill(model, ids, mask, cache_len: int):
     """ids, mask [b, p] (left-padded) -> (last logits [b, vocab], cache, kv_valid [b, T], next positions [b])."""
     b, p = ids.shape
@@ -106,7 +115,8 @@ def _prefill(model, ids, mask, cache_len: int):
     cache = set_position(cache, 0, fresh=True)
     positions = prompt_positions(mask)
     attn = causal_mask(mask, b, p)  # [b, p, p]
-    h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False)
+    h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False,
+                           segment_ids=prompt_segments(mask))
     kv_valid = jnp.concatenate([mask != 0, jnp.ones((b, cache_len - p), bool)], axis=1)  # [b, T]
     next_pos = jnp.sum(mask != 0, axis=-1).astype(jnp.int32)  # position of the first new token
     return _last_logits(model, h), set_position(cache, p, fresh=False), kv_valid, next_pos
@@ -346,15 +356,16 @@ def _stack_sizes_mtp(model) -> dict[str, int]:
     return {"mtp_layers": model.model.mtp_layers.num_layers}
 
 
-def _mtp_forward(model, h, tokens, positions, attn, mtp_cache, absorb: bool):
-    """MTP depth 0 over h [b, s, hidden] (main normed output) and tokens [b, s] (the token after each)."""
+def _mtp_forward(model, h, tokens, positions, attn, mtp_cache, absorb: bool, segment_ids=None):
+    """MTP depth 0 over h [b, s, hidden] (main normed output) and tokens [b, s] (the token after each).
+    segment_ids: see `prompt_segments` (prompt forward only)."""
     from jaxmodels.layers.mtp import mtp_step
     from jaxmodels.layers.rope import rope_tables
 
     cfg = model.config
     cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
     c = mtp_cache["mtp_layers"].at_layer(0)
-    hm, c, _ = mtp_step(model, 0, h, tokens, cos, sin, attn, c, absorb=absorb)
+    hm, c, _ = mtp_step(model, 0, h, tokens, cos, sin, attn, c, absorb=absorb, segment_ids=segment_ids)
     return hm, {"mtp_layers": c}
 
 
@@ -384,12 +395,12 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
         mtp_cache = set_position(init_cache(model.config, _stack_sizes_mtp(model), b, cache_len, dtype), 0,
                                  fresh=True)
         positions = prompt_positions(mask)
-        attn = causal_mask(mask, b, p)  # [b, p, p]
-        h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False)
+        attn, seg = causal_mask(mask, b, p), prompt_segments(mask)  # [b, p, p], [b, p]
+        h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False, segment_ids=seg)
         tok = pick(_last_logits(model, h), jax.random.fold_in(key, 0))
         # MTP over the prompt: index i combines h_i with token i+1 (the last one: the token just chosen).
         shifted = jnp.concatenate([ids[:, 1:], tok[:, None]], axis=1)
-        hm, mtp_cache = _mtp_forward(model, h, shifted, positions, attn, mtp_cache, absorb=False)
+        hm, mtp_cache = _mtp_forward(model, h, shifted, positions, attn, mtp_cache, absorb=False, segment_ids=seg)
         dl = model.logits(hm[:, -1:])[:, 0].astype(jnp.float32)  # [b, vocab]
         q = probs(dl) if do_sample else jnp.zeros((b, 1), jnp.float32)
         draft = pick(dl, jax.random.fold_in(key, 1 << 20))

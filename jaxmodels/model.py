@@ -334,6 +334,10 @@ class _Headed(nnx.Module):
         _check_inputs(self.config, input_ids, attention_mask, positions, segment_ids)
         segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
         mask, valid, positions = attention_inputs(input_ids, attention_mask, positions, segment_ids)
+        if segment_ids is None and attention_mask is None:
+            # One unpadded document per row: telling the attention kernels so lets them skip the masked blocks
+            # above the diagonal (the dense mask is exactly causal here).
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         h, _, stats = self.model(input_ids, mask, positions, scan=self.scan, valid=valid,
                                  remat=self.remat, compute_dtype=self.compute_dtype, return_stats=True,
                                  segment_ids=segment_ids)

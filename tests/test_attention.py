@@ -237,6 +237,38 @@ def test_blocks_take_segment_ids_and_impl(family):
     assert all(n.attention_impl == "auto" for n in blocks)
 
 
+@pytest.mark.parametrize("family", ["stablelm", "deepseek_v3"])
+def test_prompt_forwards_promise_causal(family, monkeypatch):
+    """Prefill (left-padded prompts) and an unmasked forward pass give attention segment ids, so fused kernels
+    skip the blocks above the diagonal; the promise that comes with them, mask == segment_mask(segment_ids),
+    holds on every row, padding rows included."""
+    import tiny
+    from jaxmodels.config import config_from_hf
+    from jaxmodels.generate import _prefill
+    from jaxmodels.layers import attention, mla
+    from jaxmodels.model import CausalLM
+
+    seen = []
+
+    def spy(q, k, v, *, mask, scale, segment_ids=None, implementation=None):
+        seen.append(segment_ids is not None)
+        if segment_ids is not None:
+            np.testing.assert_array_equal(np.asarray(segment_mask(segment_ids)), np.asarray(mask))
+        return dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=segment_ids,
+                                     implementation=implementation)
+
+    monkeypatch.setattr(attention, "dot_product_attention", spy)
+    monkeypatch.setattr(mla, "dot_product_attention", spy)
+    cfg = config_from_hf({**tiny.TINY[family], "model_type": family})
+    model = CausalLM(cfg, rngs=nnx.Rngs(0), std=0.2)
+    model.scan = False  # eager layers: the spy sees concrete masks
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (3, 10)), jnp.int32)
+    am = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7, [0] * 9 + [1]], np.int32))
+    _prefill(model, ids, am, 16)
+    model(ids)
+    assert seen and all(seen)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 

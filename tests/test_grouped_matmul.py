@@ -160,6 +160,16 @@ def test_mosaic_choice():
         ok(2048, 1408, impl="mosaic")
 
 
+def test_forward_tiles_band_divides_the_column_tiles():
+    """The forward kernel walks column tiles in bands of 8 only where 8 divides them (V3 gate/up: 16 tiles,
+    V3 down: 56, V2-Lite down: 16); V2-Lite gate/up (11 tiles of 128) keeps single columns."""
+    band = lambda n: moe._forward_tiles(n)["grid_block_n"]  # noqa: E731
+    assert band(2048) == band(7168) == 8
+    assert band(1408) == band(384) == 1
+    tiles = moe._forward_tiles(2048)
+    assert tiles["block_n"] == 128 and tiles["block_k"] == moe._BLOCK_K
+
+
 # ---- Hopper GPU: the Mosaic kernels themselves ----
 
 def _hopper() -> bool:
