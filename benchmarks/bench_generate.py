@@ -201,35 +201,33 @@ def random_state(cfg, dtype, seed=0):
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
-def bandwidth_gbs() -> float:
+def _probe_gbs(fn, x, bytes_moved: int) -> float:
+    """GB/s of jit(fn)(x) moving bytes_moved per call: median of 10 calls after a warm-up."""
     import jax
-    import jax.numpy as jnp
-    x = jnp.ones((2 * 1024**3,), jnp.bfloat16)  # 4 GiB
-    f = jax.jit(lambda a: a * jnp.asarray(1.5, a.dtype))
+    f = jax.jit(fn)
     f(x).block_until_ready()
     ts = []
     for _ in range(10):
         t = time.perf_counter()
         f(x).block_until_ready()
         ts.append(time.perf_counter() - t)
-    return 2 * x.nbytes / median(ts) / 1e9
+    return bytes_moved / median(ts) / 1e9
+
+
+def bandwidth_gbs() -> float:
+    """Copy bandwidth: an elementwise op over 4 GiB, bytes read + written (the "% roofline" ceiling)."""
+    import jax.numpy as jnp
+    x = jnp.ones((2 * 1024**3,), jnp.bfloat16)  # 4 GiB
+    return _probe_gbs(lambda a: a * jnp.asarray(1.5, a.dtype), x, 2 * x.nbytes)
 
 
 def read_bandwidth_gbs() -> float:
     """A read-bound probe beside the copy: row sums over 4 GiB (what a decode step mostly does, read). On an
     H200 (2026-12-04) this read 3.6 TB/s where the copy above gave 3.0 and torch's copy 4.3 (r+w); printed next
     to the copy figure, not used for "% roofline" (which stays comparable with earlier runs)."""
-    import jax
     import jax.numpy as jnp
     x = jnp.ones((16, 8192, 16384), jnp.bfloat16)  # 4 GiB
-    f = jax.jit(lambda a: jnp.sum(a.astype(jnp.float32), axis=-1))
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return x.nbytes / median(ts) / 1e9
+    return _probe_gbs(lambda a: jnp.sum(a.astype(jnp.float32), axis=-1), x, x.nbytes)
 
 
 def worker_ours(name: str, args) -> dict:
@@ -534,7 +532,8 @@ def main():
     bw = next((r["bandwidth_gbs"] for (k, _), r in results.items() if r and k == "ours"), None)
     read_bw = next((r.get("read_bandwidth_gbs") for (k, _), r in results.items() if r and k == "ours"), None)
     header = (f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {device}, "
-              f"copy bandwidth {fmt(bw)} GB/s (read-only probe {fmt(read_bw)} GB/s)\n\n`python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`\n")
+              f"copy bandwidth {fmt(bw)} GB/s (read-only probe {fmt(read_bw)} GB/s)\n\n"
+              f"`python benchmarks/bench_generate.py {' '.join(sys.argv[1:])}`\n")
     print()
     print(header)
     print(text)
