@@ -6,8 +6,9 @@ Real-size configurations with random bf16 weights (nothing is downloaded):
   deepseek-v3-3l    DeepSeek-V3 at full width (hidden 7168, 128 heads, 256 experts top-8), 3 layers
                     (1 dense + 2 MoE)
 
-Measured: prefill tokens/s (1x2048 and 8x512) and decode tokens/s at batch 1, 8, 32 (prompt 128, 128
-new tokens; a decode step's time is (t(128 new) - t(1 new)) / 127 with one compiled program). With
+Measured: prefill tokens/s (1x2048 and 8x512; the prompt's forward pass filling the cache and the last
+position's logits, for both implementations, as generation runs it) and decode tokens/s at batch 1, 8, 32
+(prompt 128, 128 new tokens; a decode step's time is (t(128 new) - t(1 new)) / 127 with one compiled program). With
 --compare-hf, transformers runs the same configuration (bf16, sdpa, random weights) on the same GPU in
 the same invocation. Each (implementation, model) runs in its own subprocess so GPU memory is returned
 between them.
@@ -372,7 +373,9 @@ def worker_hf(name: str, args) -> dict:
     with torch.no_grad():
         for b, p in args.prefill:
             ids = torch.randint(10, hf_cfg.vocab_size, (b, p), generator=g).to(dev)
-            fn = lambda: model(input_ids=ids, use_cache=True)  # noqa: E731
+            # The last position's logits only, as transformers' generate() runs its prefill (and as ours does):
+            # the full [b, p, vocab] logits would add a vocab-sized matmul per token to transformers' time.
+            fn = lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1)  # noqa: E731
             timed(fn)
             ts = [timed(fn) for _ in range(args.reps)]
             res["prefill"][f"{b}x{p}"] = b * p / median(ts)
