@@ -285,6 +285,9 @@ GPU_CASES = {  # name: (b, s, heads, kv_heads, dq, dv, packed segments?)
     "mla_v2lite_1x2048": (1, 2048, 16, 16, 192, 128, False),
     "stablelm_packed_8x1024": (8, 1024, 32, 32, 80, 80, True),
     "mla_packed_4x1024": (4, 1024, 16, 16, 192, 128, True),
+    # one unpadded document per row ("causal"): a forward pass runs cuDNN's plain causal mask, no bias
+    "stablelm_causal_2x1024": (2, 1024, 32, 8, 80, 80, "causal"),
+    "mla_causal_1x2048": (1, 2048, 16, 16, 192, 128, "causal"),
 }
 
 
@@ -299,7 +302,11 @@ def rel_err(a, b):
 def test_cudnn_matches_xla_bf16(case):
     b, s, h, kvh, dq, dv, packed = GPU_CASES[case]
     q, k, v = make_inputs(4, b, s, h, kvh, dq, dv, jnp.bfloat16)
-    if packed:
+    if packed == "causal":
+        seg = jnp.ones((b, s), jnp.int32)
+        mask = segment_mask(seg)
+        packed = False
+    elif packed:
         seg = packed_ids(b, s, seed=5)
         mask = segment_mask(seg)
     else:
@@ -331,7 +338,49 @@ def test_cudnn_matches_xla_bf16(case):
         base = rel_err(np.where(real, np.asarray(out_x, np.float32), 0), np.where(real, out_ref, 0))
         err = rel_err(out_c, np.where(real, out_ref, 0))
         assert err < max(2 * base, 1e-2), (impl, "out", err, base)
+        if seg is not None and impl == "cudnn":  # the forward pass alone (it may choose the bias-free kernel)
+            out_f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=seg,
+                                                                  implementation=impl))(q, k, v)
+            err = rel_err(np.where(real, np.asarray(out_f, np.float32), 0), np.where(real, out_ref, 0))
+            assert err < max(2 * base, 1e-2), (impl, "forward-only out", err, base)
         for name, gc, gx, gr in zip("qkv", g_c, g_x, g_ref):
             assert np.isfinite(np.asarray(gc, np.float32)).all(), (impl, name)
             base, err = rel_err(gx, gr), rel_err(gc, gr)
             assert err < max(2 * base, 2e-2), (impl, "d" + name, err, base)
+
+
+def test_cudnn_segments_forward_drops_the_bias_for_one_document_rows(monkeypatch):
+    """The "cudnn" path with segment ids: a forward pass over rows that are each one unpadded document runs
+    plain causal attention (no bias); padded or packed rows, and every differentiated pass, run the bias
+    path. The two kernels are stood in for by XLA attention, the bias-free one marked by + 1."""
+    from jaxmodels.layers import attention as A
+
+    monkeypatch.setattr(A, "_cudnn_causal", lambda q, k, v, scale: A._xla_attention(
+        q, k, v, segment_mask(jnp.ones(q.shape[:2], jnp.int32)), scale) + 1.0)
+    monkeypatch.setattr(A, "_cudnn_attention", lambda q, k, v, mask, scale, causal: A._xla_attention(
+        q, k, v, mask, scale))
+    b, s = 2, 16
+    q, k, v = make_inputs(1, b, s, 4, 2, 8, 8)
+    cases = {"one document": jnp.ones((b, s), jnp.int32), "left padding": jnp.asarray(padded_mask(b, s)),
+             "packed": jnp.asarray(packed_ids(b, s, seed=2))}
+    for name, seg in cases.items():
+        mask = segment_mask(seg)
+        want = A._xla_attention(q, k, v, mask, 0.3)
+
+        def f(q, k, v):
+            return A._cudnn_segment_attention(q, k, v, mask, seg, 0.3)
+
+        got = jax.jit(f)(q, k, v)
+        offset = 1.0 if name == "one document" else 0.0
+        np.testing.assert_allclose(got, want + offset, rtol=1e-5, atol=1e-5, err_msg=name)
+
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(f(q, k, v)))
+
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+        ref_value, ref_grads = jax.value_and_grad(
+            lambda q, k, v: jnp.sum(jnp.sin(A._xla_attention(q, k, v, mask, 0.3))), argnums=(0, 1, 2))(q, k, v)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5, err_msg=name)  # the bias path, differentiated
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
+        assert "cond" not in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))

@@ -7,7 +7,8 @@ from the platform and the shapes (`choose_implementation`), or takes an explicit
 * "cudnn": cuDNN flash attention (GPU, bf16/fp16), through jax's low-level cuDNN entry, which (unlike
   `jax.nn.dot_product_attention`) takes a value head dim different from the query's (MLA: 192 vs 128)
   on Hopper with cuDNN >= 9.10. The dense mask goes in as an additive bias; with `segment_ids` the
-  kernel is also told the mask is causal, so it skips the blocks above the diagonal.
+  kernel is also told the mask is causal, so it skips the blocks above the diagonal, and a forward pass
+  whose rows are each one unpadded document (checked on the device) runs plain causal attention, no bias.
 * "cudnn_packed": cuDNN's packed (THD) layout: every run of equal segment ids becomes its own causal
   sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper. cuDNN sizes its work by
   the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
@@ -201,7 +202,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         if impl == "xla":
             return _xla_attention(q, k, v, mask, scale)
         if impl == "cudnn":
-            return _cudnn_attention(q, k, v, mask, scale, causal=segment_ids is not None)
+            if segment_ids is None:
+                return _cudnn_attention(q, k, v, mask, scale, causal=False)
+            return _cudnn_segment_attention(q, k, v, mask, segment_ids, scale)
         if impl == "cudnn_packed":
             runs = 1 + jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1).max()
             m = min(PACKED_MAX_SEGMENTS, s)
@@ -248,6 +251,41 @@ def _cudnn_attention(q, k, v, mask, scale, *, causal: bool):
     out = fa.dot_product_attention(q, k, _pad_v_for_cudnn(q, v), mask=mask[:, None], scale=scale,
                                    mask_type=mask_type, qkv_layout="BTNH")
     return out[..., :dv]
+
+
+def _one_document(segment_ids: jax.Array) -> jax.Array:
+    """True (a device scalar) when every row is one document with no padding: then the mask is exactly causal."""
+    return jnp.all((segment_ids == segment_ids[:, :1]) & (segment_ids != 0))
+
+
+def _cudnn_causal(q, k, v, scale):
+    """Plain causal attention in cuDNN: no bias to read (it is [b, 1, s, t], re-read for every head)."""
+    fa = _cudnn_module()
+    dv = v.shape[-1]
+    out = fa.dot_product_attention(q, k, _pad_v_for_cudnn(q, v), scale=scale, mask_type=fa.MaskType.CAUSAL,
+                                   qkv_layout="BTNH")
+    return out[..., :dv]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _cudnn_segment_attention(q, k, v, mask, segment_ids, scale):
+    """"cudnn" with segment ids. A forward pass (prefill, evaluation) checks on the device whether every row is
+    one unpadded document and then runs plain causal attention without the bias (stablelm-3b prefill 1x2048
+    on an H200: 88.0k -> 98.1k tok/s); else the bias with the causal hint. Differentiated, it is the bias path
+    alone (the custom VJP's forward): the choice under jax.grad would keep the residuals of both branches."""
+    return jax.lax.cond(_one_document(segment_ids), lambda: _cudnn_causal(q, k, v, scale),
+                        lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
+
+
+def _cudnn_segment_attention_fwd(q, k, v, mask, segment_ids, scale):
+    return jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
+
+
+def _cudnn_segment_attention_bwd(scale, vjp, dout):
+    return (*vjp(dout), None, None)  # mask and segment ids: no gradient
+
+
+_cudnn_segment_attention.defvjp(_cudnn_segment_attention_fwd, _cudnn_segment_attention_bwd)
 
 
 def packed_segments(segment_ids: jax.Array, max_segments: int | None = None):
