@@ -22,6 +22,7 @@ measured step time.
 
   python benchmarks/bench_generate.py --compare-hf                  # full table, appended to RESULTS.md
   python benchmarks/bench_generate.py --models stablelm-3b --no-write
+  python benchmarks/bench_generate.py --models stablelm-3b --prefill 1x2048 --decode-batches "" --attention cudnn_packed
 """
 
 from __future__ import annotations
@@ -249,6 +250,7 @@ def worker_ours(name: str, args) -> dict:
     t0 = time.perf_counter()
     model = random_state(cfg, jnp.bfloat16)
     model.scan = not args.no_scan
+    model.attention_impl = args.attention  # prefill attention kernel ("auto": the shipped choice)
     graphdef, state = nnx.split(model)
     jax.block_until_ready(state)
     res = {"device": jax.devices()[0].device_kind, "init_s": time.perf_counter() - t0, "prefill": {},
@@ -428,6 +430,7 @@ def run_worker(kind: str, name: str, args) -> dict | None:
         cmd += ["--xla-options", args.xla_options]
     if args.no_scan:
         cmd.append("--no-scan")
+    cmd += ["--attention", args.attention]
     if args.profile:
         cmd.append("--profile")
     if args.out:
@@ -480,6 +483,8 @@ def table(results: dict, args) -> str:
 
 
 def main():
+    from jaxmodels.layers.attention import ATTENTION_IMPLS  # (no device is touched by the import)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     ap.add_argument("--compare-hf", action="store_true", help="also run transformers (bf16, sdpa) on the same GPU")
@@ -494,6 +499,8 @@ def main():
                     "jaxmodels.generate.COMPILER_OPTIONS, e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
     ap.add_argument("--no-scan", action="store_true",
                     help="ours: layers unrolled in the program (model.scan = False) instead of a scan over the stack")
+    ap.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
+                    help="ours: the prefill attention implementation (jaxmodels.layers.attention), for A/B runs")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
     ap.add_argument("--hf-cache", default="static", choices=["static", "dynamic"],
                     help="transformers' decode cache (static falls back to dynamic where a model has none)")
