@@ -56,3 +56,10 @@ def test_profile_summary_reads_a_real_trace(tmp_path):
     assert busy > 0
     assert "| category | ms/step | share |" in text and "| kernel | HLO op | calls/step |" in text
     assert (tmp_path / "profile.md").read_text().startswith("## tanh matmul")
+
+
+def test_roofline_ceiling_is_the_faster_probe():
+    """% roofline divides by the larger of the copy and read-only bandwidth probes (the stricter ceiling)."""
+    assert bench.ceiling_gbs({"bandwidth_gbs": 2900.0, "read_bandwidth_gbs": 3500.0}) == 3500.0
+    assert bench.ceiling_gbs({"bandwidth_gbs": 2900.0, "read_bandwidth_gbs": 2000.0}) == 2900.0
+    assert bench.ceiling_gbs({"bandwidth_gbs": 2900.0}) == 2900.0  # results from before the read probe
