@@ -355,10 +355,13 @@ def test_cudnn_segments_forward_drops_the_bias_for_one_document_rows(monkeypatch
     path. The two kernels are stood in for by XLA attention, the bias-free one marked by + 1."""
     from jaxmodels.layers import attention as A
 
-    monkeypatch.setattr(A, "_cudnn_causal", lambda q, k, v, scale: A._xla_attention(
-        q, k, v, segment_mask(jnp.ones(q.shape[:2], jnp.int32)), scale) + 1.0)
-    monkeypatch.setattr(A, "_cudnn_attention", lambda q, k, v, mask, scale, causal: A._xla_attention(
-        q, k, v, mask, scale))
+    def fake_cudnn(q, k, v, mask, scale, causal):  # mask None: the bias-free causal kernel, marked by + 1
+        if mask is None:
+            assert causal
+            return A._xla_attention(q, k, v, segment_mask(jnp.ones(q.shape[:2], jnp.int32)), scale) + 1.0
+        return A._xla_attention(q, k, v, mask, scale)
+
+    monkeypatch.setattr(A, "_cudnn_attention", fake_cudnn)
     b, s = 2, 16
     q, k, v = make_inputs(1, b, s, 4, 2, 8, 8)
     cases = {"one document": jnp.ones((b, s), jnp.int32), "left padding": jnp.asarray(padded_mask(b, s)),
