@@ -46,17 +46,22 @@ PACKED_MAX_HEAD_DIM = 128
 _MIN_FUSED_QUERIES = 64
 
 
-def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax over the last axis in float32. scores [batch, ..., q, k]; mask [batch, q, k] (True = attend).
+def masked_softmax_parts(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A masked softmax over the last axis as (numerator, denominator), float32: softmax = num / den.
+    scores [batch, ..., q, k]; mask [batch, q, k] (True = attend); den keeps the last axis (size 1).
 
-    Masked logits get the dtype's lowest finite value (as transformers does) so a fully masked row —
-    a left-padding query — gives a uniform row instead of NaNs.
+    Callers take the weighted sum of the unnormalised numerator and divide it by den afterwards (flash
+    attention's order): then XLA fuses the product into the sum's reduction, one kernel fewer per decode layer
+    than dividing the [.., q, k] probabilities first (benchmarks/count_kernels.py). Masked logits get the dtype's
+    lowest finite value (as transformers does) so a fully masked row — a left-padding query — gives a uniform
+    row instead of NaNs.
     """
     scores = scores.astype(jnp.float32)
     extra = scores.ndim - mask.ndim
     mask = mask.reshape(mask.shape[:1] + (1,) * extra + mask.shape[1:])
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+    num = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    return num, jnp.sum(num, axis=-1, keepdims=True)
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -223,9 +228,10 @@ def _xla_attention(q, k, v, mask, scale):
     q = q.reshape(b, s, kvh, h // kvh, dq)  # [b, s, kv_heads, group, dq]
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k,
                         preferred_element_type=jnp.float32) * scale  # [b, kv_heads, group, s, t]
-    probs = masked_softmax(scores, mask).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkv->bskgv", probs, v)  # [b, s, kv_heads, group, dv]
-    return out.reshape(b, s, h, dv)
+    num, den = masked_softmax_parts(scores, mask)  # [b, kv_heads, group, s, t], [b, kv_heads, group, s, 1]
+    out = jnp.einsum("bkgst,btkv->bskgv", num.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.moveaxis(den, 3, 1)  # [b, s, kv_heads, group, dv]
+    return out.astype(v.dtype).reshape(b, s, h, dv)
 
 
 # ---------------------------------------------------------------------------------------------- cuDNN

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels.config import DeepseekConfig, DeepseekV3Config
-from jaxmodels.layers.attention import dot_product_attention, masked_softmax
+from jaxmodels.layers.attention import dot_product_attention, masked_softmax_parts
 from jaxmodels.layers.linear import Linear
 from jaxmodels.layers.norms import RMSNorm
 from jaxmodels.layers.rope import apply_rope
@@ -100,8 +100,9 @@ class MLAttention(nnx.Module):
         q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [b, s, heads, lora]
         scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_kv)
                   + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale  # [b, heads, s, t]
-        probs = masked_softmax(scores, mask).astype(c_kv.dtype)
-        out_lat = jnp.einsum("bhst,btc->bshc", probs, c_kv)  # [b, s, heads, lora]
+        num, den = masked_softmax_parts(scores, mask)  # [b, heads, s, t], [b, heads, s, 1]
+        out_lat = jnp.einsum("bhst,btc->bshc", num.astype(c_kv.dtype), c_kv)
+        out_lat = (out_lat / jnp.moveaxis(den, 2, 1)).astype(c_kv.dtype)  # [b, s, heads, lora]
         out = jnp.einsum("bshc,hvc->bshv", out_lat, w_uv)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
