@@ -72,7 +72,7 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
         elif line.startswith("}"):
             cur = None
         elif cur and line.strip():
-            comps[cur].append(line.strip())
+            comps[cur].append(re.sub(r"/\*.*?\*/", "", line.strip()))  # drop /*index=5*/ comments
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text")
     return comps, entry
@@ -80,7 +80,7 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str]:
 
 def _kernel(ins: str) -> tuple[str, str]:
     """(kind, source op name) of a launching instruction."""
-    op = re.search(r"= [^=]*? ([\w\-]+)\(", ins).group(1)
+    op = re.match(r"(?:ROOT )?%?[\w.\-]+ = .*? ([\w\-]+)\(", ins).group(1)
     kind = op
     if op == "fusion":
         fused = re.search(r"calls=%?([\w\-]+)", ins).group(1)

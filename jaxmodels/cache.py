@@ -1,16 +1,17 @@
 """Static KV caches: preallocated once per `generate` call, stacked by layer, updated in place.
 
 A cache holds every layer of one layer stack in a leading `layers` axis, exactly like the stack's
-parameters. It travels through the layer scan as part of the *carry* (not as scanned-over xs/ys), so
+parameters. It travels through the layer loop as part of the *carry* (not as scanned-over xs/ys), so
 each layer writes only its new tokens into the big buffer with `dynamic_update_slice` and XLA keeps
 one buffer for the whole decode loop instead of re-stacking a copy per step. The layer a cache
-object addresses is `layer` (set by `LayerStack` before each layer runs); `index` is the slot the
+object addresses is `layer` (`LayerStack` sets it, and with a cache its loop counts layers with it); `index` is the
 first new token goes to: a scalar, the same for every row (prompts are left-padded to one length), or one
 slot per row [batch] (speculative decoding, where rows advance by different amounts).
 
 * `MLACache` (DeepSeek-V2/V3) holds only the normed latent `c_kv` [kv_lora_rank] and the rotated
-  shared rope key `k_pe` [qk_rope_head_dim] per token per layer; per-head K/V are never stored.
-* `KVCache` (StableLM) holds rotated K and V per KV head.
+  shared rope key `k_pe` [qk_rope_head_dim] per token per layer, side by side in one row; per-head K/V are
+  never stored.
+* `KVCache` (StableLM) holds rotated K and V per KV head, side by side in one buffer.
 
 `update(new...)` writes the new entries and returns what the layer attends to: the cache's first
 `read_len` slots (decode; None = all of them), or with `fresh=True` (prefill into an empty cache) just the
@@ -66,30 +67,34 @@ class _LayerStackedCache:
 
 @struct.dataclass
 class MLACache(_LayerStackedCache):
-    """c_kv [layers, batch, T, kv_lora_rank], k_pe [layers, batch, T, qk_rope_head_dim]."""
+    """latent [layers, batch, T, kv_lora_rank + qk_rope_head_dim]: the normed c_kv, then the rotated k_pe.
 
-    c_kv: jax.Array
-    k_pe: jax.Array
+    One buffer (as FlashMLA and vLLM keep it): a step writes a token with one in-place update, and the
+    absorbed decode scores a query against c_kv and k_pe with one matmul over the whole row."""
+
+    latent: jax.Array
     index: jax.Array  # int32 scalar or [batch]: slot of the first token written by the next update
     layer: jax.Array  # int32 scalar: the layer of this stack the next update writes
     fresh: bool = struct.field(pytree_node=False, default=False)
     read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns
 
     def update(self, c_kv: jax.Array, k_pe: jax.Array):
-        """c_kv [b, s, lora], k_pe [b, s, rope] -> (latents to attend to, rope keys, updated cache)."""
-        return self._update(c_kv=c_kv, k_pe=k_pe)
+        """c_kv [b, s, lora], k_pe [b, s, rope] -> (latent rows to attend to [b, t, lora + rope], updated cache)."""
+        return self._update(latent=jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1))
 
     @property
     def length(self) -> int:
-        return self.c_kv.shape[2]
+        return self.latent.shape[2]
 
 
 @struct.dataclass
 class KVCache(_LayerStackedCache):
-    """k, v [layers, batch, T, kv_heads, head_dim] (k already rotated)."""
+    """kv [layers, batch, T, 2, kv_heads, head_dim]: keys (already rotated) at [..., 0, :, :], values at 1.
 
-    k: jax.Array
-    v: jax.Array
+    One buffer, so a step writes a token's key and value with one in-place update (one kernel per layer on
+    a GPU, not two: benchmarks/count_kernels.py)."""
+
+    kv: jax.Array
     index: jax.Array
     layer: jax.Array
     fresh: bool = struct.field(pytree_node=False, default=False)
@@ -97,21 +102,22 @@ class KVCache(_LayerStackedCache):
 
     def update(self, k: jax.Array, v: jax.Array):
         """k, v [b, s, kv_heads, d] -> (keys to attend to, values, updated cache)."""
-        return self._update(k=k, v=v)
+        kv, cache = self._update(kv=jnp.stack([k, v], axis=2))
+        if self.fresh:
+            return k, v, cache
+        return kv[:, :, 0], kv[:, :, 1], cache
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.kv.shape[2]
 
 
 def cache_shapes(cfg: BaseConfig, num_layers: int, batch: int, length: int) -> dict[str, tuple[int, ...]]:
     """Shapes of one stack's cache buffers."""
     if isinstance(cfg, DeepseekConfig):
-        return {"c_kv": (num_layers, batch, length, cfg.kv_lora_rank),
-                "k_pe": (num_layers, batch, length, cfg.qk_rope_head_dim)}
+        return {"latent": (num_layers, batch, length, cfg.kv_lora_rank + cfg.qk_rope_head_dim)}
     if isinstance(cfg, StableLmConfig):
-        shape = (num_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-        return {"k": shape, "v": shape}
+        return {"kv": (num_layers, batch, length, 2, cfg.num_key_value_heads, cfg.head_dim)}
     raise TypeError(f"no cache layout for {type(cfg).__name__}")
 
 

@@ -143,8 +143,9 @@ class LayerStack(nnx.Module):
         layers axis) or None; valid [batch, seq] bool: tokens counted in router statistics. remat: a key of
         REMAT_POLICIES. Returns (x, updated cache, per-layer router stats [layers, ...] or None).
 
-        The cache rides in the scan carry and each layer writes only its new slots in place, so a decode
-        loop never re-stacks (copies) the whole cache. Router statistics leave the scan as its outputs.
+        The cache rides in the loop's carry and each layer writes only its new slots in place, so a decode
+        loop never re-stacks (copies) the whole cache. Router statistics leave the scan as its outputs; with a
+        cache (generation) the layers run as a while loop counted by the cache's `layer` and return none.
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not a policy; use one of {sorted(REMAT_POLICIES)}")
@@ -161,6 +162,20 @@ class LayerStack(nnx.Module):
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
         layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
+        if scan and cache is not None and remat == "none":
+            # Generation (never differentiated; router statistics unused): a while loop whose only counter is
+            # the cache's layer index. A scan has its own counter and slices each layer's index out of
+            # `layer_ids`: one more kernel per layer on a GPU (benchmarks/count_kernels.py).
+            def step(carry):
+                h, c = carry
+                i = c.layer
+                layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
+                (h, c), _ = body((h, c), (layer_state, i))
+                return h, c.at_layer(i + 1)
+
+            x, cache = jax.lax.while_loop(lambda carry: carry[1].layer < self.num_layers, step,
+                                          (x, cache.at_layer(0)))
+            return x, cache, None
         if scan:
             (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layer_ids))
         else:

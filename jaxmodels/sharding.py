@@ -72,10 +72,8 @@ ACTIVATION_AXES = ("batch", "seq", "act_embed")  # [batch, seq, hidden] between 
 
 # Static cache buffers (jaxmodels.cache), by field name: [layers, batch, T, ...].
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "c_kv": ("layers", "batch", "cache_seq", None),
-    "k_pe": ("layers", "batch", "cache_seq", None),
-    "k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    "latent": ("layers", "batch", "cache_seq", None),  # [..., c_kv | k_pe]
+    "kv": ("layers", "batch", "cache_seq", None, "kv_heads", "head_dim"),  # [..., k | v, kv_heads, head_dim]
 }
 
 

@@ -74,8 +74,7 @@ def test_cache_shapes_and_bytes_per_token(tiny):
         if family == "stablelm":
             c = cache["layers"]
             assert isinstance(c, KVCache)
-            shape = (cfg.num_hidden_layers, 2, 16, cfg.num_key_value_heads, cfg.head_dim)
-            assert c.k.shape == c.v.shape == shape
+            assert c.kv.shape == (cfg.num_hidden_layers, 2, 16, 2, cfg.num_key_value_heads, cfg.head_dim)  # k | v
             assert bytes_per_token(cfg, jnp.bfloat16) == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * \
                 cfg.head_dim * 2
         else:
@@ -84,9 +83,8 @@ def test_cache_shapes_and_bytes_per_token(tiny):
             for name, n in (("dense_layers", cfg.num_dense_layers), ("moe_layers", cfg.num_moe_layers)):
                 c = cache[name]
                 assert isinstance(c, MLACache)
-                assert c.c_kv.shape == (n, 2, 16, cfg.kv_lora_rank)
-                assert c.k_pe.shape == (n, 2, 16, cfg.qk_rope_head_dim)
-                assert len(jax.tree.leaves(c)) == 4  # c_kv, k_pe, index, layer
+                assert c.latent.shape == (n, 2, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # c_kv | k_pe
+                assert len(jax.tree.leaves(c)) == 3  # latent, index, layer
             assert bytes_per_token(cfg, jnp.bfloat16) == cfg.num_hidden_layers * (
                 cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
         # The prompt was written into the cache (and nothing beyond it).

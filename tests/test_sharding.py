@@ -45,7 +45,8 @@ def test_default_rules_table():
     assert spec(("embed", "kv_heads")) == P("fsdp", "tensor")
     assert spec(("layers", "heads", "kv_lora")) == P(None, "tensor", "fsdp")
     assert spec(sharding.ACTIVATION_AXES) == P(("data", "fsdp", "expert"))
-    assert spec(sharding.CACHE_AXES["c_kv"]) == P(None, ("data", "fsdp", "expert"))
+    assert spec(sharding.CACHE_AXES["latent"]) == P(None, ("data", "fsdp", "expert"))
+    assert spec(sharding.CACHE_AXES["kv"]) == P(None, ("data", "fsdp", "expert"), None, None, "tensor")
 
 
 def test_a_mesh_axis_used_twice_is_an_error():

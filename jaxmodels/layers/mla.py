@@ -92,27 +92,37 @@ class MLAttention(nnx.Module):
                                     implementation=self.attention_impl)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Attention over the latent itself: W_UK folded into q, W_UV applied after. Same result."""
+    def attend_absorbed(self, q_nope, q_pe, latent, mask):
+        """Attention over the latent itself: W_UK folded into q, W_UV applied after. Same result.
+        latent [b, t, lora + rope]: c_kv then k_pe, as the cache keeps them."""
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
+        lora = cfg.kv_lora_rank
         w_uk, w_uv = (w.astype(q_nope.dtype) for w in self._w_kv_b())
         q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [b, s, heads, lora]
-        scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_kv)
-                  + jnp.einsum("bshr,btr->bhst", q_pe, k_pe)) * cfg.softmax_scale  # [b, heads, s, t]
+        # [q_lat | q_pe] . [c_kv | k_pe] = q_lat . c_kv + q_pe . k_pe: one matmul over the cache's rows.
+        q = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)  # [b, s, heads, lora + rope]
+        scores = jnp.einsum("bshc,btc->bhst", q, latent) * cfg.softmax_scale  # [b, heads, s, t]
         num, den = masked_softmax_parts(scores, mask)  # [b, heads, s, t], [b, heads, s, 1]
-        out_lat = jnp.einsum("bhst,btc->bshc", num.astype(c_kv.dtype), c_kv)
-        out_lat = (out_lat / jnp.moveaxis(den, 2, 1)).astype(c_kv.dtype)  # [b, s, heads, lora]
+        # Weighted sum over whole rows (the rope columns come along and are dropped): reading the c_kv columns
+        # alone would make XLA copy them out of the cache first.
+        out_lat = jnp.einsum("bhst,btc->bshc", num.astype(latent.dtype), latent)[..., :lora]
+        out_lat = (out_lat / jnp.moveaxis(den, 2, 1)).astype(latent.dtype)  # [b, s, heads, lora]
         out = jnp.einsum("bshc,hvc->bshv", out_lat, w_uv)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
     def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, segment_ids=None):
         """segment_ids [b, s] (packed rows, see dot_product_attention) or None; unused when absorbing."""
+        lora = self.cfg.kv_lora_rank
         with jax.named_scope("mla"):
             q_nope, q_pe = self.project_q(x, cos, sin)
             c_kv, k_pe = self.project_latent(x, cos, sin)
             if cache is not None:
-                c_kv, k_pe, cache = cache.update(c_kv, k_pe)
-            if absorb:
-                return self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask), cache
+                latent, cache = cache.update(c_kv, k_pe)
+                if absorb:
+                    return self.attend_absorbed(q_nope, q_pe, latent, mask), cache
+                c_kv, k_pe = latent[..., :lora], latent[..., lora:]
+            elif absorb:
+                latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)
+                return self.attend_absorbed(q_nope, q_pe, latent, mask), cache
             return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask, segment_ids), cache
