@@ -5,7 +5,6 @@ The multi-device tests run tests/sharding_worker.py in a subprocess with 8 simul
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
