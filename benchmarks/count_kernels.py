@@ -4,15 +4,16 @@ A batch-1 decode step of a dense model is ~half weight reads near HBM bandwidth 
 (norms, rope, cache writes, softmax) whose launches and tails add up (benchmarks/RESULTS.md): the number of
 kernels per layer is the lever, and XLA decides it at compile time. jax can compile for a GPU it does not
 have (a "topology" of compile-only devices described by a target config), so this runs on a CPU machine:
-it compiles `jaxmodels.generate`'s decode step (weights abstract, nothing allocated) with generate's own
-compiler options for an H100 or H200, reads the optimised HLO and counts what launches work on the device
+it compiles `jaxmodels.generate`'s decode step (or its prefill; weights abstract, nothing allocated) with
+generate's own compiler options for an H100 or H200, reads the optimised HLO and counts what launches work on the device
 (fusions, library calls, copies; not parameters, tuples, bitcasts or loop control), inside each layer scan
 and outside. What it does not tell: how long each kernel takes; that needs the GPU (bench_generate.py).
 
 Needs jax's CUDA plugin of the installed jax's version, without CUDA libraries or a GPU:
   pip install "jax-cuda12-plugin==$V" "jax-cuda12-pjrt==$V"      # V = python -c 'import jax; print(jax.__version__)'
-  python benchmarks/count_kernels.py                                # every model, batch 1 and 32
+  python benchmarks/count_kernels.py                                # every model, decode at batch 1 and 32
   python benchmarks/count_kernels.py --models stablelm-3b --batches 1 --list   # + each layer's kernels
+  python benchmarks/count_kernels.py --batches "" --prefill 1x2048  # the prefill programs
 The counts come from the installed jax's XLA (the GPU machine may run a newer one).
 """
 
@@ -143,8 +144,10 @@ def scope_of(source: str) -> str:
 # ----------------------------------------------------------------------------------------- compiling
 
 
-def decode_step_hlo(name: str, batch: int, cache_len: int, target: str) -> str:
-    """Optimised HLO of one `generate` decode step of bench_generate's model `name` for `target`."""
+def program_hlo(name: str, program: str, batch: int, length: int, target: str) -> str:
+    """Optimised HLO of bench_generate's model `name` for `target`: program "decode" (one `generate` decode step
+    over a static cache of `length` slots, half full) or "prefill" (a prompt of `length` tokens into a fresh
+    cache, as `generate` runs it)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -171,12 +174,18 @@ def decode_step_hlo(name: str, batch: int, cache_len: int, target: str) -> str:
     cfg = config_from_hf(MODELS[name])
     model = abstract_model(cfg, jnp.bfloat16)
     graphdef, state = nnx.split(model)
-    cache = jax.eval_shape(lambda: set_position(init_cache(cfg, G._stack_sizes(model), batch, cache_len,
-                                                           jnp.bfloat16), cache_len // 2, False))
-    ints = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on)
-    kv_valid = jax.ShapeDtypeStruct((batch, cache_len), jnp.bool_, sharding=on)
-    step = jax.jit(G._decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=dict(G.COMPILER_OPTIONS))
-    lowered = step.lower(graphdef, spec(state), spec(cache), ints, ints, kv_valid)
+    options = dict(G.COMPILER_OPTIONS)
+    if program == "decode":
+        cache = jax.eval_shape(lambda: set_position(init_cache(cfg, G._stack_sizes(model), batch, length,
+                                                               jnp.bfloat16), length // 2, False))
+        ints = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on)
+        kv_valid = jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=on)
+        step = jax.jit(G._decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=options)
+        lowered = step.lower(graphdef, spec(state), spec(cache), ints, ints, kv_valid)
+    else:
+        ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=on)
+        lowered = jax.jit(G._prefill_impl, static_argnums=(0, 4), compiler_options=options).lower(
+            graphdef, spec(state), ids, ids, length)
     # With dynamic-slice fusion on, XLA (jax 0.10) fails to assign buffers for a compile-only device after its
     # HLO passes have run; the optimised HLO is dumped before that, and it is what this counts.
     with tempfile.TemporaryDirectory() as dump:
@@ -185,7 +194,7 @@ def decode_step_hlo(name: str, batch: int, cache_len: int, target: str) -> str:
         except Exception as e:  # noqa: BLE001 - any compile failure: fall back to the dump
             found = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
             if not found:
-                raise RuntimeError(f"XLA did not finish its HLO passes for {name} b{batch}: {e}") from e
+                raise RuntimeError(f"XLA did not finish its HLO passes for {name} {program}: {e}") from e
             with open(found[0]) as f:
                 return f.read()
 
@@ -193,19 +202,19 @@ def decode_step_hlo(name: str, batch: int, cache_len: int, target: str) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def report(name: str, batch: int, hlo: str, listing: bool) -> dict:
+def report(name: str, what: str, hlo: str, listing: bool) -> dict:
     comps, entry = computations(hlo)
     tree = kernel_tree(comps, entry)
     layers = [(loop["trip"], loop["body"]) for loop in tree["loops"]]
-    row = {"model": name, "batch": batch, "per_step": total(tree), "outside_layers": len(tree["kernels"]),
+    row = {"model": name, "program": what, "total": total(tree), "outside_layers": len(tree["kernels"]),
            "per_layer": [(trip, total(body)) for trip, body in layers]}
     if listing:
         for i, (trip, body) in enumerate(layers):
-            print(f"\n{name} b{batch}, layer scan {i} (x{trip}): {total(body)} kernels per layer")
+            print(f"\n{name} {what}, layer loop {i} (x{trip}): {total(body)} kernels per layer")
             for kind, src in body["kernels"]:
                 print(f"  {kind[:58]:58s} {src[-90:]}")
         by_scope = collections.Counter(scope_of(s) for _, body in layers for _, s in body["kernels"])
-        print(f"  per layer by scope (all scans): {dict(by_scope)}")
+        print(f"  per layer by scope (all loops): {dict(by_scope)}")
     return row
 
 
@@ -214,25 +223,32 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
-    ap.add_argument("--batches", default="1,32", help="comma-separated decode batch sizes")
-    ap.add_argument("--cache-len", type=int, default=512, help="static cache slots (the step reads all of them)")
+    ap.add_argument("--batches", default="1,32", help="comma-separated decode batch sizes ('' for none)")
+    ap.add_argument("--cache-len", type=int, default=512, help="static cache slots of a decode step (it reads all)")
+    ap.add_argument("--prefill", default="", help="comma-separated BATCHxPROMPT prefill programs, e.g. 1x2048")
     ap.add_argument("--target", default="h100", choices=sorted(TARGETS))
-    ap.add_argument("--list", action="store_true", help="print each layer scan's kernels with their source ops")
+    ap.add_argument("--list", action="store_true", help="print each layer loop's kernels with their source ops")
     args = ap.parse_args()
     models = args.models.split(",")
     for m in models:
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {list(MODELS)}")
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        programs = [("decode", int(b), args.cache_len, f"decode b{b}") for b in args.batches.split(",") if b]
+        programs += [("prefill", int(bp.split("x")[0]), int(bp.split("x")[1]), f"prefill {bp}")
+                     for bp in args.prefill.split(",") if bp]
+    except (ValueError, IndexError):
+        ap.error(f"--batches takes integers and --prefill BATCHxPROMPT pairs, got {args.batches!r}, {args.prefill!r}")
 
-    rows = [report(m, b, decode_step_hlo(m, b, args.cache_len, args.target), args.list)
-            for m in models for b in batches]
-    print(f"\nKernels per decode step ({args.target}, cache {args.cache_len} slots, XLA of the installed jax):\n")
-    print("| model | batch | kernels / step | outside the layers | per layer (x layers) |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    rows = [report(m, what, program_hlo(m, program, b, n, args.target), args.list)
+            for m in models for program, b, n, what in programs]
+    print(f"\nKernels per program ({args.target}; decode: one step over a {args.cache_len}-slot cache; XLA of the "
+          f"installed jax):\n")
+    print("| model | program | kernels | outside the layers | per layer (x layers) |")
+    print("| --- | --- | ---: | ---: | --- |")
     for r in rows:
         per = ", ".join(f"{k} (x{t})" for t, k in r["per_layer"])
-        print(f"| {r['model']} | {r['batch']} | {r['per_step']} | {r['outside_layers']} | {per} |")
+        print(f"| {r['model']} | {r['program']} | {r['total']} | {r['outside_layers']} | {per} |")
 
 
 if __name__ == "__main__":
