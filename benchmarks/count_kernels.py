@@ -5,9 +5,9 @@ A batch-1 decode step of a dense model is ~half weight reads near HBM bandwidth 
 kernels per layer is the lever, and XLA decides it at compile time. jax can compile for a GPU it does not
 have (a "topology" of compile-only devices described by a target config), so this runs on a CPU machine:
 it compiles `jaxmodels.generate`'s decode step (or its prefill; weights abstract, nothing allocated) with
-generate's own compiler options for an H100 or H200, reads the optimised HLO and counts what launches work on the device
-(fusions, library calls, copies; not parameters, tuples, bitcasts or loop control), inside each layer scan
-and outside. What it does not tell: how long each kernel takes; that needs the GPU (bench_generate.py).
+generate's own compiler options for an H100 or H200, reads the optimised HLO and counts what launches work on
+the device (fusions, library calls, copies; not parameters, tuples, bitcasts or loop control), inside each
+layer loop and outside. What it does not tell: how long each kernel takes; that needs the GPU (bench_generate.py).
 
 Needs jax's CUDA plugin of the installed jax's version, without CUDA libraries or a GPU:
   pip install "jax-cuda12-plugin==$V" "jax-cuda12-pjrt==$V"      # V = python -c 'import jax; print(jax.__version__)'
