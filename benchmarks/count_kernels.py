@@ -36,9 +36,9 @@ TARGETS = {
     "h200": dict(name="NVIDIA H200", sms=132, bandwidth=4_800_000_000_000, memory=150_121_971_712),
 }
 
-# HLO instructions that launch nothing on the device (loops and branches are walked into instead).
+# HLO instructions that launch nothing on the device (loops, branches and calls are walked into instead).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
-         "opt-barrier", "partition-id", "replica-id", "while", "conditional", "call"}
+         "opt-barrier", "partition-id", "replica-id"}
 
 
 def target_config(target: str) -> str:
@@ -135,7 +135,7 @@ def total(node: dict) -> int:
 
 def scope_of(source: str) -> str:
     """The model part a kernel comes from, by the named scopes in its op name."""
-    for scope in ("attention_xla", "mla_absorbed", "stablelm_attention", "mla", "moe", "mlp", "checkpoint"):
+    for scope in ("attention_xla", "stablelm_attention", "mla", "moe", "mlp", "checkpoint"):
         if f"/{scope}" in source or source.startswith(scope):
             return "norm" if scope == "checkpoint" else scope
     return source.rsplit("/", 1)[-1] or "(none)"

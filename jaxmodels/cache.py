@@ -78,9 +78,9 @@ class MLACache(_LayerStackedCache):
     fresh: bool = struct.field(pytree_node=False, default=False)
     read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns
 
-    def update(self, c_kv: jax.Array, k_pe: jax.Array):
-        """c_kv [b, s, lora], k_pe [b, s, rope] -> (latent rows to attend to [b, t, lora + rope], updated cache)."""
-        return self._update(latent=jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1))
+    def update(self, latent: jax.Array):
+        """latent [b, s, lora + rope] (c_kv | k_pe) -> (latent rows to attend to [b, t, lora + rope], updated cache)."""
+        return self._update(latent=latent)
 
     @property
     def length(self) -> int:
@@ -102,9 +102,7 @@ class KVCache(_LayerStackedCache):
 
     def update(self, k: jax.Array, v: jax.Array):
         """k, v [b, s, kv_heads, d] -> (keys to attend to, values, updated cache)."""
-        kv, cache = self._update(kv=jnp.stack([k, v], axis=2))
-        if self.fresh:
-            return k, v, cache
+        kv, cache = self._update(kv=jnp.stack([k, v], axis=2))  # [b, t, 2, kv_heads, d]
         return kv[:, :, 0], kv[:, :, 1], cache
 
     @property

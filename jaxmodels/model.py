@@ -161,8 +161,7 @@ class LayerStack(nnx.Module):
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-        layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
-        if scan and cache is not None and remat == "none":
+        if scan and cache is not None:
             # Generation (never differentiated; router statistics unused): a while loop whose only counter is
             # the cache's layer index. A scan has its own counter and slices each layer's index out of
             # `layer_ids`: one more kernel per layer on a GPU (benchmarks/count_kernels.py).
@@ -176,6 +175,7 @@ class LayerStack(nnx.Module):
             x, cache = jax.lax.while_loop(lambda carry: carry[1].layer < self.num_layers, step,
                                           (x, cache.at_layer(0)))
             return x, cache, None
+        layer_ids = jnp.arange(self.num_layers, dtype=jnp.int32)
         if scan:
             (x, cache), stats = jax.lax.scan(body, (x, cache), (state, layer_ids))
         else:

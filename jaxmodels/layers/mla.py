@@ -117,12 +117,10 @@ class MLAttention(nnx.Module):
         with jax.named_scope("mla"):
             q_nope, q_pe = self.project_q(x, cos, sin)
             c_kv, k_pe = self.project_latent(x, cos, sin)
+            latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # [b, s, lora + rope]
             if cache is not None:
-                latent, cache = cache.update(c_kv, k_pe)
-                if absorb:
-                    return self.attend_absorbed(q_nope, q_pe, latent, mask), cache
-                c_kv, k_pe = latent[..., :lora], latent[..., lora:]
-            elif absorb:
-                latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)
+                latent, cache = cache.update(latent)
+            if absorb:
                 return self.attend_absorbed(q_nope, q_pe, latent, mask), cache
-            return self.attend_expanded(q_nope, q_pe, c_kv, k_pe, mask, segment_ids), cache
+            return self.attend_expanded(q_nope, q_pe, latent[..., :lora], latent[..., lora:], mask,
+                                        segment_ids), cache
