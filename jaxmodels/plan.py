@@ -5,7 +5,14 @@
 Parameters are placed by the same rules table the model uses (`jaxmodels.sharding.RULES`); the AdamW
 state is two float32 moments per trained parameter, placed like the parameter; the static cache is the
 MLA latent (DeepSeek) or K/V (StableLM) cache for `batch` x `seq` tokens, placed by `CACHE_AXES`.
-Activations and compiler temporaries are not counted: leave headroom for them.
+With --train, the estimate adds the training step's activations and temporaries (`train_activations`).
+
+With --compile and --topology, the real programs are compiled for a TPU slice or GPU nodes on this machine
+(nothing allocated, no checkpoint; jaxmodels.pods) and their per-chip memory, FLOPs, estimated step time,
+collectives and kernels are printed beside the estimate:
+
+    jaxmodels plan --model deepseek-v3 --topology v5p-256 --train --batch 128 --seq 4096 --compile
+    jaxmodels plan --model deepseek-v2-lite --topology h100x8 --generate --batch 64 --seq 8192 --compile
 """
 
 from __future__ import annotations
@@ -15,34 +22,59 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmodels import sharding
 from jaxmodels.units import DTYPES, human_bytes, parse_size
-from jaxmodels.config import (BaseConfig, ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig,
-                              load_config)
+from jaxmodels.config import BaseConfig, ConfigError, config_from_hf, load_config
 
-# Named shapes that need no files (the published configs' shape fields; rope details do not change bytes).
-PRESETS: dict[str, BaseConfig] = {
-    "deepseek-v3": DeepseekV3Config(),  # transformers' defaults are DeepSeek-V3 (671B with the MTP layer)
-    "deepseek-v2": DeepseekV2Config(
-        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, n_routed_experts=160,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=1536,
-        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="group_limited_greedy", n_group=8,
-        topk_group=3, routed_scaling_factor=16.0, max_position_embeddings=163840),
-    "deepseek-v2-lite": DeepseekV2Config(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
-        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy",
+# Named shapes that need no files: the published config.json fields that set shapes (rope details do not change
+# bytes), as config.json dicts. The one list of real-size models: benchmarks/ (bench_generate.MODELS) take theirs
+# from here.
+PRESET_CONFIGS: dict[str, dict] = {
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+        topk_group=4, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+        v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=1.0), rope_theta=10000, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1),
+    "deepseek-v2": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+        q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
         max_position_embeddings=163840),
-    "stablelm-2-1.6b": StableLmConfig(
-        vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
-        num_key_value_heads=32, use_qkv_bias=True, max_position_embeddings=4096),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707), rope_theta=10000, bos_token_id=100000,
+        eos_token_id=100001),
+    "stablelm-3b": dict(
+        model_type="stablelm", vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, rope_theta=10000,
+        max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False, qk_layernorm=False,
+        use_parallel_residual=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    "stablelm-2-1.6b": dict(
+        model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=32, use_qkv_bias=True, max_position_embeddings=4096),
 }
+# DeepSeek-V3 at full width with 3 layers (1 dense + 2 MoE): the benchmarks' one-GPU stand-in for V3.
+PRESET_CONFIGS["deepseek-v3-3l"] = dict(PRESET_CONFIGS["deepseek-v3"], num_hidden_layers=3, first_k_dense_replace=1)
+
+PRESETS: dict[str, BaseConfig] = {name: config_from_hf(raw) for name, raw in PRESET_CONFIGS.items()}
+
 
 def resolve_model(name_or_path: str) -> BaseConfig:
     """A preset name, a checkpoint directory holding config.json, or a config.json path."""
@@ -75,14 +107,22 @@ class Plan:
 
 
 def make_plan(cfg: BaseConfig, mesh: dict[str, int], *, batch: int = 1, seq: int = 4096, dtype=jnp.bfloat16,
-              cache_dtype=None, rules=None, mtp_layers: int = 0) -> Plan:
+              cache_dtype=None, rules=None, mtp_layers: int = 0, lora_rank: int | None = None,
+              moment_dtype=jnp.float32) -> Plan:
     """Bytes per device of parameters, AdamW state, gradients and the static cache (shapes only).
-    mtp_layers: DeepSeek-V3 multi-token-prediction layers loaded with the model (0: none)."""
+    mtp_layers: DeepSeek-V3 multi-token-prediction layers loaded with the model (0: none). lora_rank: LoRA
+    adapters on the trainer's default targets, the only trained parameters (gradients and AdamW state for them
+    alone). moment_dtype: AdamW's first moment (the second has the parameters' dtype)."""
     from jaxmodels.cache import cache_shapes
+    from jaxmodels.layers.linear import LoRAParam
     from jaxmodels.model import abstract_model
+    from jaxmodels.pods import abstract_model as abstract_lora_model
 
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
-    state = nnx.state(abstract_model(cfg, dtype, num_mtp_layers=mtp_layers))
+    model = (abstract_lora_model(cfg, dtype, lora_rank) if lora_rank else
+             abstract_model(cfg, dtype, num_mtp_layers=mtp_layers))
+    state = nnx.state(model)
+    trained = LoRAParam if lora_rank else nnx.Param
     num = params = optimizer = gradients = 0
     largest = ("", (), ())
     best = -1
@@ -91,11 +131,13 @@ def make_plan(cfg: BaseConfig, mesh: dict[str, int], *, batch: int = 1, seq: int
         spec = sharding.logical_to_spec(axes, rules, mesh, tuple(var.shape))
         local = sharding.shard_shape(tuple(var.shape), spec, mesh)
         n_local = math.prod(local)
-        params += n_local * jnp.dtype(var.dtype).itemsize
-        if isinstance(var, nnx.Param):
+        itemsize = jnp.dtype(var.dtype).itemsize
+        params += n_local * itemsize
+        if isinstance(var, nnx.Param) and not isinstance(var, LoRAParam):
             num += math.prod(var.shape)
-            optimizer += 2 * 4 * n_local  # AdamW mu and nu in float32
-            gradients += n_local * jnp.dtype(var.dtype).itemsize
+        if isinstance(var, trained):
+            optimizer += n_local * (jnp.dtype(moment_dtype).itemsize + itemsize)  # AdamW mu and nu
+            gradients += n_local * itemsize
         if n_local > best:
             best, largest = n_local, (".".join(map(str, path)), tuple(var.shape), local)
     cache = 0
@@ -139,6 +181,75 @@ def format_plan(plan: Plan, *, batch: int, seq: int, dtype_name: str, device_mem
     return "\n".join(lines)
 
 
+def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq: int, remat: str = "full",
+                      grad_accum: int = 1, fused_attention: bool = True, rules=None) -> dict[str, int]:
+    """Bytes per device the training step holds besides parameters, gradients and optimizer state (estimate).
+
+    batch: rows per optimizer step (global), split into grad_accum micro-batches, each over the mesh's batch
+    axes. Parts: "residuals" (what the layer scan saves for the backward pass: each layer's input under remat
+    "full", the projections' outputs too under "save_matmuls"), "layer" (one layer's forward recompute and
+    backward: its weights gathered over fsdp, the MoE dispatch over the expert group's tokens, the attention
+    scores unless a fused kernel runs), "logits" (float32 logits and their gradient). Checked against compiled
+    programs by `jaxmodels plan --compile` (jaxmodels.pods).
+    """
+    mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
+    ways = math.prod(mesh[a] for a in sharding.mesh_axes_of("batch", rules, mesh))
+    rows = -(-(batch // max(grad_accum, 1)) // ways)
+    tokens = rows * seq
+    d, bf16, f32 = cfg.hidden_size, 2, 4
+    tensor = mesh["tensor"]
+    heads = cfg.num_attention_heads
+    if hasattr(cfg, "kv_lora_rank"):
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        q_lora = cfg.q_lora_rank or 0
+        attn_widths = q_lora + heads * qk + cfg.kv_lora_rank + cfg.qk_rope_head_dim + heads * (qk - cfg.qk_rope_head_dim + v) + d
+    else:
+        qk = v = cfg.head_dim
+        attn_widths = heads * qk + 2 * cfg.num_key_value_heads * qk + d
+    moe = getattr(cfg, "is_moe", False) and getattr(cfg, "num_moe_layers", 0) > 0
+    inter = cfg.intermediate_size
+    layers = cfg.num_hidden_layers
+    mlp_widths = 2 * inter + d
+    if moe:
+        k, mi = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+        moe_widths = k * (2 * mi + d) + (cfg.n_shared_experts or 0) * 2 * mi + d
+    per_layer_saved = d * bf16  # the layer's input
+    if remat != "full":
+        widths = attn_widths + (moe_widths if moe else mlp_widths)
+        per_layer_saved += widths * bf16 * (2 if remat == "none" else 1)
+    residuals = layers * tokens * per_layer_saved
+    # One layer at a time: its gathered weights (bf16, forward + gradient) and its working activations.
+    layer_params = _layer_params(cfg)
+    expert = mesh["expert"]
+    gathered = layer_params / (expert * tensor) * bf16 * 2
+    work = tokens * (attn_widths + mlp_widths) * bf16 * 3 / tensor
+    if moe:
+        slots = tokens * expert * cfg.num_experts_per_tok  # the expert group's token-slots meet every local expert
+        work = max(work, slots * (d * (bf16 + f32) + 3 * cfg.moe_intermediate_size / tensor * bf16) * 2)
+    if not fused_attention:
+        work += rows * heads / tensor * seq * seq * f32 * 3
+    logits = tokens * cfg.vocab_size / tensor * f32 * 3
+    return {"residuals": int(residuals), "layer": int(gathered + work), "logits": int(logits)}
+
+
+def _layer_params(cfg: BaseConfig) -> float:
+    """Parameters of the largest layer (a MoE layer's routed experts included)."""
+    d = cfg.hidden_size
+    if hasattr(cfg, "kv_lora_rank"):
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        q = (d * cfg.q_lora_rank + cfg.q_lora_rank * cfg.num_attention_heads * qk if cfg.q_lora_rank
+             else d * cfg.num_attention_heads * qk)
+        attn = q + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * cfg.num_attention_heads * (
+            cfg.qk_nope_head_dim + cfg.v_head_dim) + cfg.num_attention_heads * cfg.v_head_dim * d
+    else:
+        attn = d * cfg.head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    if getattr(cfg, "is_moe", False) and getattr(cfg, "num_moe_layers", 0):
+        mlp = 3 * d * cfg.moe_intermediate_size * (cfg.n_routed_experts + (cfg.n_shared_experts or 0))
+    else:
+        mlp = 3 * d * cfg.intermediate_size
+    return attn + mlp
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help=f"a preset ({', '.join(PRESETS)}), a checkpoint directory or a config.json")
@@ -154,6 +265,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", default="",
                         help="overrides of the rules table, e.g. 'embed=fsdp+tensor,vocab=' (+ joins axes, "
                              "empty = replicated)")
+    # ---- training / generation programs, compiled for a topology (jaxmodels.pods) ----
+    parser.add_argument("--topology", default=None,
+                        help="chips to plan for: a TPU slice (v4-8, v5p-128, v5e-8, v6e-8, or v5p:4x4x4; v4/v5p-N "
+                             "count TensorCores, 2 per chip) or GPU nodes (h100x8, h100x8x4 = 4 nodes of 8)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the real programs for --topology on this machine (TPU: needs libtpu, "
+                             "pip install 'jaxmodels[tpu-plan]'; GPU: jax's CUDA plugin) and print their memory, "
+                             "FLOPs, estimated step time, collectives and kernels")
+    parser.add_argument("--train", action="store_true", help="plan the training step (with --batch rows of --seq)")
+    parser.add_argument("--generate", action="store_true",
+                        help="plan generation: prefill of --prompt-len tokens and a decode step over --seq slots")
+    parser.add_argument("--search", action="store_true",
+                        help="with --compile: try mesh shapes (and remat policies, micro-batches) and print the best "
+                             "that fits")
+    parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (frozen bf16 base)")
+    parser.add_argument("--remat", default="full", help="the training step's remat policy (jaxmodels train --remat)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--batch rows in all)")
+    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bf16"],
+                        help="full fine-tuning: float32 master weights + AdamW moments, or bf16 for both")
+    parser.add_argument("--prompt-len", type=int, default=None, help="--generate: prompt length (default --seq / 2)")
 
 
 def parse_rules(text: str) -> dict:
@@ -171,6 +302,8 @@ def run(args) -> int:
         mesh = sharding.parse_mesh(args.mesh)
         dev_mem = parse_size(args.device_memory, "--device-memory") if args.device_memory else None
         dtype = DTYPES[args.dtype]
+        if args.compile or args.topology or args.train or args.generate or args.search:
+            return run_programs(args, cfg, mesh, dev_mem)
         plan = make_plan(cfg, mesh, batch=args.batch, seq=args.seq, dtype=dtype,
                          cache_dtype=DTYPES[args.cache_dtype] if args.cache_dtype else None,
                          rules=parse_rules(args.rules),
@@ -182,3 +315,257 @@ def run(args) -> int:
     if dev_mem is not None and plan.inference > dev_mem:
         return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training and generation programs on a topology (--train / --generate, --compile, --search)
+# --------------------------------------------------------------------------------------------------------
+
+FIT_FRACTION = 0.9  # a plan "fits" with at most this share of HBM: runtime buffers and fragmentation need the rest
+
+
+@dataclass
+class Case:
+    """One program configuration: what --search varies, and what its estimate / compile said."""
+
+    mesh: dict[str, int]
+    remat: str
+    grad_accum: int
+    estimate: dict[str, int] | None = None
+    compiled: dict[str, Any] | None = None  # program name -> pods.Compiled
+    cost: tuple[float, float, float] | None = None  # (seconds, FLOPs, compile seconds) at full depth
+
+
+def _estimate(cfg, case: Case, args, topo) -> dict[str, int]:
+    """The planner's analytic bytes per chip of this case (parameters, gradients, optimizer, activations)."""
+    lora = args.lora_rank
+    bf16_state = args.state_dtype == "bf16"
+    pdtype = jnp.bfloat16 if (lora or bf16_state) else jnp.float32
+    plan = make_plan(cfg, case.mesh, batch=0, seq=0, dtype=pdtype, rules=parse_rules(args.rules), lora_rank=lora,
+                     moment_dtype=jnp.bfloat16 if bf16_state else jnp.float32)
+    if args.train:
+        acts = train_activations(cfg, case.mesh, batch=args.batch, seq=args.seq, remat=case.remat,
+                                 grad_accum=case.grad_accum, fused_attention=topo.platform in ("tpu", "gpu"),
+                                 rules=parse_rules(args.rules))
+        # Gradient accumulation over micro-batches keeps one more gradient buffer (the running sum).
+        grads = plan.gradients * (2 if case.grad_accum > 1 else 1)
+        return dict(parameters=plan.params, gradients=grads, optimizer=plan.optimizer, **acts)
+    cache_plan = make_plan(cfg, case.mesh, batch=args.batch, seq=args.seq, dtype=jnp.bfloat16,
+                           rules=parse_rules(args.rules))
+    return dict(parameters=cache_plan.params, cache=cache_plan.cache)
+
+
+def _programs(cfg, case: Case, args, mesh, scan: bool = True) -> dict[str, tuple]:
+    from jaxmodels import pods
+    rules = parse_rules(args.rules) or None
+    if args.train:
+        bf16_state = args.state_dtype == "bf16"
+        setup = pods.TrainSetup(batch=args.batch // case.grad_accum, seq=args.seq, grad_accum=case.grad_accum,
+                                remat=case.remat, lora_rank=args.lora_rank,
+                                param_dtype=jnp.bfloat16 if bf16_state else None,
+                                moment_dtype=jnp.bfloat16 if bf16_state else jnp.float32)
+        return {"train step": pods.train_program(cfg, mesh, setup, scan=scan, rules=rules)}
+    prompt = args.prompt_len or args.seq // 2
+    progs = pods.generate_programs(cfg, mesh, batch=args.batch, prompt=prompt, cache_len=args.seq, scan=scan,
+                                   rules=rules)
+    return {f"prefill {args.batch}x{prompt}": progs["prefill"], f"decode step ({args.seq} slots)": progs["decode"]}
+
+
+def _candidates(cfg, args, topo) -> list[Case]:
+    """--search: mesh shapes (experts over 1..min(chips, 16), tensor 1..8 within a node or 4x4 ICI group, FSDP the
+    rest) x remat policies x micro-batches. Without --search: the given --mesh / --remat / --grad-accum."""
+    from jaxmodels import pods
+    given = sharding.parse_mesh(args.mesh) if args.mesh else pods.default_mesh(cfg, topo.chips)
+    base = [Case(dict(given), args.remat, args.grad_accum)]
+    if not args.search:
+        return base
+    n = topo.chips
+    experts = [1]
+    if getattr(cfg, "is_moe", False):
+        experts = [e for e in (1, 2, 4, 8, 16) if e <= n and cfg.n_routed_experts % e == 0 and n % e == 0]
+    meshes = []
+    for e in experts:
+        for t in (1, 2, 4, 8):
+            if t > 1 and (cfg.num_attention_heads % t or n % (e * t)):
+                continue
+            if n % (e * t):
+                continue
+            meshes.append({"data": 1, "fsdp": n // (e * t), "expert": e, "tensor": t})
+    remats = [args.remat] + [r for r in ("full", "save_matmuls") if r != args.remat] if args.train else [args.remat]
+    accums = [a for a in (1, 2, 4) if args.batch % a == 0] if args.train else [1]
+    out = []
+    for m in meshes:
+        for r in remats:
+            for a in accums:
+                out.append(Case(m, r, a))
+    return out
+
+
+def _fmt_gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
+    """--train / --generate with --topology (and --compile, --search): estimate and compiled figures."""
+    from jaxmodels import pods
+    if args.train == args.generate:
+        raise ValueError("say which program to plan: --train or --generate")
+    if args.topology is None:
+        raise ValueError("--train / --generate / --compile need --topology (e.g. v5p-128, v5e-8, h100x8)")
+    if args.search and not args.compile:
+        raise ValueError("--search compiles every candidate: add --compile")
+    if args.grad_accum < 1 or args.batch % args.grad_accum:
+        raise ValueError(f"--batch {args.batch} must split into --grad-accum {args.grad_accum} micro-batches")
+    from jaxmodels.model import REMAT_POLICIES
+    if args.remat not in REMAT_POLICIES:
+        raise ValueError(f"--remat {args.remat!r} is not a policy; use one of {sorted(REMAT_POLICIES)}")
+    topo = pods.parse_topology(args.topology)
+    hbm = dev_mem or topo.hbm
+    cases = _candidates(cfg, args, topo)
+    lines = [f"model        {cfg.model_type}: {_describe_model(cfg)}",
+             f"topology     {topo.description}; {_fmt_gib(hbm)} HBM and {topo.peak_flops / 1e12:.0f} TFLOP/s (bf16) "
+             f"per chip"]
+    what = (f"train step: {args.batch} rows x {args.seq} tokens ({args.grad_accum} micro-batch(es)), "
+            + (f"LoRA rank {args.lora_rank} over a bf16 base" if args.lora_rank else
+               f"full fine-tuning, {args.state_dtype} weights + AdamW moments") if args.train else
+            f"generation: batch {args.batch}, cache {args.seq} slots, prompt {args.prompt_len or args.seq // 2}")
+    lines.append(f"program      {what}")
+    print("\n".join(lines), flush=True)
+    if args.mesh:
+        pods.make_mesh(topo, cases[0].mesh)  # a mesh that does not fit the chips: the clear error now
+    for case in cases:
+        case.estimate = _estimate(cfg, case, args, topo)
+    if not args.compile:
+        case = cases[0]
+        _print_case(case, args, topo, hbm, cfg)
+        return 0 if sum(case.estimate.values()) <= FIT_FRACTION * hbm else 1
+    for i, case in enumerate(cases):
+        try:
+            mesh = pods.make_mesh(topo, case.mesh)
+        except pods.TopologyError as e:
+            print(f"  skip {sharding.describe(case.mesh)}: {e}")
+            continue
+        case.compiled = {name: pods.compile_program(jitted, a) for name, (jitted, a) in
+                         _programs(cfg, case, args, mesh).items()}
+        if args.search:
+            print(f"  [{i + 1}/{len(cases)}] {_case_name(case, args)}: " + "; ".join(
+                f"{name} " + (c.error[:80] if c.error else f"{_fmt_gib(c.peak)} ({100 * c.peak / hbm:.0f}%)")
+                for name, c in case.compiled.items()), flush=True)
+    fitting = [c for c in cases if c.compiled and all(not p.error and p.peak <= FIT_FRACTION * hbm
+                                                      for p in c.compiled.values())]
+    for case in (fitting if args.search else cases[:1]):
+        if case.compiled and all(not p.error for p in case.compiled.values()):
+            mesh = pods.make_mesh(topo, case.mesh)
+            first = next(iter(_programs(cfg, case, args, mesh)))
+            try:
+                case.cost = pods.estimate_cost(lambda c, scan: list(_programs(c, case, args, mesh, scan).values())[0],
+                                               cfg)
+            except pods.TopologyError as e:
+                print(f"  no step-time estimate for {first}: {e}")
+    best = None
+    if args.search:
+        timed = [c for c in fitting if c.cost]
+        best = min(timed, key=lambda c: c.cost[0]) if timed else (
+            min(fitting, key=lambda c: max(p.peak for p in c.compiled.values())) if fitting else None)
+        if best is None:
+            print("\nno candidate fits: " + _advice(cases[0], args, hbm))
+            return 1
+        print(f"\nbest of {len(cases)} candidates: {_case_name(best, args)}")
+    case = best or cases[0]
+    _print_case(case, args, topo, hbm, cfg)
+    return 0 if _fits(case, hbm) else 1
+
+
+def _describe_model(cfg) -> str:
+    plan = make_plan(cfg, {}, batch=0, seq=0)
+    extra = (f", {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}" if getattr(cfg, "is_moe", False) else "")
+    return f"{plan.num_params / 1e9:.2f}B parameters, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}{extra}"
+
+
+def _case_name(case: Case, args) -> str:
+    out = f"mesh {sharding.describe(case.mesh)}"
+    if args.train:
+        out += f", remat {case.remat}, {case.grad_accum} micro-batch(es)"
+    return out
+
+
+def _fits(case: Case, hbm: int) -> bool:
+    if case.compiled:
+        return all(not p.error and p.peak <= FIT_FRACTION * hbm for p in case.compiled.values())
+    return sum(case.estimate.values()) <= FIT_FRACTION * hbm
+
+
+def _advice(case: Case, args, hbm: int) -> str:
+    est = case.estimate or {}
+    state = est.get("parameters", 0) + est.get("optimizer", 0) + est.get("gradients", 0)
+    if state > FIT_FRACTION * hbm:
+        fixes = ["more chips (a larger --topology)"]
+        if args.train and not args.lora_rank:
+            fixes += ["--lora-rank 16", "--state-dtype bf16" if args.state_dtype != "bf16" else None]
+        return ("parameters, gradients and optimizer state alone need "
+                f"{_fmt_gib(state)} per chip: " + ", or ".join(f for f in fixes if f))
+    fixes = []
+    if args.train:
+        if case.remat != "full":
+            fixes.append("--remat full")
+        fixes.append(f"--grad-accum {case.grad_accum * 2} (smaller micro-batches)")
+    fixes.append("a smaller --batch")
+    if not args.search:
+        fixes.append("--search")
+    return "activations and temporaries are what does not fit: try " + ", ".join(fixes)
+
+
+def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
+    from jaxmodels import pods
+    est = case.estimate
+    total_est = sum(est.values())
+    lines = ["", f"mesh         {sharding.describe(case.mesh)} ({topo.chips} chips)"
+             + (f"; remat {case.remat}, {case.grad_accum} micro-batch(es)" if args.train else "")]
+    parts = ", ".join(f"{k} {_fmt_gib(v)}" for k, v in est.items())
+    lines.append(f"planner      {_fmt_gib(total_est)} per chip ({100 * total_est / hbm:.0f}% of HBM): {parts}")
+    tokens = args.batch * args.seq
+    if case.compiled:
+        for name, c in case.compiled.items():
+            lines.append(f"\n[{name}]")
+            if c.error:
+                lines.append(f"  compiler     refused after {c.compile_s:.0f} s: {c.error}")
+                continue
+            lines.append(f"  compiled     in {c.compile_s:.0f} s")
+            lines.append(f"  per chip     arguments {_fmt_gib(c.arguments)} | temporaries {_fmt_gib(c.temporaries)} | "
+                         f"outputs {_fmt_gib(c.outputs)} ({_fmt_gib(c.aliased)} of them written into donated arguments)")
+            lines.append(f"  peak         {_fmt_gib(c.peak)} of {_fmt_gib(hbm)} HBM ({100 * c.peak / hbm:.0f}%); "
+                         f"planner {_fmt_gib(total_est)} (compiled / planner = {c.peak / max(total_est, 1):.2f})")
+            coll = pods.collectives(c.hlo)
+            if coll:
+                lines.append("  collectives  " + "; ".join(f"{op} x{n} {_fmt_gib(b)}" for op, (n, b) in coll.items())
+                             + " per chip per program")
+            ks = pods.kernels(c.hlo)
+            lines.append("  kernels      " + (", ".join(f"{k} x{n}" for k, n in ks.items()) if ks else "XLA only"))
+        if case.cost and args.train:
+            seconds, flops, spent = case.cost
+            model_flops = _model_flops(cfg, args, tokens)
+            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP per chip per step (compiler, extrapolated to "
+                         f"{cfg.num_hidden_layers} layers); model FLOPs {model_flops / topo.chips / 1e12:.1f} TFLOP per chip")
+            if seconds > 0:
+                mfu = model_flops / (seconds * topo.peak_flops * topo.chips)
+                lines.append(f"  step time    {seconds:.3f} s (ESTIMATE: XLA's cost model, 1-2 layer programs "
+                             f"extrapolated; {spent:.0f} s of compiles) -> {tokens / seconds:,.0f} tokens/s, "
+                             f"MFU {100 * mfu:.0f}% (estimate)")
+            else:
+                lines.append("  step time    no estimate (XLA's cost model has none for these kernels)")
+    verdict = "fits" if _fits(case, hbm) else "does NOT fit"
+    peak = max((c.peak for c in (case.compiled or {}).values() if not c.error), default=total_est)
+    lines.append(f"\nverdict      {verdict}: {_fmt_gib(peak)} of {_fmt_gib(hbm)} per chip "
+                 f"({100 * peak / hbm:.0f}%; the bar is {100 * FIT_FRACTION:.0f}%"
+                 + (", by the compiled program)" if case.compiled else ", by the planner's estimate; --compile checks it)"))
+    if not _fits(case, hbm):
+        lines.append("             " + _advice(case, args, hbm))
+    print("\n".join(lines))
+
+
+def _model_flops(cfg, args, tokens: int) -> float:
+    """Training FLOPs of a step by the trainer's formula (6 per matmul parameter per token, 4 with LoRA, plus
+    causal attention): what MFU counts as useful work."""
+    from jaxmodels.model import abstract_model
+    from jaxmodels.train.metrics import flops_per_token
+    return flops_per_token(abstract_model(cfg, jnp.bfloat16), args.seq, lora=bool(args.lora_rank)) * tokens

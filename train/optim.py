@@ -38,12 +38,14 @@ def decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (float32 moments) behind global-norm clipping, with the schedule; returns (tx, schedule)."""
+def optimizer(cfg: TrainConfig, total_steps: int, moment_dtype=jnp.float32
+              ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW behind global-norm clipping, with the schedule; returns (tx, schedule). moment_dtype: AdamW's first
+    moment (float32; the second follows the parameters' dtype, so bf16 parameters + bf16 here is bf16 state)."""
     sched = schedule(cfg, total_steps)
     parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
     parts.append(optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.float32))
+                             weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=moment_dtype))
     return optax.chain(*parts), sched
 
 

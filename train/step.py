@@ -234,9 +234,30 @@ def check_batch_fits_mesh(rows: int, mesh) -> None:
                          f"use a multiple of {ways} or a mesh with fewer data/fsdp/expert devices")
 
 
+def opt_state_shardings(tx, params, other) -> Any:
+    """Shardings of tx's state for `params` (arrays or ShapeDtypeStructs carrying shardings): every copy of the
+    parameter tree inside it (AdamW's mu and nu) placed like the parameters, everything else (counts) `other`.
+    jit(tx.init) alone does not do this: zeros_like does not follow its input's sharding, and the compiler
+    replicated the moments (all of DeepSeek-V3's AdamW state on every chip)."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, p: p.sharding, abstract, params,
+                                 transform_non_params=lambda _: other)
+
+
+def abstract_opt_state(tx, params, other) -> Any:
+    """tx's state for abstract `params` as ShapeDtypeStructs placed by `opt_state_shardings`."""
+    abstract = jax.eval_shape(tx.init, params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+                        opt_state_shardings(tx, params, other))
+
+
 def init_state(params, buffers, tx, mesh=None) -> dict:
-    """The train state on the parameters' devices: optimizer state created from (so placed like) them."""
-    opt_state = jax.jit(tx.init)(params)
+    """The train state on the parameters' devices: the optimizer state created from and placed like them."""
+    if mesh is None:
+        opt_state = jax.jit(tx.init)(params)
+    else:
+        replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, replicated))(params)
     state = {"params": params, "opt_state": opt_state, "buffers": buffers, "step": jnp.zeros((), jnp.int32)}
     if mesh is None:
         return state
