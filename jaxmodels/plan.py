@@ -402,7 +402,7 @@ def _candidates(cfg, args, topo) -> list[Case]:
 
 
 def _fmt_gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else human_bytes(n)
 
 
 def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
@@ -479,7 +479,9 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
 def _describe_model(cfg) -> str:
     plan = make_plan(cfg, {}, batch=0, seq=0)
     extra = (f", {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}" if getattr(cfg, "is_moe", False) else "")
-    return f"{plan.num_params / 1e9:.2f}B parameters, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}{extra}"
+    n = plan.num_params
+    count = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+    return f"{count} parameters, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}{extra}"
 
 
 def _case_name(case: Case, args) -> str:
@@ -546,11 +548,20 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
             model_flops = _model_flops(cfg, args, tokens)
             lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP per chip per step (compiler, extrapolated to "
                          f"{cfg.num_hidden_layers} layers); model FLOPs {model_flops / topo.chips / 1e12:.1f} TFLOP per chip")
+            step = next(iter(case.compiled.values()))
+            kernel_s = 0.0
+            if pods.pallas_calls(step.hlo):
+                # XLA has no cost model for Pallas kernels (splash attention): count them at the chip's peak.
+                recompute = 4 / 3 if case.remat == "full" else 1.0
+                kernel_s = _attention_flops(cfg, args.seq) * tokens * recompute / topo.chips / topo.peak_flops
             if seconds > 0:
-                mfu = model_flops / (seconds * topo.peak_flops * topo.chips)
-                lines.append(f"  step time    {seconds:.3f} s (ESTIMATE: XLA's cost model, 1-2 layer programs "
-                             f"extrapolated; {spent:.0f} s of compiles) -> {tokens / seconds:,.0f} tokens/s, "
-                             f"MFU {100 * mfu:.0f}% (estimate)")
+                total_s = seconds + kernel_s
+                mfu = model_flops / (total_s * topo.peak_flops * topo.chips)
+                lines.append(f"  step time    {total_s:.3f} s ESTIMATE: XLA's cost model {seconds:.3f} s (1-2 layer "
+                             f"programs extrapolated to the full depth; {spent:.0f} s of compiles)"
+                             + (f" + splash attention at peak FLOP/s {kernel_s:.3f} s" if kernel_s else ""))
+                lines.append(f"  MFU          {100 * mfu:.0f}% (estimate: model FLOPs / (estimated time x peak x chips)), "
+                             f"{tokens / total_s:,.0f} tokens/s")
             else:
                 lines.append("  step time    no estimate (XLA's cost model has none for these kernels)")
     verdict = "fits" if _fits(case, hbm) else "does NOT fit"
@@ -561,6 +572,16 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
     if not _fits(case, hbm):
         lines.append("             " + _advice(case, args, hbm))
     print("\n".join(lines))
+
+
+def _attention_flops(cfg, seq: int) -> float:
+    """Training FLOPs of causal attention per token (forward + backward; the term of train.metrics'
+    flops_per_token)."""
+    if hasattr(cfg, "kv_lora_rank"):
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        qk = v = cfg.head_dim
+    return 3 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (qk + v) * (seq / 2)
 
 
 def _model_flops(cfg, args, tokens: int) -> float:

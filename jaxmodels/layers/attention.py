@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels import sharding
 from jaxmodels.config import StableLmConfig
 from jaxmodels.layers.linear import Linear
 from jaxmodels.layers.norms import PerHeadLayerNorm
@@ -144,6 +145,15 @@ def _splash_unsupported(q, k, v, segment_ids) -> str | None:
     return None
 
 
+def _platform() -> str:
+    """The platform the program is compiled for: the current mesh's devices (which may be compile-only TPUs or
+    GPUs, jaxmodels.pods), else the default backend."""
+    mesh, _ = sharding.current()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
 def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
                           implementation: str | None = None) -> str:
     """The attention implementation for these shapes on the default backend; the one place that decides.
@@ -157,7 +167,7 @@ def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
     if implementation in (None, "auto"):
         if q.shape[1] < _MIN_FUSED_QUERIES:
             return "xla"
-        platform = jax.default_backend()
+        platform = _platform()
         if platform == "gpu" and _cudnn_unsupported(q, k, v, segment_ids, packed=False) is None:
             return "cudnn"
         if platform == "tpu" and _splash_unsupported(q, k, v, segment_ids) is None:
@@ -216,7 +226,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
             return jax.lax.cond(runs <= m,
                                 lambda: _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments=m),
                                 lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
-        return _splash_attention(q, k, v, segment_ids, scale, interpret=jax.default_backend() != "tpu")
+        return _splash_sharded(q, k, v, segment_ids, scale)
 
 
 # ------------------------------------------------------------------------------------------------ xla
@@ -316,6 +326,29 @@ def _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments: int | Non
 
 
 # --------------------------------------------------------------------------------------------- splash
+
+
+def _splash_sharded(q, k, v, segment_ids, scale):
+    """Splash attention on the current mesh: a Pallas TPU kernel is not partitioned by the compiler, so it runs
+    inside `jax.shard_map`, each device on its rows (the table's batch axes) and its heads (tensor), which is
+    all attention needs (no collective). Without a mesh: one call. Interpret mode off TPU (the tests)."""
+    mesh, rules = sharding.current()
+    interpret = _platform() != "tpu"
+    if mesh is None:
+        return _splash_attention(q, k, v, segment_ids, scale, interpret=interpret)
+
+    def spec(axes, x):
+        return sharding.trim_spec(sharding.logical_to_spec(axes, rules, mesh, x.shape), mesh)
+
+    # Heads split over tensor only when both the query and the key/value heads divide (GQA: as groups).
+    q_spec, kv_spec = spec(("batch", None, "heads", None), q), spec(("batch", None, "kv_heads", None), k)
+    if sharding.mesh_axes_of_spec(q_spec, 2) != sharding.mesh_axes_of_spec(kv_spec, 2):
+        q_spec, kv_spec = spec(("batch", None, None, None), q), spec(("batch", None, None, None), k)
+    seg_spec = sharding.trim_spec(jax.sharding.PartitionSpec(*(tuple(q_spec)[:1])), mesh)
+    v_spec = kv_spec
+    return jax.shard_map(functools.partial(_splash_attention, scale=scale, interpret=interpret), mesh=mesh,
+                         in_specs=(q_spec, kv_spec, v_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 def _splash_attention(q, k, v, segment_ids, scale, *, interpret: bool):
