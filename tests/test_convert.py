@@ -20,7 +20,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import jaxmodels.convert.hf
+import jaxmodels.convert.export
+import jaxmodels.convert.loader
 import jaxmodels
 from jaxmodels.convert.fp8 import dequantize_fp8
 from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint
@@ -339,13 +340,13 @@ def test_loading_in_small_pieces_is_bit_exact(ckpts, fp8_checkpoints, monkeypatc
         def close(self):
             pass
 
-    hf = jaxmodels.convert.hf
-    monkeypatch.setattr(hf, "tqdm", Bar)
+    loader = jaxmodels.convert.loader
+    monkeypatch.setattr(loader, "tqdm", Bar)
     # (FP8 weights are dequantised whole for every piece that cuts them: larger pieces keep this quick)
-    monkeypatch.setattr(hf, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
-    monkeypatch.setattr(hf, "LOAD_WINDOW_BYTES", 20000)
-    monkeypatch.setattr(hf, "TASK_BYTES", 1000)
-    monkeypatch.setattr(hf, "LOAD_THREADS", 3)
+    monkeypatch.setattr(loader, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
+    monkeypatch.setattr(loader, "LOAD_WINDOW_BYTES", 20000)
+    monkeypatch.setattr(loader, "TASK_BYTES", 1000)
+    monkeypatch.setattr(loader, "LOAD_THREADS", 3)
     pieces = load(path)
     assert_same_params(whole, pieces)
     (bar,) = bars
@@ -359,7 +360,7 @@ def test_blocked_host_transpose_equals_numpy(perm):
     along the destination's last axis, block edges not dividing it included."""
     x = np.arange(5 * 7 * 300, dtype=np.float32).reshape(5, 7, 300)
     dst = np.empty(x.transpose(perm).shape, x.dtype)
-    jaxmodels.convert.hf._transpose_into(dst, x, perm, block=64)
+    jaxmodels.convert.loader._transpose_into(dst, x, perm, block=64)
     np.testing.assert_array_equal(dst, x.transpose(perm))
 
 
@@ -563,7 +564,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
 
     other, _ = make_checkpoint(tmp_path / "other", "stablelm", seed=1)
     other_model = load(other)
-    real_save, calls = jaxmodels.convert.hf.save_file, []
+    real_save, calls = jaxmodels.convert.export.save_file, []
 
     def failing_save(tensors, filename, metadata=None):
         calls.append(filename)
@@ -571,7 +572,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
             raise OSError("disk full (simulated)")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", failing_save)
+    monkeypatch.setattr(jaxmodels.convert.export, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         jaxmodels.save_pretrained(other_model, out, max_shard_size="20KB", progress=False)
     assert len(calls) == 2
@@ -579,7 +580,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
     assert_same_params(load(out), model)
 
     # After the failure, a successful single-file save replaces the sharded one (stale shards removed).
-    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", real_save)
+    monkeypatch.setattr(jaxmodels.convert.export, "save_file", real_save)
     jaxmodels.save_pretrained(other_model, out, progress=False)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert_same_params(load(out), other_model)
