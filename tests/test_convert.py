@@ -586,6 +586,44 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
     assert_same_params(load(out), other_model)
 
 
+def test_atomic_directory_modes_and_failures(tmp_path):
+    """The one atomic writer: files come out with the mode open() gives (safetensors' writer alone makes
+    them 0600), a failure leaves neither the new folder nor its staging folder, a path under a file is
+    refused before anything is written, and stale files go only once the new ones are in."""
+    from safetensors.numpy import save_file
+
+    from jaxmodels.convert.files import atomic_directory
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as stage:
+        save_file({"x": np.zeros(3, np.float32)}, stage.path("a.safetensors"))
+        (tmp_path / "unused").write_text("")
+        with open(stage.path("config.json"), "w") as f:
+            f.write("{}")
+        stage.commit(["a.safetensors", "config.json"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sorted(os.listdir(out)) == ["a.safetensors", "config.json"]
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {
+        "a.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+    with pytest.raises(OSError, match="simulated"):
+        with atomic_directory(tmp_path / "new") as stage:
+            open(stage.path("b"), "w").close()
+            raise OSError("simulated")
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        with atomic_directory(tmp_path / "file"):
+            pass
+
+    with atomic_directory(out) as stage:
+        open(stage.path("b.safetensors"), "w").close()
+        stage.commit(["b.safetensors"], stale=lambda name: name.endswith(".safetensors"))
+    assert sorted(os.listdir(out)) == ["b.safetensors", "config.json"]
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_convert_fp8_to_bf16(tmp_path, fp8_checkpoints, batch):
     """`jaxmodels convert` turns an FP8 checkpoint into a bf16 HF checkpoint (sharded), which equals
