@@ -157,8 +157,7 @@ def program_hlo(name: str, program: str, batch: int, length: int, target: str) -
     from jaxmodels.cache import init_cache, set_position
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import abstract_model
-    import jaxmodels.generate  # noqa: F401
-    G = sys.modules["jaxmodels.generate"]  # the module (jaxmodels.generate is the function)
+    from jaxmodels.generate import steps as G
 
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(target), topology="1x1x1")

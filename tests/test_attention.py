@@ -244,7 +244,7 @@ def test_prompt_forwards_promise_causal(family, monkeypatch):
     holds on every row, padding rows included."""
     import tiny
     from jaxmodels.config import config_from_hf
-    from jaxmodels.generate import _prefill
+    from jaxmodels.generate.steps import _prefill
     from jaxmodels.layers import attention, mla
     from jaxmodels.model import CausalLM
 
