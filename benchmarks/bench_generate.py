@@ -43,35 +43,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
 from common import fmt, median  # noqa: E402
+from jaxmodels.plan import PRESET_CONFIGS  # noqa: E402
 
+# The measured models, from jaxmodels.plan's list of real-size configurations (copies: BENCH_SMOKE shrinks them).
 MODELS = {
-    "deepseek-v2-lite": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
-        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
-        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
-        scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                          mscale=0.707, mscale_all_dim=0.707), rope_theta=10000, bos_token_id=100000,
-        eos_token_id=100001,
-    ),
-    "stablelm-3b": dict(
-        model_type="stablelm", vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, rope_theta=10000,
-        max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False, qk_layernorm=False,
-        use_parallel_residual=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-    ),
-    "deepseek-v3-3l": dict(
-        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-        moe_intermediate_size=2048, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=128,
-        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
-        topk_group=4, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
-        v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
-        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                          mscale=1.0, mscale_all_dim=1.0), rope_theta=10000, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1,
-    ),
+    "deepseek-v2-lite": dict(PRESET_CONFIGS["deepseek-v2-lite"]),
+    "stablelm-3b": dict(PRESET_CONFIGS["stablelm-3b"]),
+    "deepseek-v3-3l": dict(PRESET_CONFIGS["deepseek-v3"], num_hidden_layers=3, first_k_dense_replace=1),
 }
 PREFILL = [(1, 2048), (8, 512)]
 DECODE_BATCHES = [1, 8, 32]

@@ -70,6 +70,7 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
 
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import init_model
+    from jaxmodels import sharding
     from jaxmodels.sharding import make_mesh
     from jaxmodels.train import step as steplib
     from jaxmodels.train.config import TrainConfig
@@ -103,8 +104,8 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
     step_fn, _ = steplib.compile_steps(graphdef, tx, steplib.StepOptions(), state, frozen)
     rng = np.random.default_rng(0)
     ids = rng.integers(10, cfg.vocab_size, (1, b, s)).astype(np.int32)
-    batch = steplib.put_batch({"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
-                               "positions": np.broadcast_to(np.arange(s, dtype=np.int32), ids.shape)}, mesh, True)
+    batch = sharding.shard_batch({"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
+                               "positions": np.broadcast_to(np.arange(s, dtype=np.int32), ids.shape)}, mesh, micro=True)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     times, losses = [], []

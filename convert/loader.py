@@ -43,18 +43,15 @@ def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 # dispatches the device-side work of the pieces before (layout transposes, writes into the block) and
 # the next pieces are being read. Host memory stays near LOAD_WINDOW_BYTES (buffers being filled or in
 # transfer), whatever the model size.
-#
-# Measured on H100 / H200 hosts (benchmarks/RESULTS.md, 2026-11-23 21:3x-22:0x UTC): with 1 GB pieces the first
-# load in a process took 2.6-4.3 s for stablelm-3b (5.6 GB), a second one 0.6 s: the first 1 GB transfers
-# took ~0.9 s each, and the device-side programs, compiled one after the other on first use, 0.3-1.3 s
-# each. 32 MB pieces and the programs compiled in parallel up front (`_Programs`) load it in 1.2-1.4 s.
+# Small pieces and the device programs compiled in parallel up front (`_Programs`) make a first load in a
+# process about as fast as a second (benchmarks/RESULTS.md, "Loading" and "Figures moved out of the code").
 LOAD_WINDOW_BYTES = 2 << 30
 PIECE_BYTES = 32 << 20
 TASK_BYTES = 64 << 20  # one worker's share of a piece (a piece is filled by several threads at once)
 LOAD_THREADS = min(8, os.cpu_count() or 1)
 COMPILE_THREADS = min(8, os.cpu_count() or 1)
-# The loader's programs only move data: on GPUs, LLVM's cheapest settings compile them ~30% faster and they
-# run as fast (measured on an H200; other backends keep their defaults).
+# The loader's programs only move data: on GPUs, LLVM's cheapest settings compile them faster and they run as
+# fast (RESULTS.md, "Figures moved out of the code"; other backends keep their defaults).
 LOADER_GPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FORGIVE_AFTER_S = 2.0  # a sent buffer not freed by then stops counting against the window (_Pipeline.forgive)
 
@@ -325,11 +322,10 @@ def _write_piece(buf, piece, offsets, axes):
 
 class _Programs:
     """The load's device-side programs (layout transposes, block buffers, piece writes), compiled on a thread
-    pool while the files are being read. Each distinct shape is its own XLA program, and XLA:GPU took
-    0.3-1.3 s to compile one (an H100/H200 host; the transposing writes of expert pieces the longest):
-    compiled one after the other on first use, as plain `jit` calls would, they cost a model with a dozen
-    distinct shapes seconds of its load. Several compile at once (4 transposes: 1.64 s one after the other,
-    0.37 s on 4 threads)."""
+    pool while the files are being read. Each distinct shape is its own XLA program, and XLA:GPU takes up to
+    a second or so to compile one: compiled one after the other on first use, as plain `jit` calls would,
+    they cost a model with a dozen distinct shapes seconds of its load; several compile at once (RESULTS.md,
+    "Figures moved out of the code")."""
 
     def __init__(self, threads: int):
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="jaxmodels-compile")

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha / rank; default 2 x rank)")
     p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_b_proj,kv_b_proj,o_proj "
-                                          "(default: all attention and MLP projections; 'experts' adds the routed "
-                                          "experts)")
+                                          "(default: every attention projection, on StableLM every MLP projection "
+                                          "too; 'experts' adds DeepSeek's routed experts)")
     p.add_argument("--mesh", help="mesh axes, e.g. fsdp=8,expert=2 (default: every device on fsdp)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), default=None,

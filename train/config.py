@@ -42,7 +42,7 @@ class TrainConfig:
     grad_accum: int = 1
     lora_rank: int | None = None
     lora_alpha: float | None = None  # default: 2 * rank
-    lora_targets: tuple[str, ...] | None = None  # default: every attention and MLP projection
+    lora_targets: tuple[str, ...] | None = None  # default: lora.default_targets
     mesh: str | None = None  # e.g. "fsdp=8,expert=2"; default: all devices on fsdp
     dtype: str = "bf16"  # compute dtype
     param_dtype: str | None = None  # master weights: float32 (full fine-tune) / bf16 (the frozen LoRA base)

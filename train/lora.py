@@ -49,6 +49,27 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 
 
+def default_targets(cfg) -> tuple[str, ...]:
+    """What `jaxmodels train --lora-rank R` adapts without --lora-targets: every attention projection, and on
+    StableLM every MLP projection too. DeepSeek's dense / shared-expert MLP is left out because it could not
+    be exported as a PEFT adapter (`peft_unwritable`); name it in --lora-targets to adapt it anyway (the
+    merged export still works)."""
+    if isinstance(cfg, DeepseekConfig):
+        attn = ("q_proj",) if cfg.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        return attn + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    return STABLELM_TARGETS
+
+
+def peft_unwritable(cfg, targets) -> list[str]:
+    """The targets a PEFT adapter cannot hold: on DeepSeek, peft (>= 0.19 with transformers 5) reads the names
+    gate_proj / up_proj / down_proj as the routed experts (the v4 hub modules `mlp.experts.{e}.gate_proj`,
+    which transformers 5 fuses) and drops them for every other MLP, so adapters on the dense / shared-expert
+    MLPs cannot be expressed."""
+    if not isinstance(cfg, DeepseekConfig):
+        return []
+    return sorted(t for t in targets if t in _MLP_NAMES)
+
+
 class LoRAError(ValueError):
     """A LoRA request or adapter file that does not fit the model (the message names the cause and the fix)."""
 
@@ -228,13 +249,11 @@ def _peft_entries(model):
 
 
 def _peft_target_modules(model, targets: list[str]) -> list[str]:
-    """PEFT's target_modules for our targets. On DeepSeek, peft (>= 0.19 with transformers 5) reads the names
-    gate_proj / up_proj / down_proj as the routed experts (the v4 hub modules `mlp.experts.{e}.gate_proj`,
-    which transformers 5 fuses) and drops them for every other MLP, so `experts` is written as those three
-    names and adapters on the dense / shared-expert MLPs cannot be expressed."""
+    """PEFT's target_modules for our targets; DeepSeek's `experts` is written as gate/up/down_proj (see
+    peft_unwritable)."""
     if not isinstance(model.config, DeepseekConfig):
         return sorted(targets)
-    mlp = [t for t in targets if t in _MLP_NAMES]
+    mlp = peft_unwritable(model.config, targets)
     if mlp:
         raise LoRAError(
             f"DeepSeek adapters on the dense / shared-expert MLP ({mlp}) cannot be written as a PEFT adapter: with "

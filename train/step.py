@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -208,22 +207,6 @@ def eval_step(graphdef, opts: StepOptions, state: dict, frozen, batch: dict):
 # Placement
 # ----------------------------------------------------------------------------------------------------
 
-def batch_sharding(mesh, shape, micro: bool) -> NamedSharding:
-    """[micro-batches, rows, ...] (micro) or [rows, ...]: rows over the table's batch axes."""
-    mesh_rules = sharding.make_rules(None)
-    axes = ((None, "batch") if micro else ("batch",)) + (None,) * (len(shape) - (2 if micro else 1))
-    return NamedSharding(mesh, sharding.logical_to_spec(axes, mesh_rules, mesh, shape))
-
-
-def put_batch(batch: dict[str, np.ndarray], mesh, micro: bool) -> dict[str, jax.Array]:
-    """Host arrays (the same on every process) -> global arrays on the mesh; each process sends its rows."""
-    out = {}
-    for k, x in batch.items():
-        x = np.asarray(x)
-        out[k] = jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.shape, micro), lambda i, x=x: x[i])
-    return out
-
-
 def check_batch_fits_mesh(rows: int, mesh) -> None:
     """The rows of a micro-batch must split evenly over the mesh's batch axes."""
     from jaxmodels.train.config import TrainError
@@ -246,13 +229,9 @@ def init_state(params, buffers, tx, mesh=None) -> dict:
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding if x.committed else replicated), state)
 
 
-def state_shardings(state) -> Any:
-    return jax.tree.map(lambda x: x.sharding, state)
-
-
 def compile_steps(graphdef, tx, opts: StepOptions, state, frozen):
     """Jitted train and eval steps whose outputs stay where the state lives (the state is donated)."""
-    shardings = state_shardings(state)
+    shardings = jax.tree.map(lambda x: x.sharding, state)  # where each leaf lives now
     step = jax.jit(functools.partial(train_step, graphdef, tx, opts), donate_argnums=(0,),
                    out_shardings=(shardings, None))
     evaluate = jax.jit(functools.partial(eval_step, graphdef, opts))

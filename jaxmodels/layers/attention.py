@@ -13,8 +13,8 @@ from the platform and the shapes (`choose_implementation`), or takes an explicit
   sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper. cuDNN sizes its work by
   the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
   a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device). Head dims up to
-  `PACKED_MAX_HEAD_DIM` only: with MLA's 192 the forward kernel died with an illegal instruction and the
-  backward returned NaN (H100, jax 0.11.2, 2026-11-23); "cudnn" (the default) runs MLA with segments.
+  `PACKED_MAX_HEAD_DIM` only: MLA's 192 crashed the kernel (benchmarks/RESULTS.md, "Figures moved out of
+  the code"); "cudnn" (the default) runs MLA with segments.
 * "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests). Needs `segment_ids`.
 
 The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
@@ -35,11 +35,10 @@ from jaxmodels.layers.rope import apply_rope
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
 
-# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN; uncapped (seq runs per row) its
-# workspace ran out of memory at 8x1024 on an H100.
+# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN: uncapped, its workspace runs out of
+# memory (benchmarks/RESULTS.md, "Figures moved out of the code").
 PACKED_MAX_SEGMENTS = 64
-# Largest q/k head dim "cudnn_packed" accepts: 64, 80 (StableLM), 96 and 128 ran forward and backward and matched
-# XLA on an H100 (jax 0.11.2); 192 (MLA) crashed.
+# Largest q/k head dim "cudnn_packed" accepts: the dims that matched XLA forward and backward (RESULTS.md, same).
 PACKED_MAX_HEAD_DIM = 128
 
 # Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
@@ -268,8 +267,8 @@ def _one_document(segment_ids: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _cudnn_segment_attention(q, k, v, mask, segment_ids, scale):
     """"cudnn" with segment ids. A forward pass (prefill, evaluation) checks on the device whether every row is
-    one unpadded document and then runs plain causal attention without the bias (stablelm-3b prefill 1x2048
-    on an H200: 88.0k -> 98.1k tok/s); else the bias with the causal hint. Differentiated, it is the bias path
+    one unpadded document and then runs plain causal attention without the bias (faster: RESULTS.md, "Plain
+    causal cuDNN attention for one-document rows"); else the bias with the causal hint. Differentiated, it is the bias path
     alone (the custom VJP's forward): the choice under jax.grad would keep the residuals of both branches."""
     return jax.lax.cond(_one_document(segment_ids), lambda: _cudnn_attention(q, k, v, None, scale, causal=True),
                         lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
