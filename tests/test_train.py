@@ -160,7 +160,7 @@ def test_grad_accum_equals_one_big_batch(ws, family):
 
 def test_remat_policies_give_the_same_loss_and_gradients(ws):
     batch = micro(rows(ws, "stablelm", 2), 1)
-    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls")}
+    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls", "lean")}
     ref_state, ref_m = results["none"]
     for r, (state, m) in results.items():
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6, err_msg=r)
