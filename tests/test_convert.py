@@ -20,7 +20,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import jaxmodels.convert.hf
+import jaxmodels.convert.export
+import jaxmodels.convert.loader
 import jaxmodels
 from jaxmodels.convert.fp8 import dequantize_fp8
 from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint
@@ -339,13 +340,13 @@ def test_loading_in_small_pieces_is_bit_exact(ckpts, fp8_checkpoints, monkeypatc
         def close(self):
             pass
 
-    hf = jaxmodels.convert.hf
-    monkeypatch.setattr(hf, "tqdm", Bar)
+    loader = jaxmodels.convert.loader
+    monkeypatch.setattr(loader, "tqdm", Bar)
     # (FP8 weights are dequantised whole for every piece that cuts them: larger pieces keep this quick)
-    monkeypatch.setattr(hf, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
-    monkeypatch.setattr(hf, "LOAD_WINDOW_BYTES", 20000)
-    monkeypatch.setattr(hf, "TASK_BYTES", 1000)
-    monkeypatch.setattr(hf, "LOAD_THREADS", 3)
+    monkeypatch.setattr(loader, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
+    monkeypatch.setattr(loader, "LOAD_WINDOW_BYTES", 20000)
+    monkeypatch.setattr(loader, "TASK_BYTES", 1000)
+    monkeypatch.setattr(loader, "LOAD_THREADS", 3)
     pieces = load(path)
     assert_same_params(whole, pieces)
     (bar,) = bars
@@ -359,7 +360,7 @@ def test_blocked_host_transpose_equals_numpy(perm):
     along the destination's last axis, block edges not dividing it included."""
     x = np.arange(5 * 7 * 300, dtype=np.float32).reshape(5, 7, 300)
     dst = np.empty(x.transpose(perm).shape, x.dtype)
-    jaxmodels.convert.hf._transpose_into(dst, x, perm, block=64)
+    jaxmodels.convert.loader._transpose_into(dst, x, perm, block=64)
     np.testing.assert_array_equal(dst, x.transpose(perm))
 
 
@@ -563,7 +564,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
 
     other, _ = make_checkpoint(tmp_path / "other", "stablelm", seed=1)
     other_model = load(other)
-    real_save, calls = jaxmodels.convert.hf.save_file, []
+    real_save, calls = jaxmodels.convert.export.save_file, []
 
     def failing_save(tensors, filename, metadata=None):
         calls.append(filename)
@@ -571,7 +572,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
             raise OSError("disk full (simulated)")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", failing_save)
+    monkeypatch.setattr(jaxmodels.convert.export, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         jaxmodels.save_pretrained(other_model, out, max_shard_size="20KB", progress=False)
     assert len(calls) == 2
@@ -579,10 +580,48 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
     assert_same_params(load(out), model)
 
     # After the failure, a successful single-file save replaces the sharded one (stale shards removed).
-    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", real_save)
+    monkeypatch.setattr(jaxmodels.convert.export, "save_file", real_save)
     jaxmodels.save_pretrained(other_model, out, progress=False)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert_same_params(load(out), other_model)
+
+
+def test_atomic_directory_modes_and_failures(tmp_path):
+    """The one atomic writer: files come out with the mode open() gives (safetensors' writer alone makes
+    them 0600), a failure leaves neither the new folder nor its staging folder, a path under a file is
+    refused before anything is written, and stale files go only once the new ones are in."""
+    from safetensors.numpy import save_file
+
+    from jaxmodels.convert.files import atomic_directory
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as stage:
+        save_file({"x": np.zeros(3, np.float32)}, stage.path("a.safetensors"))
+        (tmp_path / "unused").write_text("")
+        with open(stage.path("config.json"), "w") as f:
+            f.write("{}")
+        stage.commit(["a.safetensors", "config.json"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sorted(os.listdir(out)) == ["a.safetensors", "config.json"]
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {
+        "a.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+    with pytest.raises(OSError, match="simulated"):
+        with atomic_directory(tmp_path / "new") as stage:
+            open(stage.path("b"), "w").close()
+            raise OSError("simulated")
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        with atomic_directory(tmp_path / "file"):
+            pass
+
+    with atomic_directory(out) as stage:
+        open(stage.path("b.safetensors"), "w").close()
+        stage.commit(["b.safetensors"], stale=lambda name: name.endswith(".safetensors"))
+    assert sorted(os.listdir(out)) == ["b.safetensors", "config.json"]
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -20,8 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from typing import Sequence
 
 import jax
@@ -33,6 +31,7 @@ from safetensors.numpy import save_file
 
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
+from jaxmodels.convert.files import atomic_directory
 from jaxmodels.convert.keymap import stack_offset
 from jaxmodels.layers.linear import Linear, LoRAParam
 from jaxmodels.layers.moe import Experts
@@ -285,22 +284,11 @@ def save_adapter(model, out_dir: str, base_model_name_or_path: str | None = None
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    out_dir = os.fspath(out_dir)
-    created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".jaxmodels-adapter-", dir=out_dir)
-    try:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+    with atomic_directory(out_dir, prefix=".jaxmodels-adapter-") as stage:
+        save_file(tensors, stage.path(ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(stage.path(ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # config last: its presence marks a complete adapter
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+        stage.commit([ADAPTER_WEIGHTS, ADAPTER_CONFIG])  # config last: its presence marks a complete adapter
     return out_dir
 
 
