@@ -31,26 +31,30 @@ from jaxmodels import sharding
 from jaxmodels.units import DTYPES, human_bytes, parse_size
 from jaxmodels.config import BaseConfig, ConfigError, config_from_hf, load_config
 
-# Named shapes that need no files: the published config.json fields that set shapes (rope details do not change
-# bytes), as config.json dicts. The one list of real-size models: benchmarks/ (bench_generate.MODELS) take theirs
-# from here.
+# The real-size models this project names (`jaxmodels plan --model NAME`, the benchmarks): the published
+# checkpoints' config.json fields, so that they need no files. The one list; PRESETS holds them as configs.
 PRESET_CONFIGS: dict[str, dict] = {
-    "deepseek-v3": dict(
+    "deepseek-v3": dict(  # 671B; the MTP layer is not part of the planned model
         model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
         moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
         num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
         topk_group=4, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
         v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
+        num_nextn_predict_layers=1,
         rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                           mscale=1.0, mscale_all_dim=1.0), rope_theta=10000, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1),
+        bos_token_id=0, eos_token_id=1,
+    ),
     "deepseek-v2": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
         moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
         n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
         q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
         topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
-        max_position_embeddings=163840),
+        max_position_embeddings=163840,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707), rope_theta=10000,
+    ),
     "deepseek-v2-lite": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
         moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
@@ -60,19 +64,20 @@ PRESET_CONFIGS: dict[str, dict] = {
         scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
         rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                           mscale=0.707, mscale_all_dim=0.707), rope_theta=10000, bos_token_id=100000,
-        eos_token_id=100001),
-    "stablelm-3b": dict(
+        eos_token_id=100001,
+    ),
+    "stablelm-3b": dict(  # stablelm-3b-4e1t
         model_type="stablelm", vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, rope_theta=10000,
         max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False, qk_layernorm=False,
-        use_parallel_residual=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+        use_parallel_residual=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    ),
     "stablelm-2-1.6b": dict(
         model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-        num_attention_heads=32, num_key_value_heads=32, use_qkv_bias=True, max_position_embeddings=4096),
+        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, use_qkv_bias=True,
+        max_position_embeddings=4096,
+    ),
 }
-# DeepSeek-V3 at full width with 3 layers (1 dense + 2 MoE): the benchmarks' one-GPU stand-in for V3.
-PRESET_CONFIGS["deepseek-v3-3l"] = dict(PRESET_CONFIGS["deepseek-v3"], num_hidden_layers=3, first_k_dense_replace=1)
-
 PRESETS: dict[str, BaseConfig] = {name: config_from_hf(raw) for name, raw in PRESET_CONFIGS.items()}
 
 
@@ -112,7 +117,7 @@ def make_plan(cfg: BaseConfig, mesh: dict[str, int], *, batch: int = 1, seq: int
     """Bytes per device of parameters, AdamW state, gradients and the static cache (shapes only).
     mtp_layers: DeepSeek-V3 multi-token-prediction layers loaded with the model (0: none). lora_rank: LoRA
     adapters on the trainer's default targets, the only trained parameters (gradients and AdamW state for them
-    alone). moment_dtype: AdamW's first moment (the second has the parameters' dtype)."""
+    alone). moment_dtype: AdamW's mu and nu (the trainer's --optimizer-dtype)."""
     from jaxmodels.cache import cache_shapes
     from jaxmodels.layers.linear import LoRAParam
     from jaxmodels.model import abstract_model
@@ -136,7 +141,7 @@ def make_plan(cfg: BaseConfig, mesh: dict[str, int], *, batch: int = 1, seq: int
         if isinstance(var, nnx.Param) and not isinstance(var, LoRAParam):
             num += math.prod(var.shape)
         if isinstance(var, trained):
-            optimizer += n_local * (jnp.dtype(moment_dtype).itemsize + itemsize)  # AdamW mu and nu
+            optimizer += n_local * 2 * jnp.dtype(moment_dtype).itemsize  # AdamW mu and nu
             gradients += n_local * itemsize
         if n_local > best:
             best, largest = n_local, (".".join(map(str, path)), tuple(var.shape), local)
@@ -282,8 +287,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (frozen bf16 base)")
     parser.add_argument("--remat", default="full", help="the training step's remat policy (jaxmodels train --remat)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--batch rows in all)")
-    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bf16"],
-                        help="full fine-tuning: float32 master weights + AdamW moments, or bf16 for both")
+    parser.add_argument("--param-dtype", default=None, choices=["float32", "bf16"],
+                        help="--train: the trained weights' dtype (default: float32 master weights; a LoRA base is "
+                             "bf16), as jaxmodels train --param-dtype")
+    parser.add_argument("--optimizer-dtype", default="float32", choices=["float32", "bf16"],
+                        help="--train: AdamW's moments, as jaxmodels train --optimizer-dtype")
     parser.add_argument("--prompt-len", type=int, default=None, help="--generate: prompt length (default --seq / 2)")
 
 
@@ -339,10 +347,8 @@ class Case:
 def _estimate(cfg, case: Case, args, topo) -> dict[str, int]:
     """The planner's analytic bytes per chip of this case (parameters, gradients, optimizer, activations)."""
     lora = args.lora_rank
-    bf16_state = args.state_dtype == "bf16"
-    pdtype = jnp.bfloat16 if (lora or bf16_state) else jnp.float32
-    plan = make_plan(cfg, case.mesh, batch=0, seq=0, dtype=pdtype, rules=parse_rules(args.rules), lora_rank=lora,
-                     moment_dtype=jnp.bfloat16 if bf16_state else jnp.float32)
+    plan = make_plan(cfg, case.mesh, batch=0, seq=0, dtype=_param_dtype(args), rules=parse_rules(args.rules),
+                     lora_rank=lora, moment_dtype=DTYPES[args.optimizer_dtype])
     if args.train:
         acts = train_activations(cfg, case.mesh, batch=args.batch, seq=args.seq, remat=case.remat,
                                  grad_accum=case.grad_accum, fused_attention=topo.platform in ("tpu", "gpu"),
@@ -359,16 +365,22 @@ def _programs(cfg, case: Case, args, mesh, scan: bool = True) -> dict[str, tuple
     from jaxmodels import pods
     rules = parse_rules(args.rules) or None
     if args.train:
-        bf16_state = args.state_dtype == "bf16"
         setup = pods.TrainSetup(batch=args.batch // case.grad_accum, seq=args.seq, grad_accum=case.grad_accum,
-                                remat=case.remat, lora_rank=args.lora_rank,
-                                param_dtype=jnp.bfloat16 if bf16_state else None,
-                                moment_dtype=jnp.bfloat16 if bf16_state else jnp.float32)
+                                remat=case.remat, lora_rank=args.lora_rank, param_dtype=_param_dtype(args),
+                                moment_dtype=DTYPES[args.optimizer_dtype])
         return {"train step": pods.train_program(cfg, mesh, setup, scan=scan, rules=rules)}
     prompt = args.prompt_len or args.seq // 2
     progs = pods.generate_programs(cfg, mesh, batch=args.batch, prompt=prompt, cache_len=args.seq, scan=scan,
                                    rules=rules)
     return {f"prefill {args.batch}x{prompt}": progs["prefill"], f"decode step ({args.seq} slots)": progs["decode"]}
+
+
+def _param_dtype(args):
+    """The trained model's weight dtype, as the trainer picks it: --param-dtype, else float32 (bf16 for the
+    frozen base of a LoRA run)."""
+    if args.param_dtype:
+        return DTYPES[args.param_dtype]
+    return jnp.bfloat16 if args.lora_rank else jnp.float32
 
 
 def _candidates(cfg, args, topo) -> list[Case]:
@@ -427,7 +439,8 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
              f"per chip"]
     what = (f"train step: {args.batch} rows x {args.seq} tokens ({args.grad_accum} micro-batch(es)), "
             + (f"LoRA rank {args.lora_rank} over a bf16 base" if args.lora_rank else
-               f"full fine-tuning, {args.state_dtype} weights + AdamW moments") if args.train else
+               f"full fine-tuning, {jnp.dtype(_param_dtype(args)).name} weights, {args.optimizer_dtype} AdamW "
+               "moments") if args.train else
             f"generation: batch {args.batch}, cache {args.seq} slots, prompt {args.prompt_len or args.seq // 2}")
     lines.append(f"program      {what}")
     print("\n".join(lines), flush=True)
@@ -503,7 +516,7 @@ def _advice(case: Case, args, hbm: int) -> str:
     if state > FIT_FRACTION * hbm:
         fixes = ["more chips (a larger --topology)"]
         if args.train and not args.lora_rank:
-            fixes += ["--lora-rank 16", "--state-dtype bf16" if args.state_dtype != "bf16" else None]
+            fixes += ["--lora-rank 16", "--optimizer-dtype bf16" if args.optimizer_dtype != "bf16" else None]
         return ("parameters, gradients and optimizer state alone need "
                 f"{_fmt_gib(state)} per chip: " + ", or ".join(f for f in fixes if f))
     fixes = []

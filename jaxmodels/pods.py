@@ -207,7 +207,7 @@ class TrainSetup:
     remat: str = "full"
     lora_rank: int | None = None
     param_dtype: Any = None  # None: float32 (full fine-tuning) / bf16 (the frozen LoRA base)
-    moment_dtype: Any = jnp.float32  # AdamW's mu and nu (bf16: half the optimizer state)
+    moment_dtype: Any = jnp.float32  # AdamW's mu and nu (bf16: half the optimizer state; --optimizer-dtype)
     compute_dtype: Any = jnp.bfloat16
 
 
@@ -227,13 +227,15 @@ def abstract_model(cfg: BaseConfig, dtype, lora_rank: int | None = None):
 
 
 def _optimizer(moment_dtype):
-    """The trainer's optimizer with `jaxmodels train`'s default settings (train.optim.optimizer)."""
+    """The trainer's optimizer with `jaxmodels train`'s default settings (train.optim.optimizer), its AdamW
+    moments stored in moment_dtype."""
     import types
 
     from jaxmodels.train.config import TrainConfig
     from jaxmodels.train.optim import optimizer
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    tx, _ = optimizer(types.SimpleNamespace(**defaults), 1000, moment_dtype=moment_dtype)
+    defaults["optimizer_dtype"] = "bf16" if jnp.dtype(moment_dtype) == jnp.bfloat16 else "float32"
+    tx, _ = optimizer(types.SimpleNamespace(**defaults), 1000)
     return tx
 
 
@@ -256,7 +258,7 @@ def train_program(cfg: BaseConfig, mesh, setup: TrainSetup, *, scan: bool = True
     has_bias = isinstance(cfg, DeepseekConfig) and cfg.num_moe_layers > 0 and cfg.topk_method == "noaux_tc"
     opts = steplib.StepOptions(task="causal_lm", bias_update_rate=1e-3 if has_bias else 0.0)
     shape = (setup.grad_accum, setup.batch, setup.seq)
-    batch = {k: _sds(shape, jnp.int32, steplib.batch_sharding(mesh, shape, micro=True))
+    batch = {k: _sds(shape, jnp.int32, sharding.batch_sharding(mesh, shape, rules, micro=True))
              for k in ("input_ids", "labels", "segment_ids", "positions")}
     step, _ = steplib.compile_steps(graphdef, tx, opts, state, frozen)
     return step, (state, frozen, batch)
@@ -265,10 +267,8 @@ def train_program(cfg: BaseConfig, mesh, setup: TrainSetup, *, scan: bool = True
 def generate_programs(cfg: BaseConfig, mesh, *, batch: int, prompt: int, cache_len: int, scan: bool = True,
                       dtype=jnp.bfloat16, rules=None):
     """{"prefill": (jitted, args), "decode": (jitted, args)}: generate's two programs for this mesh."""
-    import jaxmodels.generate  # noqa: F401
-    import sys
     from jaxmodels.cache import init_cache, set_position
-    G = sys.modules["jaxmodels.generate"]  # the module (jaxmodels.generate is the function)
+    from jaxmodels.generate import steps
 
     model = abstract_model(cfg, dtype)
     model.scan = scan
@@ -276,15 +276,15 @@ def generate_programs(cfg: BaseConfig, mesh, *, batch: int, prompt: int, cache_l
     graphdef, state = nnx.split(model)
     state = placed(state, mesh, rules)
     ids = _sds((batch, prompt), jnp.int32, sharding.batch_sharding(mesh, (batch, prompt), rules))
-    stacks = G._stack_sizes(model)
+    stacks = steps._stack_sizes(model)
     cache = jax.eval_shape(lambda: set_position(init_cache(cfg, stacks, batch, cache_len, dtype), cache_len // 2,
                                                 False))
     cache = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), cache, sharding.cache_shardings(cache, mesh, rules))
     rows = sharding.batch_sharding(mesh, (batch,), rules)
     ints = _sds((batch,), jnp.int32, rows)
     kv_valid = _sds((batch, cache_len), jnp.bool_, sharding.batch_sharding(mesh, (batch, cache_len), rules))
-    return {"prefill": (G._prefill_jit, (graphdef, state, ids, ids, cache_len)),
-            "decode": (G._decode_jit, (graphdef, state, cache, ints, ints, kv_valid))}
+    return {"prefill": (steps.prefill_program(), (graphdef, state, ids, ids, cache_len)),
+            "decode": (steps.decode_program(), (graphdef, state, cache, ints, ints, kv_valid))}
 
 
 # ----------------------------------------------------------------------------------------------- compiling

@@ -13,8 +13,8 @@ from the platform and the shapes (`choose_implementation`), or takes an explicit
   sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper. cuDNN sizes its work by
   the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
   a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device). Head dims up to
-  `PACKED_MAX_HEAD_DIM` only: with MLA's 192 the forward kernel died with an illegal instruction and the
-  backward returned NaN (H100, jax 0.11.2, 2026-11-23); "cudnn" (the default) runs MLA with segments.
+  `PACKED_MAX_HEAD_DIM` only: MLA's 192 crashed the kernel (benchmarks/RESULTS.md, "Figures moved out of
+  the code"); "cudnn" (the default) runs MLA with segments.
 * "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests). Needs `segment_ids`.
 
 The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmodels import sharding
 from jaxmodels.config import StableLmConfig
@@ -36,11 +37,10 @@ from jaxmodels.layers.rope import apply_rope
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
 
-# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN; uncapped (seq runs per row) its
-# workspace ran out of memory at 8x1024 on an H100.
+# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN: uncapped, its workspace runs out of
+# memory (benchmarks/RESULTS.md, "Figures moved out of the code").
 PACKED_MAX_SEGMENTS = 64
-# Largest q/k head dim "cudnn_packed" accepts: 64, 80 (StableLM), 96 and 128 ran forward and backward and matched
-# XLA on an H100 (jax 0.11.2); 192 (MLA) crashed.
+# Largest q/k head dim "cudnn_packed" accepts: the dims that matched XLA forward and backward (RESULTS.md, same).
 PACKED_MAX_HEAD_DIM = 128
 
 # Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
@@ -213,6 +213,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, seq] with as many queries as keys "
                          f"(q {q.shape}, k {k.shape}): they describe self-attention over one packed row")
     impl = choose_implementation(q, k, v, segment_ids, implementation)
+    # Names for remat policies (jaxmodels.model.REMAT_POLICIES): the kernel's inputs and its output.
+    q, k, v = (checkpoint_name(t, ATTENTION_INPUTS) for t in (q, k, v))
+    return checkpoint_name(_attend(q, k, v, mask, scale, segment_ids, impl), ATTENTION_OUTPUT)
+
+
+ATTENTION_INPUTS, ATTENTION_OUTPUT, ATTENTION_RESIDUALS = "attention_inputs", "attention_output", "attention_residuals"
+
+
+def _attend(q, k, v, mask, scale, segment_ids, impl):
+    s = q.shape[1]
     with jax.named_scope(f"attention_{impl}"):
         if impl == "xla":
             return _xla_attention(q, k, v, mask, scale)
@@ -278,15 +288,18 @@ def _one_document(segment_ids: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _cudnn_segment_attention(q, k, v, mask, segment_ids, scale):
     """"cudnn" with segment ids. A forward pass (prefill, evaluation) checks on the device whether every row is
-    one unpadded document and then runs plain causal attention without the bias (stablelm-3b prefill 1x2048
-    on an H200: 88.0k -> 98.1k tok/s); else the bias with the causal hint. Differentiated, it is the bias path
+    one unpadded document and then runs plain causal attention without the bias (faster: RESULTS.md, "Plain
+    causal cuDNN attention for one-document rows"); else the bias with the causal hint. Differentiated, it is the bias path
     alone (the custom VJP's forward): the choice under jax.grad would keep the residuals of both branches."""
     return jax.lax.cond(_one_document(segment_ids), lambda: _cudnn_attention(q, k, v, None, scale, causal=True),
                         lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
 
 
 def _cudnn_segment_attention_fwd(q, k, v, mask, segment_ids, scale):
-    return jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
+    # What the backward kernel reads (q, k, v, the output, softmax statistics, the bias), named so a remat
+    # policy can keep it and the backward pass does not run the forward kernel again.
+    return out, jax.tree.map(lambda r: checkpoint_name(r, ATTENTION_RESIDUALS), vjp)
 
 
 def _cudnn_segment_attention_bwd(scale, vjp, dout):
