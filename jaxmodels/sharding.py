@@ -52,6 +52,7 @@ RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "moe_mlp": "tensor",
     "experts": "expert",
+    "expert_embed": "fsdp",  # the routed experts' hidden dimension (their `experts` dimension takes `expert`)
     # MLA's up-projections have no `embed` dimension; FSDP splits them over their latent input instead.
     # q_b_proj's input is named apart (`q_lora_in`) from q_a_proj's output (`q_lora`): q_a_proj is
     # (q_lora, embed) and already uses fsdp for `embed`.

@@ -271,3 +271,30 @@ def test_permute_rows_value_and_gradient_equal_take():
     y = moe.permute_rows(moe.permute_rows(cot, perm, inverse), inverse, perm)
     np.testing.assert_array_equal(y, cot)  # unsorting undoes sorting
     assert "scatter" not in jax.jit(jax.grad(ours)).lower(x).as_text()
+
+
+def test_chunked_experts_equal_one_pass(monkeypatch):
+    """Above MAX_SLOTS_PER_CHUNK token-slots the experts run over chunks of tokens (checkpointed lax.map):
+    the same output and the same gradients (tokens, routing weights, every expert weight) as one pass."""
+    t, k, e, d, i = 48, 2, 4, 16, 8
+    ks = jax.random.split(jax.random.key(3), 6)
+    x = jax.random.normal(ks[0], (t, d))
+    ids = jax.random.randint(ks[1], (t, k), 0, e)
+    w = jax.nn.softmax(jax.random.normal(ks[2], (t, k)), -1)
+    gate, up = jax.random.normal(ks[3], (e, d, i)), jax.random.normal(ks[4], (e, d, i))
+    down = jax.random.normal(ks[5], (e, i, d))
+
+    def f(x, w, gate, up, down):
+        return jnp.sum(jnp.sin(moe.chunked_experts(x, ids, w, gate, up, down, "silu")))
+
+    grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
+    monkeypatch.setattr(moe, "MAX_SLOTS_PER_CHUNK", 10**9)
+    assert moe._num_chunks(t, k) == 1
+    v1, g1 = grad(x, w, gate, up, down)
+    monkeypatch.setattr(moe, "MAX_SLOTS_PER_CHUNK", 30)  # 96 slots -> 4 chunks of 12 tokens (48 % 4 == 0)
+    assert moe._num_chunks(t, k) == 4
+    v4, g4 = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(x, w, gate, up, down)
+    np.testing.assert_allclose(v4, v1, rtol=1e-5)
+    for a, b in zip(g4, g1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert moe._num_chunks(7, 10) == 7  # 70 slots: 3 chunks needed, 3 does not divide 7 tokens -> 7

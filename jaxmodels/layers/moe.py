@@ -292,6 +292,40 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None):
                                _mosaic_drhs if d_rhs else _xla_drhs)(lhs, rhs, group_sizes)
 
 
+# Token-slots (tokens x top-k) one grouped-matmul pass sorts and multiplies at most; larger calls (a training
+# step's MoE over the expert group's gathered tokens) run in equal chunks of tokens, one after another, each
+# recomputed in the backward pass: the dispatch buffers ([slots, hidden] sorted copies, [slots, inter]
+# activations) then exist for one chunk at a time. DeepSeek-V3 on a v5p-256 (4096 tokens per chip, experts over
+# 8 chips): 262144 slots, 3.5 GiB per [slots, hidden] bf16 buffer (jaxmodels plan --compile, benchmarks/RESULTS.md).
+MAX_SLOTS_PER_CHUNK = 65536
+
+
+def _num_chunks(tokens: int, k: int) -> int:
+    """Chunks of equal size (a divisor of tokens) with at most MAX_SLOTS_PER_CHUNK slots each (1: no chunking)."""
+    n = max(1, -(-tokens * k // MAX_SLOTS_PER_CHUNK))
+    while tokens % n:
+        n += 1
+    return n
+
+
+def chunked_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
+    """`local_experts` over chunks of tokens when the call has more than MAX_SLOTS_PER_CHUNK slots (the same
+    values: tokens are independent). Each chunk is a checkpointed step of a `lax.map`, so neither pass keeps
+    more than one chunk's dispatch buffers."""
+    t, k = ids.shape
+    n = _num_chunks(t, k)
+    if n == 1:
+        return local_experts(x, ids, weights, gate_w, up_w, down_w, act, first)
+
+    @jax.checkpoint
+    def one(chunk):
+        xc, ic, wc = chunk
+        return local_experts(xc, ic, wc, gate_w, up_w, down_w, act, first)
+
+    out = jax.lax.map(one, (x.reshape(n, t // n, -1), ids.reshape(n, t // n, k), weights.reshape(n, t // n, k)))
+    return out.reshape(t, -1)  # [t, hidden] float32
+
+
 def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
     """Dropless compute of the token-slots whose expert lies in [first, first + E_local), the experts whose
     weights are given; other slots contribute zero. x [tokens, hidden]; ids/weights [tokens, k]; gate/up
@@ -344,7 +378,7 @@ permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
     """Dropless expert compute on one device. gate/up [E, hidden, inter], down [E, inter, hidden]."""
-    return local_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
+    return chunked_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
 
 
 def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules):
@@ -384,7 +418,7 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
             ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
         first = jax.lax.axis_index(exp_axes) * gate_w.shape[0] if exp_axes else 0
-        out = local_experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
+        out = chunked_experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
@@ -402,9 +436,11 @@ class Experts(nnx.Module):
 
     def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = param(rngs, (e, d, i), dtype, ("experts", "embed", "moe_mlp"), std)
-        self.up_proj = param(rngs, (e, d, i), dtype, ("experts", "embed", "moe_mlp"), std)
-        self.down_proj = param(rngs, (e, i, d), dtype, ("experts", "moe_mlp", "embed"), std)
+        # The hidden dimension is `expert_embed`, not `embed`: a table may then split the other weights' `embed`
+        # over (fsdp, expert) while the experts, already split over `expert`, take fsdp alone (jaxmodels.pods).
+        self.gate_proj = param(rngs, (e, d, i), dtype, ("experts", "expert_embed", "moe_mlp"), std)
+        self.up_proj = param(rngs, (e, d, i), dtype, ("experts", "expert_embed", "moe_mlp"), std)
+        self.down_proj = param(rngs, (e, i, d), dtype, ("experts", "moe_mlp", "expert_embed"), std)
         # Optional LoRA (train/lora.py): one adapter per expert and projection, PEFT layout per expert:
         # `{name}_lora_a` [E, r, in], `{name}_lora_b` [E, out, r]; lora_scale = alpha / r.
         for name in self.PROJECTIONS:  # data attributes (nnx.data): they may hold LoRAParams later
