@@ -191,50 +191,55 @@ def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq:
     """Bytes per device the training step holds besides parameters, gradients and optimizer state (estimate).
 
     batch: rows per optimizer step (global), split into grad_accum micro-batches, each over the mesh's batch
-    axes. Parts: "residuals" (what the layer scan saves for the backward pass: each layer's input under remat
-    "full", the projections' outputs too under "save_matmuls"), "layer" (one layer's forward recompute and
-    backward: its weights gathered over fsdp, the MoE dispatch over the expert group's tokens, the attention
-    scores unless a fused kernel runs), "logits" (float32 logits and their gradient). Checked against compiled
-    programs by `jaxmodels plan --compile` (jaxmodels.pods).
+    axes. Parts, each read off the buffers of compiled steps (DeepSeek-V3 on v5p-256, `jaxmodels plan
+    --compile`; the constants are the number of live copies seen there):
+      residuals  what the layer scan saves for the backward pass: each layer's input (remat "full"), the
+                 projections' outputs too ("save_matmuls"), everything ("none");
+      layer      one layer's weights gathered over FSDP, in the forward and again in the backward (bf16);
+      dispatch   the MoE dispatch of one chunk of the expert group's token-slots (jaxmodels.layers.moe
+                 MAX_SLOTS_PER_CHUNK): sorted copies of the tokens and their expert activations;
+      embeddings the token embedding and output head gathered whole for the lookup / logits (bf16);
+      logits     float32 logits of a micro-batch and their gradient;
+      attention  the [queries, keys] scores when no fused kernel runs.
     """
+    from jaxmodels.layers.moe import MAX_SLOTS_PER_CHUNK
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
     ways = math.prod(mesh[a] for a in sharding.mesh_axes_of("batch", rules, mesh))
     rows = -(-(batch // max(grad_accum, 1)) // ways)
     tokens = rows * seq
     d, bf16, f32 = cfg.hidden_size, 2, 4
-    tensor = mesh["tensor"]
+    tensor, expert = mesh["tensor"], mesh["expert"]
     heads = cfg.num_attention_heads
     if hasattr(cfg, "kv_lora_rank"):
         qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-        q_lora = cfg.q_lora_rank or 0
-        attn_widths = q_lora + heads * qk + cfg.kv_lora_rank + cfg.qk_rope_head_dim + heads * (qk - cfg.qk_rope_head_dim + v) + d
+        attn_widths = ((cfg.q_lora_rank or 0) + heads * qk + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+                       + heads * (qk - cfg.qk_rope_head_dim + v) + d)
     else:
         qk = v = cfg.head_dim
         attn_widths = heads * qk + 2 * cfg.num_key_value_heads * qk + d
     moe = getattr(cfg, "is_moe", False) and getattr(cfg, "num_moe_layers", 0) > 0
-    inter = cfg.intermediate_size
-    layers = cfg.num_hidden_layers
-    mlp_widths = 2 * inter + d
+    mlp_widths = 2 * cfg.intermediate_size + d
     if moe:
         k, mi = cfg.num_experts_per_tok, cfg.moe_intermediate_size
-        moe_widths = k * (2 * mi + d) + (cfg.n_shared_experts or 0) * 2 * mi + d
-    per_layer_saved = d * bf16  # the layer's input
+        mlp_widths = k * (2 * mi + d) + (cfg.n_shared_experts or 0) * 2 * mi + d
+    per_layer = d * bf16  # the layer's input
     if remat != "full":
-        widths = attn_widths + (moe_widths if moe else mlp_widths)
-        per_layer_saved += widths * bf16 * (2 if remat == "none" else 1)
-    residuals = layers * tokens * per_layer_saved
-    # One layer at a time: its gathered weights (bf16, forward + gradient) and its working activations.
-    layer_params = _layer_params(cfg)
-    expert = mesh["expert"]
-    gathered = layer_params / (expert * tensor) * bf16 * 2
-    work = tokens * (attn_widths + mlp_widths) * bf16 * 3 / tensor
+        per_layer += (attn_widths + mlp_widths) * bf16 * (2 if remat == "none" else 1)
+    out = {"residuals": cfg.num_hidden_layers * tokens * per_layer}
     if moe:
-        slots = tokens * expert * cfg.num_experts_per_tok  # the expert group's token-slots meet every local expert
-        work = max(work, slots * (d * (bf16 + f32) + 3 * cfg.moe_intermediate_size / tensor * bf16) * 2)
+        local = cfg.n_routed_experts // expert if cfg.n_routed_experts % expert == 0 else cfg.n_routed_experts
+        out["layer"] = 2 * local * 3 * d * cfg.moe_intermediate_size / tensor * bf16
+        slots = min(tokens * expert * cfg.num_experts_per_tok, MAX_SLOTS_PER_CHUNK)
+        out["dispatch"] = 12 * slots * d * bf16
+    else:
+        out["layer"] = 2 * _layer_params(cfg) / tensor * bf16
+        out["dispatch"] = 0
+    tables = 1 if cfg.tie_word_embeddings else 2
+    out["embeddings"] = 2 * tables * cfg.vocab_size * d * bf16 // tensor
+    out["logits"] = 2 * tokens * cfg.vocab_size // tensor * f32
     if not fused_attention:
-        work += rows * heads / tensor * seq * seq * f32 * 3
-    logits = tokens * cfg.vocab_size / tensor * f32 * 3
-    return {"residuals": int(residuals), "layer": int(gathered + work), "logits": int(logits)}
+        out["attention"] = 3 * rows * heads // tensor * seq * seq * f32
+    return {k: int(x) for k, x in out.items()}
 
 
 def _layer_params(cfg: BaseConfig) -> float:
@@ -353,8 +358,11 @@ def _estimate(cfg, case: Case, args, topo) -> dict[str, int]:
         acts = train_activations(cfg, case.mesh, batch=args.batch, seq=args.seq, remat=case.remat,
                                  grad_accum=case.grad_accum, fused_attention=topo.platform in ("tpu", "gpu"),
                                  rules=parse_rules(args.rules))
-        # Gradient accumulation over micro-batches keeps one more gradient buffer (the running sum).
-        grads = plan.gradients * (2 if case.grad_accum > 1 else 1)
+        # The step differentiates the weights as the forward pass uses them (cast to bf16 once, before the layer
+        # scan: train.step.compute_params), so the gradients of float32 weights are bf16 until the optimizer's
+        # fused update reads them. Gradient accumulation keeps one more buffer (the running sum).
+        grads = plan.gradients // (2 if _param_dtype(args) == jnp.float32 else 1)
+        grads *= 2 if case.grad_accum > 1 else 1
         return dict(parameters=plan.params, gradients=grads, optimizer=plan.optimizer, **acts)
     cache_plan = make_plan(cfg, case.mesh, batch=args.batch, seq=args.seq, dtype=jnp.bfloat16,
                            rules=parse_rules(args.rules))
@@ -404,7 +412,7 @@ def _candidates(cfg, args, topo) -> list[Case]:
                 continue
             meshes.append({"data": 1, "fsdp": n // (e * t), "expert": e, "tensor": t})
     remats = [args.remat] + [r for r in ("full", "save_matmuls") if r != args.remat] if args.train else [args.remat]
-    accums = [a for a in (1, 2, 4) if args.batch % a == 0] if args.train else [1]
+    accums = [a for a in (args.grad_accum, 2 * args.grad_accum) if args.batch % a == 0] if args.train else [1]
     out = []
     for m in meshes:
         for r in remats:
@@ -466,25 +474,23 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
                 for name, c in case.compiled.items()), flush=True)
     fitting = [c for c in cases if c.compiled and all(not p.error and p.peak <= FIT_FRACTION * hbm
                                                       for p in c.compiled.values())]
-    for case in (fitting if args.search else cases[:1]):
-        if case.compiled and all(not p.error for p in case.compiled.values()):
-            mesh = pods.make_mesh(topo, case.mesh)
-            first = next(iter(_programs(cfg, case, args, mesh)))
-            try:
-                case.cost = pods.estimate_cost(lambda c, scan: list(_programs(c, case, args, mesh, scan).values())[0],
-                                               cfg)
-            except pods.TopologyError as e:
-                print(f"  no step-time estimate for {first}: {e}")
     best = None
     if args.search:
-        timed = [c for c in fitting if c.cost]
-        best = min(timed, key=lambda c: c.cost[0]) if timed else (
-            min(fitting, key=lambda c: max(p.peak for p in c.compiled.values())) if fitting else None)
-        if best is None:
+        if not fitting:
             print("\nno candidate fits: " + _advice(cases[0], args, hbm))
             return 1
-        print(f"\nbest of {len(cases)} candidates: {_case_name(best, args)}")
+        # Ranked by XLA's estimate of the compiled (scanned) programs: a loop body counts once there, the same
+        # for every candidate; the chosen one then gets the full-depth estimate below.
+        best = min(fitting, key=lambda c: sum(p.seconds for p in c.compiled.values()))
+        print(f"\nbest of {len(cases)} candidates (by XLA's estimate of the scanned programs): "
+              f"{_case_name(best, args)}")
     case = best or cases[0]
+    if args.train and case.compiled and all(not p.error for p in case.compiled.values()):
+        mesh = pods.make_mesh(topo, case.mesh)
+        try:
+            case.cost = pods.estimate_cost(lambda c, scan: list(_programs(c, case, args, mesh, scan).values())[0], cfg)
+        except pods.TopologyError as e:
+            print(f"  no step-time estimate: {e}")
     _print_case(case, args, topo, hbm, cfg)
     return 0 if _fits(case, hbm) else 1
 
@@ -578,10 +584,15 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
             else:
                 lines.append("  step time    no estimate (XLA's cost model has none for these kernels)")
     verdict = "fits" if _fits(case, hbm) else "does NOT fit"
+    refused = [c.error for c in (case.compiled or {}).values() if c.error]
     peak = max((c.peak for c in (case.compiled or {}).values() if not c.error), default=total_est)
-    lines.append(f"\nverdict      {verdict}: {_fmt_gib(peak)} of {_fmt_gib(hbm)} per chip "
-                 f"({100 * peak / hbm:.0f}%; the bar is {100 * FIT_FRACTION:.0f}%"
-                 + (", by the compiled program)" if case.compiled else ", by the planner's estimate; --compile checks it)"))
+    if refused:
+        lines.append(f"\nverdict      {verdict}: the compiler refused it ({refused[0]})")
+    else:
+        lines.append(f"\nverdict      {verdict}: {_fmt_gib(peak)} of {_fmt_gib(hbm)} per chip "
+                     f"({100 * peak / hbm:.0f}%; the bar is {100 * FIT_FRACTION:.0f}%"
+                     + (", by the compiled program)" if case.compiled else
+                        ", by the planner's estimate; --compile checks it)"))
     if not _fits(case, hbm):
         lines.append("             " + _advice(case, args, hbm))
     print("\n".join(lines))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
@@ -133,6 +134,9 @@ def parse_topology(name: str) -> Topology:
             if len(shape) != gen["dims"]:
                 raise TopologyError(f"--topology {name}: {m.group(1)} slices have {gen['dims']} dimensions")
         libtpu_name = f"{gen['libtpu']}:{'x'.join(map(str, shape))}"
+        # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for its TPU; compiling for one needs no TPU,
+        # so two planning processes (or a test run beside one) may load it at once.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             from jax.experimental import topologies
             topo = topologies.get_topology_desc(topology_name=libtpu_name, platform="tpu")
@@ -218,9 +222,8 @@ def abstract_model(cfg: BaseConfig, dtype, lora_rank: int | None = None):
     def build():
         model = model_class(cfg)(cfg, dtype=dtype, rngs=nnx.Rngs(0))
         if lora_rank:
-            from jaxmodels.train.loop import default_lora_targets
-            from jaxmodels.train.lora import add_lora
-            add_lora(model, rank=lora_rank, alpha=2 * lora_rank, targets=default_lora_targets(cfg))
+            from jaxmodels.train.lora import add_lora, default_targets
+            add_lora(model, rank=lora_rank, alpha=2 * lora_rank, targets=default_targets(cfg))
         return model
 
     return nnx.eval_shape(build)

@@ -38,11 +38,12 @@ def run_worker(*args, timeout=900):
 
 def test_default_rules_table():
     spec = sharding.logical_to_spec
-    assert spec(("layers", "experts", "embed", "moe_mlp")) == P(None, "expert", "fsdp", "tensor")
-    assert spec(("vocab", "embed")) == P("tensor", "fsdp")
-    assert spec(("heads", "embed")) == P("tensor", "fsdp")
-    assert spec(("embed", "kv_heads")) == P("fsdp", "tensor")
-    assert spec(("layers", "heads", "kv_lora")) == P(None, "tensor", "fsdp")
+    fsdp = ("fsdp", "expert")  # FSDP over every axis the batch splits over but data
+    assert spec(("layers", "experts", "expert_embed", "moe_mlp")) == P(None, "expert", "fsdp", "tensor")
+    assert spec(("vocab", "embed")) == P("tensor", fsdp)
+    assert spec(("heads", "embed")) == P("tensor", fsdp)
+    assert spec(("embed", "kv_heads")) == P(fsdp, "tensor")
+    assert spec(("layers", "heads", "kv_lora")) == P(None, "tensor", fsdp)
     assert spec(sharding.ACTIVATION_AXES) == P(("data", "fsdp", "expert"))
     assert spec(sharding.CACHE_AXES["latent"]) == P(None, ("data", "fsdp", "expert"))
     assert spec(sharding.CACHE_AXES["kv"]) == P(None, ("data", "fsdp", "expert"), None, None, "tensor")
@@ -59,8 +60,9 @@ def test_a_mesh_axis_used_twice_is_an_error():
 
 def test_rules_are_overridable_and_axes_that_do_not_divide_are_dropped():
     assert sharding.logical_to_spec(("heads", "embed"), rules={"embed": None}) == P("tensor")
-    assert sharding.logical_to_spec(("heads", "embed"), rules={"heads": ("tensor", "expert")}) == \
-        P(("tensor", "expert"), "fsdp")
+    assert sharding.logical_to_spec(("heads", "embed"), rules={"heads": ("tensor", "data")}) == \
+        P(("tensor", "data"), ("fsdp", "expert"))
+    assert sharding.logical_to_spec(("heads", "embed"), rules={"embed": "fsdp"}) == P("tensor", "fsdp")
     mesh = {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
     # A batch of 2 on data=2 x fsdp=4: only `data` divides it.
     assert sharding.logical_to_spec(("batch", None), mesh=mesh, shape=(2, 5)) == P("data")

@@ -297,7 +297,7 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None):
 # recomputed in the backward pass: the dispatch buffers ([slots, hidden] sorted copies, [slots, inter]
 # activations) then exist for one chunk at a time. DeepSeek-V3 on a v5p-256 (4096 tokens per chip, experts over
 # 8 chips): 262144 slots, 3.5 GiB per [slots, hidden] bf16 buffer (jaxmodels plan --compile, benchmarks/RESULTS.md).
-MAX_SLOTS_PER_CHUNK = 65536
+MAX_SLOTS_PER_CHUNK = 32768
 
 
 def _num_chunks(tokens: int, k: int) -> int:
