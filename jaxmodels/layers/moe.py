@@ -92,6 +92,11 @@ GATHER_FORM = "reduce"
 # 256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
 # case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
 # jax.lax.ragged_dot. `grouped_matmul(..., impl=)` overrides it per call.
+# On TPU every impl is jax.lax.ragged_dot: XLA's TPU backend compiles it to its own grouped-matmul kernel
+# ("ragged-dot" in the HLO), partitioned with the rest of the program, and its cost model prices it (V2-Lite's
+# gate projection, 8192 slots x 16 experts on one v5p chip: 0.12 ms for 47.2 GFLOP, 86% of the bf16 peak).
+# megablox `gmm` compiles for the same shapes but needs a shard_map and tile choices of its own, and XLA has no
+# cost model for a Pallas call, so a plan could not price the step: benchmarks/RESULTS.md, "Pods".
 GROUPED_MATMUL = "auto"
 _IMPLS = ("auto", "auto-xla-drhs", "xla")
 
@@ -378,7 +383,7 @@ permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
     """Dropless expert compute on one device. gate/up [E, hidden, inter], down [E, inter, hidden]."""
-    return chunked_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
+    return local_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
 
 
 def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules):
@@ -418,7 +423,10 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
             ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
         first = jax.lax.axis_index(exp_axes) * gate_w.shape[0] if exp_axes else 0
-        out = chunked_experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
+        # Chunked when the expert group's gathered slots are many (a pod's training step): a chunk's forward is
+        # computed once more in the backward pass, the price of holding one chunk's dispatch buffers at a time.
+        experts = chunked_experts if gather else local_experts
+        out = experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
