@@ -468,6 +468,11 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
             continue
         case.compiled = {name: pods.compile_program(jitted, a) for name, (jitted, a) in
                          _programs(cfg, case, args, mesh).items()}
+        if not args.search:  # the memory verdict now; the step-time estimate (more compiles) follows
+            print("  compiled: " + "; ".join(
+                f"{name} " + (c.error[:200] if c.error else
+                              f"{_fmt_gib(c.peak)} per chip ({100 * c.peak / hbm:.0f}% of HBM) in {c.compile_s:.0f} s")
+                for name, c in case.compiled.items()), flush=True)
         if args.search:
             print(f"  [{i + 1}/{len(cases)}] {_case_name(case, args)}: " + "; ".join(
                 f"{name} " + (c.error[:80] if c.error else f"{_fmt_gib(c.peak)} ({100 * c.peak / hbm:.0f}%)")

@@ -175,6 +175,12 @@ def make_mesh(topology: Topology, sizes: dict[str, int]):
         return sharding.make_mesh(**{a: sizes.get(a, 1) for a in sharding.MESH_AXES}, devices=topology.devices)
     except sharding.ShardingError as e:
         raise TopologyError(f"--mesh on {topology.chips} chips: {e}") from None
+    except NotImplementedError:
+        # jax maps mesh axes onto the slice's physical axes only when each is a product of them (8 on a 4x4x4 is
+        # not); then the devices in their order: the program is the same, its collectives' ICI routes may differ.
+        shape = tuple(sizes.get(a, 1) for a in sharding.MESH_AXES)
+        return jax.sharding.Mesh(np.asarray(topology.devices).reshape(shape), sharding.MESH_AXES,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def default_mesh(cfg: BaseConfig, chips: int) -> dict[str, int]:
