@@ -108,7 +108,7 @@ def test_generate_programs_compile_for_tpu():
     prefill = pods.compile_program(*progs["prefill"])
     decode = pods.compile_program(*progs["decode"])
     assert not prefill.error and not decode.error
-    assert "tpu:splash_mqa_fwd" in pods.kernels(prefill.hlo)
+    assert any(k.startswith("tpu:splash_mqa_fwd") for k in pods.kernels(prefill.hlo))
     assert not any("splash" in k for k in pods.kernels(decode.hlo))
     cache_bytes = 2 * 4 * 512 * (128 + 64) * 2 // 4  # 2 layers x [batch, slots, lora + rope] bf16 over 4 chips
     assert decode.aliased >= cache_bytes
