@@ -227,7 +227,8 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         self.mesh = getattr(model.model, "mesh", None) or getattr(model, "mesh", None)
         self._cache = None
-        self.stats = {"decode_steps": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefill_padding": 0}
+        self.stats = {"decode_steps": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefill_padding": 0,
+                      "most_prompts_in_a_row": 0}
 
     # ---- device state
     def _fresh_state(self):
@@ -239,12 +240,11 @@ class Engine:
                  for k, c in cache.items()}
         st = {"tokens": np.zeros(s, np.int32), "pos": np.zeros(s, np.int32), "step": np.zeros(s, np.int32),
               **{k: np.zeros(s, t) for k, t in PARAMS.items()}}
-        st = jax.tree.map(jnp.asarray, st)
         if self.mesh is not None:
             from jaxmodels import sharding
-            cache = sharding.shard_cache(cache, self.mesh)
-            st = {k: sharding.shard_batch(np.asarray(v), self.mesh) for k, v in st.items()}
-        return cache, st
+            return sharding.shard_cache(cache, self.mesh), {k: sharding.shard_batch(v, self.mesh) for k, v in st.items()}
+        # committed to the device, as the programs' outputs are: the first call then compiles what later calls run
+        return jax.device_put((cache, st), jax.devices()[0])
 
     def _prefill(self, cache, st, docs, *, fresh: bool, start: int = 0):
         """docs: [(slot, tokens, request)] packed into one row (fresh), or one chunk at `start` (not fresh)."""
@@ -275,6 +275,7 @@ class Engine:
             dest[off:] = slot_of[0]
             seg[0, off:] = 1
         self.stats["prefill_calls"] += 1
+        self.stats["most_prompts_in_a_row"] = max(self.stats["most_prompts_in_a_row"], len(docs))
         self.stats["prefill_tokens"] += total
         self.stats["prefill_padding"] += n - total
         return prefill_program()(self.graphdef, self.state, cache, st, ids, seg, pos, dest, last, slot_of, lengths,

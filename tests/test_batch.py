@@ -1,0 +1,104 @@
+"""Batch inference: the continuous-batching engine against `jaxmodels.generate` on each prompt alone, its compile
+count, and `jaxmodels batch` / `jaxmodels.batch_generate` (streamed JSONL in and out, restart, bad lines)."""
+
+import numpy as np
+import pytest
+
+import jaxmodels
+from jaxmodels.generate.engine import Engine, Request
+from tiny import count_compiles, make_checkpoint
+
+FAMILIES = ["deepseek_v2", "deepseek_v3", "stablelm"]
+BUCKETS = (8, 16)  # a 16-token row holds several short prompts; longer prompts are prefilled in 16-token chunks
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = {}
+    for fam in FAMILIES:
+        path, _ = make_checkpoint(tmp_path_factory.mktemp(fam), fam)
+        out[fam] = jaxmodels.from_pretrained(path, progress=False)
+    return out
+
+
+def workload(rng_seed, lengths, new_tokens, vocab=96, **kw):
+    rng = np.random.default_rng(rng_seed)
+    return [Request(i, rng.integers(3, vocab, n).tolist(), max_new_tokens=m, **kw)
+            for i, (n, m) in enumerate(zip(lengths, new_tokens))]
+
+
+def alone(model, req, eos):
+    """`jaxmodels.generate` on this prompt alone, cut at its first EOS (the EOS itself not kept)."""
+    out = jaxmodels.generate(model, np.asarray([req.tokens]), max_new_tokens=req.max_new_tokens,
+                             eos_token_id=eos, pad_token_id=0)[0, len(req.tokens):].tolist()
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[:i], "eos"
+    return out, "length"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_greedy_equals_generate_alone_and_compiles_once(tiny, family):
+    """3 slots, 8 requests of 2-30 tokens (packed rows, chunked prompts) finishing at different steps (token
+    limits and an EOS): every completion is generate's on that prompt alone. A second workload of other
+    lengths, counts and limits compiles nothing new."""
+    model = tiny[family]
+    first = workload(0, [3, 9, 17, 5, 30, 12, 7, 2], [5, 8, 3, 12, 6, 9, 4, 10])
+    # An EOS that some requests meet mid-way: the 3rd token of request 3's greedy continuation.
+    eos = [alone(model, first[3], [])[0][2]]
+    engine = Engine(model, slots=3, cache_len=64, buckets=BUCKETS, eos=eos)
+    with count_compiles() as compiles:
+        got = list(engine.run(first))
+    programs = {k: v for k, v in compiles.items() if "_prefill_impl" in k or "_decode_impl" in k}
+    # one prefill program per bucket + the chunk program, one decode program per read phase (greedy only here)
+    assert sum(programs.values()) <= len(BUCKETS) + 1 + len(engine.read_lens), compiles
+    assert sorted(r.id for r in got) == list(range(8))
+    assert engine.stats["most_prompts_in_a_row"] > 1  # several prompts share a prefill row
+    reasons = set()
+    for r in got:
+        want, reason = alone(model, first[r.id], eos)
+        assert (r.tokens, r.finish_reason) == (want, reason), (r.id, r.tokens, want)
+        assert r.prompt_tokens == len(first[r.id].tokens)
+        reasons.add(reason)
+    assert reasons == {"eos", "length"}
+    finish_order = [r.id for r in got]
+    assert finish_order != sorted(finish_order)  # results come as requests end, not in input order
+
+    second = workload(1, [14, 1, 25, 6, 6, 11, 3, 19, 4, 8, 2], [2, 7, 11, 1, 5, 3, 9, 6, 4, 2, 8])
+    with count_compiles() as compiles:
+        got = list(engine.run(iter(second)))
+    assert not compiles, f"a second workload compiled {dict(compiles)}"
+    for r in got:
+        assert (r.tokens, r.finish_reason) == alone(model, second[r.id], eos), r.id
+
+
+def test_engine_sampling_is_per_request(tiny):
+    """A sampled request's tokens depend on its seed and prompt only, not on its slot or its neighbours; top_k=1
+    sampling is greedy; per-request temperatures mix with greedy requests in one decode step."""
+    model = tiny["stablelm"]
+    reqs = workload(2, [5, 9, 4, 12], [8, 8, 8, 8], temperature=1.5, seed=7)
+    reqs[1].temperature = 0.0
+    reqs[2].top_k, reqs[2].temperature = 1, 3.0
+    reqs[3].seed = 8
+    engine = Engine(model, slots=4, cache_len=64, buckets=BUCKETS, eos=[])
+    together = {r.id: r.tokens for r in engine.run(reqs)}
+    lone = {r.id: r.tokens for r in Engine(model, slots=2, cache_len=64, buckets=BUCKETS, eos=[]).run([reqs[0]])}
+    assert together[0] == lone[0]
+    assert together[1] == alone(model, reqs[1], [])[0]  # greedy next to sampled rows
+    assert together[2] == alone(model, reqs[2], [])[0]  # top_k=1 is greedy
+    reqs[3].tokens = reqs[0].tokens  # same prompt, other seed: other draws
+    again = {r.id: r.tokens for r in engine.run([reqs[0], reqs[3]])}
+    assert again[0] == together[0] and again[3] != again[0]
+
+
+def test_engine_rejects_per_request(tiny):
+    """A prompt the cache cannot hold, an empty prompt or a bad sampling value ends that request with an error
+    record; the others run."""
+    model = tiny["stablelm"]
+    reqs = workload(3, [70, 4, 0, 5], [4, 4, 4, 4])
+    reqs[3].top_p = 0.0
+    got = {r.id: r for r in Engine(model, slots=2, cache_len=64, buckets=BUCKETS, eos=[]).run(reqs)}
+    assert got[0].finish_reason == "error" and "cache holds 64" in got[0].error
+    assert got[2].finish_reason == "error" and "empty" in got[2].error
+    assert got[3].finish_reason == "error" and "top_p" in got[3].error
+    assert got[1].tokens == alone(model, reqs[1], [])[0]
