@@ -1,6 +1,8 @@
 """Batch inference: the continuous-batching engine against `jaxmodels.generate` on each prompt alone, its compile
 count, and `jaxmodels batch` / `jaxmodels.batch_generate` (streamed JSONL in and out, restart, bad lines)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,104 @@ def test_engine_rejects_per_request(tiny):
     assert got[2].finish_reason == "error" and "empty" in got[2].error
     assert got[3].finish_reason == "error" and "top_p" in got[3].error
     assert got[1].tokens == alone(model, reqs[1], [])[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch_generate and `jaxmodels batch`
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny StableLM checkpoint with a WordLevel tokenizer and a chat template (max_position_embeddings 64)."""
+    from tiny import add_word_tokenizer
+
+    path, _ = make_checkpoint(tmp_path_factory.mktemp("batch"), "stablelm")
+    add_word_tokenizer(path)
+    return path
+
+
+def reference(model, tok, ids, n):
+    """generate's greedy completion text and token count for one prompt, with the EOS ids batch_generate uses."""
+    from jaxmodels.tokenizer import continuation
+
+    eos = set(model.config.eos_token_ids) | {tok.eos_token_id}
+    out = jaxmodels.generate(model, np.asarray([ids]), max_new_tokens=n, eos_token_id=sorted(eos),
+                             pad_token_id=0)[0, len(ids):].tolist()
+    new = []
+    for t in out:
+        if t in eos:
+            return continuation(tok, ids, new), len(new), "eos"
+        new.append(t)
+    return continuation(tok, ids, new), len(new), "length"
+
+
+def test_batch_generate_prompts_messages_stop(checkpoint):
+    from jaxmodels.tokenizer import Tokenizer
+
+    model = jaxmodels.from_pretrained(checkpoint, progress=False)
+    tok = Tokenizer.from_checkpoint(checkpoint)
+    prompts = ["the cat sat on", "hello world how are you today", "a red ball", "birds sang over green hills"]
+    reqs = [{"id": f"p{i}", "prompt": p, "max_new_tokens": 4 + 3 * i} for i, p in enumerate(prompts)]
+    msgs = [{"role": "user", "content": "hello world"}]
+    reqs.append({"id": 7, "messages": msgs, "max_new_tokens": 6})
+    full, _, _ = reference(model, tok, tok.encode(prompts[3]), 13)
+    word = full.split()[3]  # a stop string the 4th prompt's greedy continuation meets
+    reqs.append({"id": "stop", "prompt": prompts[3], "max_new_tokens": 13, "stop": [word, "zzz-never"]})
+    got = {r["id"]: r for r in jaxmodels.batch_generate(model, tok, iter(reqs), slots=2, buckets=(16, 32))}
+    assert set(got) == {"p0", "p1", "p2", "p3", 7, "stop"}
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p)
+        text, n, reason = reference(model, tok, ids, 4 + 3 * i)
+        assert got[f"p{i}"] == {"id": f"p{i}", "completion": text, "finish_reason": reason, "prompt_tokens": len(ids),
+                                "completion_tokens": n}
+    ids = tok.apply_chat_template(msgs)
+    assert got[7]["completion"] == reference(model, tok, ids, 6)[0] and got[7]["prompt_tokens"] == len(ids)
+    assert got["stop"]["finish_reason"] == "stop"
+    assert got["stop"]["completion"] == full[:full.index(word)]
+
+
+def batch_cli(*argv):
+    from jaxmodels.cli import main
+
+    return main(["batch", *argv])
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+def test_batch_cli_restart_bad_lines_and_errors(checkpoint, tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [json.dumps({"id": i, "prompt": "the cat sat on a mat " * (1 + i % 3), "max_new_tokens": 3 + i % 4})
+            for i in range(6)]
+    rows.insert(2, "{not json")
+    rows.insert(4, json.dumps({"prompt": "no id"}))
+    rows.append(json.dumps({"id": "long", "prompt": "the cat " * 40}))  # 80 words: more than the 64-entry cache
+    rows.append(json.dumps({"id": "bad-field", "prompt": "the cat", "top_p": 2}))
+    inp.write_text("\n".join(rows) + "\n")
+    args = ["--model", checkpoint, "--input", str(inp), "--output", str(out), "--slots", "3", "--no-progress"]
+    assert batch_cli(*args, "--on-bad-line", "fail") == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:3: not JSON" in err
+    assert batch_cli(*args) == 0
+    err = capsys.readouterr().err
+    assert f"{inp}:3: not JSON" in err and f'{inp}:5: not a JSON object with an "id"' in err
+    assert f"{inp}:10:" in err and "top_p" in err  # a bad field, with its line number
+    got = lines(out)
+    by_id = {r["id"]: r for r in got}
+    assert set(by_id) == {0, 1, 2, 3, 4, 5, "long", "bad-field"}
+    assert "cache holds 64" in by_id["long"]["error"]
+    assert all(set(r) == {"id", "completion", "finish_reason", "prompt_tokens", "completion_tokens"}
+               for r in got if "error" not in r)
+    # A restart after a kill mid-write: the torn last line is dropped, finished ids are skipped, the rest run.
+    keep = [r for r in got if r["id"] in (0, 3)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in keep) + '{"id": 5, "compl')
+    assert batch_cli(*args) == 0
+    assert "skipped 2 requests" in capsys.readouterr().err
+    again = lines(out)
+    assert sorted(map(str, (r["id"] for r in again))) == sorted(map(str, by_id))
+    assert {r["id"]: r for r in again} == by_id
+    # Everything done: a third run appends nothing.
+    assert batch_cli(*args) == 0
+    assert lines(out) == again
