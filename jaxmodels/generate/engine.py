@@ -210,13 +210,14 @@ class Engine:
         if cfg is None or not hasattr(model, "logits"):
             raise GenerationError(f"the batch engine needs a jaxmodels CausalLM, got {type(model).__name__}")
         limit = cfg.max_position_embeddings
-        grows = cfg.rope.rope_type == "dynamic"
         if cache_len is None:
             cache_len = limit
-        if cache_len > limit and not grows:
-            raise GenerationError(f"cache_len={cache_len} exceeds the model's max_position_embeddings={limit} "
-                                  f"(rope type {cfg.rope.rope_type!r} defines no positions past it); use at most "
-                                  f"{limit}")
+        if cache_len > limit:
+            # `dynamic` RoPE defines positions past the limit, but grows its base with the longest sequence of the
+            # forward pass, which in the engine would tie a request's numbers to the other slots' lengths.
+            raise GenerationError(f"cache_len={cache_len} exceeds the model's max_position_embeddings={limit}; use "
+                                  f"at most {limit} (past it, rope type {cfg.rope.rope_type!r} runs with "
+                                  "jaxmodels.generate only)")
         if slots < 1:
             raise GenerationError(f"slots must be >= 1, got {slots}")
         self.model, self.slots, self.cache_len = model, int(slots), int(cache_len)
