@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from jaxmodels.cache import init_cache, set_position
+from jaxmodels.cache import init_cache
 from jaxmodels.config import BaseConfig
-from jaxmodels.model import causal_mask
+from jaxmodels.inputs import decode_inputs, prefill_inputs, prompt_positions
+from jaxmodels.options import GENERATE_COMPILER_OPTIONS as COMPILER_OPTIONS  # noqa: F401  (the default's name)
 
 # Incremented each time the generation program is traced (i.e. compiled): tests use it to prove that a
 # second call in the same shape buckets does not recompile.
@@ -84,12 +85,6 @@ def select_tokens(logits: jax.Array, key, *, do_sample: bool, temperature, top_k
 # Prefill and one decode step (pure functions of the model state)
 # ----------------------------------------------------------------------------------------------------
 
-def prompt_positions(mask: jax.Array) -> jax.Array:
-    """transformers' position_ids for a (left-)padded prompt: cumsum(mask) - 1, padding set to 1."""
-    pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
-    return jnp.where(mask != 0, pos, 1)
-
-
 def _stack_sizes(model) -> dict[str, int]:
     return {name: stack.num_layers for name, stack in model.model.stacks().items()}
 
@@ -98,63 +93,45 @@ def _last_logits(model, h):
     return model.logits(h[:, -1:, :])[:, 0].astype(jnp.float32)  # [b, vocab]
 
 
-def prompt_segments(mask: jax.Array) -> jax.Array:
-    """[b, p] int32 segment ids of left-padded prompts (0 = padding, 1 = the prompt): a prompt is one document,
-    and for left padding `segment_mask` of these equals `causal_mask(mask)` on every row (a padding query sees
-    no earlier real key in either). Passed with the dense mask, they tell the fused attention kernels the mask
-    is causal, so they skip the blocks above the diagonal instead of computing them under a bias (cuDNN), or
-    run at all (splash on TPU takes no dense mask)."""
-    return (mask != 0).astype(jnp.int32)
-
-
 def _prefill(model, ids, mask, cache_len: int):
-    """ids, mask [b, p] (left-padded) -> (last logits [b, vocab], cache, kv_valid [b, T], next positions [b])."""
+    """ids, mask [b, p] (left-padded) -> (last logits [b, vocab], cache, kv_valid [b, T], next positions [b]).
+    The cache's next write slot is p."""
     b, p = ids.shape
     dtype = model.model.embed_tokens.weight.dtype
     cache = init_cache(model.config, _stack_sizes(model), b, cache_len, dtype)
-    cache = set_position(cache, 0, fresh=True)
-    positions = prompt_positions(mask)
-    attn = causal_mask(mask, b, p)  # [b, p, p]
-    h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False,
-                           segment_ids=prompt_segments(mask))
+    h, cache = model.model(ids, prefill_inputs(mask, model.options), cache)
     kv_valid = jnp.concatenate([mask != 0, jnp.ones((b, cache_len - p), bool)], axis=1)  # [b, T]
     next_pos = jnp.sum(mask != 0, axis=-1).astype(jnp.int32)  # position of the first new token
-    return _last_logits(model, h), set_position(cache, p, fresh=False), kv_valid, next_pos
+    return _last_logits(model, h), cache, kv_valid, next_pos
 
 
-def _decode(model, cache, tokens, positions, kv_valid, read_len: int | None = None):
-    """One token per row: tokens, positions [b] -> (logits [b, vocab], cache with index advanced).
+def _decode(model, cache, tokens, positions, kv_valid, index, read_len: int | None = None):
+    """One token per row: tokens, positions [b], written to cache slot index -> (logits [b, vocab], cache).
     read_len (static): attend to the first read_len cache slots only (they must hold every filled one)."""
-    index = next(iter(cache.values())).index
-    t = kv_valid.shape[1] if read_len is None else read_len
-    attn = (kv_valid[:, :t] & (jnp.arange(t) <= index)[None])[:, None, :]  # [b, 1, t]
-    h, cache = model.model(tokens[:, None], attn, positions[:, None], set_position(cache, index, False, read_len),
-                           scan=model.scan, absorb=True)
-    return _last_logits(model, h), set_position(cache, index + 1, fresh=False)
+    inputs = decode_inputs(positions[:, None], kv_valid, index, model.options, read_len)
+    h, cache = model.model(tokens[:, None], inputs, cache)
+    return _last_logits(model, h), cache
 
 
 def _pair_forward(model, cache, two, pos2, kv_valid, j, read_len: int):
     """The main model over two tokens per row, two [b, 2] at positions pos2 [b, 2], written to cache slots j and
     j + 1 (j: scalar or [b]), attending to the first read_len slots up to its own. The step both a speculative
-    verify and a paired decode run. Returns (h [b, 2, hidden], logits [b, 2, vocab] float32, mask, cache)."""
-    jj = jnp.reshape(j, (-1, 1, 1))  # [b or 1, 1, 1]
-    slots = jnp.arange(read_len)[None, None, :]
-    attn = kv_valid[:, None, :read_len] & (slots <= jj + jnp.arange(2)[None, :, None])  # [b, 2, read_len]
-    h, cache = model.model(two, attn, pos2, set_position(cache, j, False, read_len), scan=model.scan, absorb=True)
-    return h, model.logits(h).astype(jnp.float32), attn, cache
+    verify and a paired decode run. Returns (h [b, 2, hidden], logits [b, 2, vocab] float32, inputs, cache)."""
+    inputs = decode_inputs(pos2, kv_valid, j, model.options, read_len)
+    h, cache = model.model(two, inputs, cache)
+    return h, model.logits(h).astype(jnp.float32), inputs, cache
 
 
-def _decode_paired(model, cache, tokens, positions, kv_valid, read_len: int):
+def _decode_paired(model, cache, tokens, positions, kv_valid, index, read_len: int):
     """`_decode` computed as the first of two copies of each token (slot index + 1 gets a throwaway entry that
     the next step overwrites). Greedy decoding of a model with MTP layers runs this: it has exactly the shapes
     of a speculative verify step, so both run the same GPU kernels with the same rounding and
     speculative=True gives bit for bit the tokens of speculative=False (a 1-token step runs matrix-vector
     kernels whose bf16 rounding differs from the verify's 2-row ones and flips near-tied argmaxes)."""
-    index = next(iter(cache.values())).index
     pos2 = positions[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
     _, logits, _, cache = _pair_forward(model, cache, jnp.stack([tokens, tokens], axis=1), pos2, kv_valid, index,
                                         read_len)
-    return logits[:, 0], set_position(cache, index + 1, fresh=False)
+    return logits[:, 0], cache
 
 
 # Decode reads the cache in phases of growing length: a step whose filled slots fit in the first L reads only
@@ -174,17 +151,8 @@ def read_lengths(first_index: int, cache_len: int) -> list[int]:
     return [n for n in lengths if n > first_index]
 
 
-# XLA:GPU compiler options for the generation programs (other backends ignore them). Inside the layer scan
-# each layer's weights are a dynamic-slice of the stacked [layers, ...] parameters. Measured on an H100
-# (stablelm-3b decode, benchmarks/RESULTS.md 2026-11-23 18:30 UTC):
-# - Triton GEMM fusions cannot read a dynamic-slice operand, so XLA copied every MLP weight out of the stack
-#   before its matmul (3 x 35 MB per layer per step); cuBLAS with dynamic-slice fusion reads it in place.
-# - The dot-merger pass fuses q/k/v (and gate/up) into one matmul by concatenating their weights: a copy of
-#   those weights every step, since they change with the layer.
-# Without both, a decode step reads each weight once: b1 5.58 -> 3.16 ms, b32 9.00 -> 5.24 ms (prefill 1x2048
-# 64.5k -> 79.1k tok/s); MLA/MoE decode unchanged. (The training step measured the same with and without them.)
-COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False,
-                    "xla_disable_hlo_passes": "dot-merger"}
+# The generation programs compile with the model's Options.compiler_options (default
+# jaxmodels.options.GENERATE_COMPILER_OPTIONS, which explains them); one jitted function per set of options.
 
 
 def _prefill_impl(graphdef, state, ids, mask, cache_len):
@@ -192,9 +160,9 @@ def _prefill_impl(graphdef, state, ids, mask, cache_len):
     return _prefill(nnx.merge(graphdef, state), ids, mask, cache_len)
 
 
-def _decode_impl(graphdef, state, cache, tokens, positions, kv_valid):
+def _decode_impl(graphdef, state, cache, tokens, positions, kv_valid, index):
     TRACE_COUNT["decode_step"] += 1
-    return _decode(nnx.merge(graphdef, state), cache, tokens, positions, kv_valid)
+    return _decode(nnx.merge(graphdef, state), cache, tokens, positions, kv_valid, index)
 
 
 def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None):
@@ -202,7 +170,7 @@ def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None)
 
     input_ids, attention_mask [b, p] (left padding only). cache_len: slots to allocate (default p).
     Returns (logits [b, vocab] float32 at the last position, cache {stack: cache}, kv_valid [b, cache_len]
-    bool, positions [b] of the next token).
+    bool, positions [b] of the next token). The next token goes to cache slot p (`decode_step`'s index).
     """
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -210,17 +178,19 @@ def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None)
     if cache_len < ids.shape[1]:
         raise GenerationError(f"cache_len={cache_len} is shorter than the prompt ({ids.shape[1]} tokens)")
     graphdef, state = nnx.split(model)
-    return _prefill_jit(graphdef, state, ids, mask, cache_len)
+    return _jitted("prefill", model.options)(graphdef, state, ids, mask, cache_len)
 
 
-def decode_step(model, cache, tokens, positions, kv_valid):
-    """Feeds one token per row. tokens, positions [b] int; kv_valid [b, T] from `prefill`.
+def decode_step(model, cache, tokens, positions, kv_valid, index):
+    """Feeds one token per row. tokens, positions [b] int; kv_valid [b, T] from `prefill`; index: the cache
+    slot the tokens are written to (after a prompt of p slots: p, then p + 1, ...).
 
     The cache is donated (updated in place): use only the returned one. Returns (logits [b, vocab], cache).
     """
     graphdef, state = nnx.split(model)
-    return _decode_jit(graphdef, state, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
-                       kv_valid)
+    return _jitted("decode_step", model.options)(graphdef, state, cache, jnp.asarray(tokens, jnp.int32),
+                                                 jnp.asarray(positions, jnp.int32), kv_valid,
+                                                 jnp.asarray(index, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,7 +267,7 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
         return tokens, unfinished
 
     with jax.named_scope("prefill"):
-        logits, cache, kv_valid, pos = _prefill(model, ids, mask, cache_len)
+        logits, cache, kv_valid, pos = _prefill(model, ids, mask, cache_len)  # the next token goes to slot p
     tok, unfinished = finish(0, pick(logits, jax.random.fold_in(key, 0)), jnp.ones((b,), bool))
     out = jnp.full((b, capacity), pad, jnp.int32).at[:, 0].set(tok)
 
@@ -307,11 +277,12 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
 
     def body(carry, read_len):
         step, out, tok, pos, cache, unfinished = carry
+        index = p + step - 1  # step s writes slot p + s - 1
         with jax.named_scope("decode"):
             if paired:
-                logits, cache = _decode_paired(model, cache, tok, pos, kv_valid, read_len)
+                logits, cache = _decode_paired(model, cache, tok, pos, kv_valid, index, read_len)
             else:
-                logits, cache = _decode(model, cache, tok, pos, kv_valid, read_len)
+                logits, cache = _decode(model, cache, tok, pos, kv_valid, index, read_len)
         tok, unfinished = finish(step, pick(logits, jax.random.fold_in(key, step)), unfinished)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
         return step + 1, out, tok, pos + 1, cache, unfinished
@@ -356,19 +327,6 @@ def _stack_sizes_mtp(model) -> dict[str, int]:
     return {"mtp_layers": model.model.mtp_layers.num_layers}
 
 
-def _mtp_forward(model, h, tokens, positions, attn, mtp_cache, absorb: bool, segment_ids=None):
-    """MTP depth 0 over h [b, s, hidden] (main normed output) and tokens [b, s] (the token after each).
-    segment_ids: see `prompt_segments` (prompt forward only)."""
-    from jaxmodels.layers.mtp import mtp_step
-    from jaxmodels.layers.rope import rope_tables
-
-    cfg = model.config
-    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
-    c = mtp_cache["mtp_layers"].at_layer(0)
-    hm, c, _ = mtp_step(model, 0, h, tokens, cos, sin, attn, c, absorb=absorb, segment_ids=segment_ids)
-    return hm, {"mtp_layers": c}
-
-
 def _probs(logits, do_sample, temperature, top_k, top_p):
     """Filtered sampling distribution [b, vocab] float32 (one-hot argmax when greedy)."""
     logits = logits.astype(jnp.float32)
@@ -391,16 +349,14 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
     rows = jnp.arange(b)
 
     with jax.named_scope("prefill"):
-        cache = set_position(init_cache(model.config, _stack_sizes(model), b, cache_len, dtype), 0, fresh=True)
-        mtp_cache = set_position(init_cache(model.config, _stack_sizes_mtp(model), b, cache_len, dtype), 0,
-                                 fresh=True)
-        positions = prompt_positions(mask)
-        attn, seg = causal_mask(mask, b, p), prompt_segments(mask)  # [b, p, p], [b, p]
-        h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False, segment_ids=seg)
+        cache = init_cache(model.config, _stack_sizes(model), b, cache_len, dtype)
+        mtp_cache = init_cache(model.config, _stack_sizes_mtp(model), b, cache_len, dtype)
+        inputs = prefill_inputs(mask, model.options)
+        h, cache = model.model(ids, inputs, cache)
         tok = pick(_last_logits(model, h), jax.random.fold_in(key, 0))
         # MTP over the prompt: index i combines h_i with token i+1 (the last one: the token just chosen).
         shifted = jnp.concatenate([ids[:, 1:], tok[:, None]], axis=1)
-        hm, mtp_cache = _mtp_forward(model, h, shifted, positions, attn, mtp_cache, absorb=False, segment_ids=seg)
+        hm, mtp_cache, _ = model.model.mtp(h, shifted, inputs, mtp_cache)
         dl = model.logits(hm[:, -1:])[:, 0].astype(jnp.float32)  # [b, vocab]
         q = probs(dl) if do_sample else jnp.zeros((b, 1), jnp.float32)
         draft = pick(dl, jax.random.fold_in(key, 1 << 20))
@@ -423,8 +379,8 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
         k_accept, k_resid, k_next, k_draft = jax.random.split(step_key, 4)
         two = jnp.stack([c["tok"], c["draft"]], axis=1)  # [b, 2]
         pos2 = c["pos"][:, None] + jnp.arange(2, dtype=jnp.int32)[None]  # [b, 2]
-        with jax.named_scope("verify"):  # attn [b, 2, cache_len]
-            h, logits, attn, cache = _pair_forward(model, c["cache"], two, pos2, kv_valid, j, cache_len)
+        with jax.named_scope("verify"):
+            h, logits, inputs, cache = _pair_forward(model, c["cache"], two, pos2, kv_valid, j, cache_len)
         d = c["draft"]
         if do_sample:
             p0 = probs(logits[:, 0])
@@ -452,40 +408,40 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
             io_callback(_stream_spec_to_host, None, n, jnp.stack([e0, e1], 1), jnp.stack([w0, w1], 1), ordered=True)
         advance = jnp.where(active, 1 + accept.astype(jnp.int32), 0)  # finished rows stay where they are
         with jax.named_scope("draft"):
-            hm, mtp_cache = _mtp_forward(model, h, jnp.stack([e0, e1], axis=1), pos2, attn,
-                                         set_position(c["mtp_cache"], j, False, cache_len), absorb=True)
+            hm, mtp_cache, _ = model.model.mtp(h, jnp.stack([e0, e1], axis=1), inputs, c["mtp_cache"])
             hd = jnp.where(accept[:, None], hm[:, 1], hm[:, 0])  # the MTP state at the last accepted position
             dl = model.logits(hd[:, None])[:, 0].astype(jnp.float32)
             q = probs(dl) if do_sample else c["q"]
             draft = pick(dl, k_draft)
         return dict(step=c["step"] + 1, j=j + advance, out=out, n_out=n_new, tok=jnp.where(accept, e1, e0),
-                    draft=draft, q=q, pos=c["pos"] + advance, cache=set_position(cache, j + advance, False),
-                    mtp_cache=set_position(mtp_cache, j + advance, False), unfinished=unfinished,
+                    draft=draft, q=q, pos=c["pos"] + advance, cache=cache, mtp_cache=mtp_cache, unfinished=unfinished,
                     verified=c["verified"] + active.sum(dtype=jnp.int32),
                     accepted=c["accepted"] + (active & accept).sum(dtype=jnp.int32))
 
     j = jnp.full((b,), p, jnp.int32)
     carry = dict(step=jnp.asarray(1, jnp.int32), j=j, out=out, n_out=n_out, tok=tok, draft=draft, q=q, pos=pos,
-                 cache=set_position(cache, j, fresh=False), mtp_cache=set_position(mtp_cache, j, fresh=False),
-                 unfinished=unfinished, verified=zero, accepted=zero)
+                 cache=cache, mtp_cache=mtp_cache, unfinished=unfinished, verified=zero, accepted=zero)
     # A step writes slots j, j + 1 (at most p + max_new - 1, see generate) and reads the whole cache.
     c = jax.lax.while_loop(lambda c: cond(c) & (jnp.max(c["j"]) + 2 <= cache_len), body, carry)
     return c["out"], jnp.max(c["n_out"]), jnp.stack([c["verified"], c["accepted"], c["step"] - 1])
 
 
-def set_compiler_options(options: dict | None) -> None:
-    """(Re)builds the jitted programs with these XLA compiler options (default COMPILER_OPTIONS)."""
-    global _prefill_jit, _decode_jit, _generate_jit, _speculative_jit
-    opts = dict(COMPILER_OPTIONS if options is None else options)
-    _prefill_jit = jax.jit(_prefill_impl, static_argnums=(0, 4), compiler_options=opts)
-    _decode_jit = jax.jit(_decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=opts)
-    _generate_jit = jax.jit(_generate_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"),
-                            compiler_options=opts)
-    _speculative_jit = jax.jit(_speculative_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k",
-                                                                   "stream"), compiler_options=opts)
+_IMPLS = {"prefill": (_prefill_impl, dict(static_argnums=(0, 4))),
+          "decode_step": (_decode_impl, dict(static_argnums=(0,), donate_argnums=(2,))),
+          "generate": (_generate_impl, dict(static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))),
+          "speculative": (_speculative_impl, dict(static_argnames=("graphdef", "cache_len", "do_sample", "top_k",
+                                                                   "stream")))}
 
 
-set_compiler_options(None)
+@functools.cache
+def _jit_with(kind: str, compiler_options: tuple) -> Callable:
+    fn, kw = _IMPLS[kind]
+    return jax.jit(fn, compiler_options=dict(compiler_options), **kw)
+
+
+def _jitted(kind: str, options) -> Callable:
+    """The jitted generation program `kind` compiled with the options' XLA compiler options."""
+    return _jit_with(kind, tuple(sorted(options.generate_compiler_options.items())))
 
 
 def _eos_list(eos_token_id, cfg: BaseConfig) -> tuple[int, ...]:
@@ -596,7 +552,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         if speculative:
             streamer = assembler = _ColumnAssembler(streamer, b, int(pad_token_id))
         _STREAMERS.append(streamer)
-    fn = _speculative_jit if speculative else _generate_jit
+    fn = _jitted("speculative" if speculative else "generate", model.options)
     try:
         res = fn(state, ids_b, mask_b, np.int32(max_new_tokens), np.float32(temperature), np.float32(top_p),
                  np.int32(seed), eos_arr, np.int32(pad_token_id), graphdef=graphdef, cache_len=int(cache_len),

@@ -130,16 +130,10 @@ def forward(family: str, ckpt: str, out: str) -> None:
         results["meshes"][label] = r
     if getattr(base.config, "is_moe", False):
         # The decode-sized path of the expert-parallel MoE (gather the chosen local experts), forced for all.
-        import jaxmodels.layers.moe as moe
-
         mesh = sharding.make_mesh(expert=4, tensor=2)
-        model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh)
-        saved, moe.GATHER_MAX_SLOTS = moe.GATHER_MAX_SLOTS, 1 << 30
-        try:
-            f, state = forward_fn(model)
-            logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
-        finally:
-            moe.GATHER_MAX_SLOTS = saved
+        model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh, options={"gather_max_slots": 1 << 30})
+        f, state = forward_fn(model)
+        logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
         results["gather_path_rel_err"] = float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max())
     # The rules table is the user's: batch not split over `expert` -> the MoE takes its psum-only path.
     if not getattr(base.config, "is_moe", False):

@@ -88,7 +88,7 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
     plain = jaxmodels.from_pretrained(path, progress=False)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     mesh = sharding.make_mesh()
     model = jaxmodels.from_pretrained(path, progress=False, mesh=mesh)
-    assert model.model.mesh is mesh
+    assert model.options.mesh is mesh
     out = model(sharding.shard_batch(ids, mesh), attention_mask=sharding.shard_batch(mask, mesh))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
     # shard_model / init_model put an existing or a fresh model on the mesh by the same table.

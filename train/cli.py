@@ -21,7 +21,7 @@ from jaxmodels.units import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from jaxmodels.model import REMAT_POLICIES
+    from jaxmodels.options import REMAT_POLICIES
     from jaxmodels.train.config import SCHEDULES
 
     p.add_argument("--model", required=True, help="checkpoint directory (or hub id, when online)")
@@ -87,7 +87,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
 
 def run(args) -> int:
     from jaxmodels.config import ConfigError
-    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.sharding import ShardingError
     from jaxmodels.tokenizer import TokenizerError
     from jaxmodels.train.config import TrainError

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from jaxmodels.model import REMAT_POLICIES
+from jaxmodels.options import REMAT_POLICIES
 from jaxmodels.units import DTYPES
 
 SCHEDULES = ("cosine", "linear", "constant")

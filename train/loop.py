@@ -95,7 +95,7 @@ class Trainer:
         elif model is None:
             model = from_pretrained(self.model_path, param_dtype, mesh=self.mesh, progress=cfg.progress)
         else:
-            sharding.shard_model(model, self.mesh)
+            model = sharding.shard_model(model, self.mesh)
         mcfg = model.config
         if cfg.seq_len > mcfg.max_position_embeddings:
             raise TrainError(f"--seq-len {cfg.seq_len} is above the model's max_position_embeddings "
@@ -104,14 +104,13 @@ class Trainer:
         if cfg.mtp_loss_weight and not num_mtp_layers(model):
             raise TrainError(f"--mtp-loss-weight {cfg.mtp_loss_weight}: {self.model_path} has no multi-token-"
                              "prediction layer (num_nextn_predict_layers with MTP weights); drop the flag")
-        model.compute_dtype = DTYPES[cfg.dtype.lower()]
-        model.remat = cfg.remat
+        model = model.with_options(compute_dtype=DTYPES[cfg.dtype.lower()], remat=cfg.remat)
         self.task = "causal_lm" if model.head in ("causal_lm", "base") else model.head
         if cfg.lora:
             targets = cfg.lora_targets or default_lora_targets(mcfg)
             add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank, targets=targets,
                      seed=cfg.seed)
-            sharding.shard_model(model, self.mesh)
+            model = sharding.shard_model(model, self.mesh)
         self.lora = lora_config(model) if cfg.lora else None
 
         # ---- data ----
@@ -292,13 +291,12 @@ def init_from_config(path: str, dtype, mesh, *, seed: int = 0, mtp: bool = False
     mtp: build the config's multi-token-prediction layers too (num_nextn_predict_layers; only when their loss
     trains them, so an export never ships an untrained MTP layer)."""
     from jaxmodels.config import load_config
-    from jaxmodels.convert.keymap import mtp_layers
     from jaxmodels.model import init_model
 
     mcfg = load_config(path)
     if any(n.endswith(".safetensors") for n in os.listdir(path)):
         log.warning("--init-from-config: ignoring the weights in %s (training from a fresh initialisation)", path)
-    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=len(mtp_layers(mcfg)) if mtp else 0)
+    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=(getattr(mcfg, "num_nextn_predict_layers", 0) or 0) if mtp else 0)
 
 
 def default_lora_targets(cfg) -> tuple[str, ...]:

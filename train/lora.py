@@ -33,7 +33,6 @@ from safetensors.numpy import save_file
 
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
-from jaxmodels.convert.keymap import stack_offset
 from jaxmodels.layers.linear import Linear, LoRAParam
 from jaxmodels.layers.moe import Experts
 
@@ -212,7 +211,7 @@ def _peft_entries(model):
     cfg = model.config
     for path, node in _lora_modules(model):
         stack, rest = path[1], ".".join(path[3:])
-        offset = stack_offset(cfg, stack)
+        offset = getattr(model.model, stack).offset  # checkpoint index of the stack's first layer
         if isinstance(node, Linear):
             for i in range(node.lora_a.shape[0]):
                 prefix = f"{_PEFT_PREFIX}model.layers.{offset + i}.{rest}"
