@@ -32,7 +32,7 @@ from jax.experimental import io_callback
 
 from jaxmodels.cache import init_cache
 from jaxmodels.config import BaseConfig
-from jaxmodels.inputs import decode_inputs, prefill_inputs, prompt_positions
+from jaxmodels.inputs import decode_inputs, prefill_inputs, prompt_positions  # noqa: F401  (prompt_positions: API)
 from jaxmodels.options import GENERATE_COMPILER_OPTIONS as COMPILER_OPTIONS  # noqa: F401  (the default's name)
 
 # Incremented each time the generation program is traced (i.e. compiled): tests use it to prove that a

@@ -227,7 +227,6 @@ def test_layers_take_inputs_and_the_models_attention_option(family):
     refuses a row of 10 tokens, "xla" equals the default)."""
     import tiny
     from jaxmodels.config import config_from_hf
-    from jaxmodels.inputs import forward_inputs
     from jaxmodels.model import CausalLM
     from jaxmodels.options import Options
 

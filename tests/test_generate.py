@@ -220,9 +220,9 @@ def test_decode_loop_does_not_copy_the_cache(tiny):
     from flax import nnx
     graphdef, state = nnx.split(model)
     ids = np.ones((2, 16), np.int32)
-    hlo = G._jitted("generate", model.options).lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
-                                np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef, cache_len=64,
-                                do_sample=False, top_k=0, stream=False).compile().as_text()
+    hlo = G._jitted("generate", model.options).lower(
+        state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0), np.asarray([-1], np.int32),
+        np.int32(0), graphdef=graphdef, cache_len=64, do_sample=False, top_k=0, stream=False).compile().as_text()
     cfg = model.config
     assert cfg.num_moe_layers > 1
     shapes = [f"[{cfg.num_moe_layers},2,64,{d}]" for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim)]

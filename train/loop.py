@@ -296,7 +296,8 @@ def init_from_config(path: str, dtype, mesh, *, seed: int = 0, mtp: bool = False
     mcfg = load_config(path)
     if any(n.endswith(".safetensors") for n in os.listdir(path)):
         log.warning("--init-from-config: ignoring the weights in %s (training from a fresh initialisation)", path)
-    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=(getattr(mcfg, "num_nextn_predict_layers", 0) or 0) if mtp else 0)
+    depths = getattr(mcfg, "num_nextn_predict_layers", 0) or 0
+    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=depths if mtp else 0)
 
 
 def default_lora_targets(cfg) -> tuple[str, ...]:

@@ -208,7 +208,6 @@ def _peft_entries(model):
     """Yields (peft key, LoRAParam, index) for every adapter slice: index (layer,) of a Linear adapter,
     (layer, expert) of a routed-expert adapter, whose keys are the hub's per-expert module names
     (`mlp.experts.{e}.gate_proj`), the layout peft converts onto transformers 5's fused experts."""
-    cfg = model.config
     for path, node in _lora_modules(model):
         stack, rest = path[1], ".".join(path[3:])
         offset = getattr(model.model, stack).offset  # checkpoint index of the stack's first layer
