@@ -503,7 +503,7 @@ def main():
     ap.add_argument("--xla-options", help="JSON dict of XLA compiler options for our programs instead of "
                     "jaxmodels.generate.COMPILER_OPTIONS, e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
     ap.add_argument("--no-scan", action="store_true",
-                    help="ours: layers unrolled in the program (model.scan = False) instead of a scan over the stack")
+                    help="ours: layers unrolled in the program (Options(scan=False)) instead of a scan over the stack")
     ap.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                     help="ours: the prefill attention implementation (jaxmodels.layers.attention), for A/B runs")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")
