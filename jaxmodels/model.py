@@ -25,7 +25,7 @@ from jaxmodels.layers.deepseek_layer import DeepseekLayer, MTPLayer
 from jaxmodels.layers.linear import Embed, Linear
 from jaxmodels.layers.norms import LayerNorm, RMSNorm
 from jaxmodels.layers.stablelm_layer import StableLmLayer
-from jaxmodels.layers.stack import LayerStack
+from jaxmodels.layers.stack import REMAT_POLICIES, LayerStack  # noqa: F401  (REMAT_POLICIES: its old home)
 from jaxmodels.options import Options, as_options
 
 

@@ -14,21 +14,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
 GROUPED_MATMUL_IMPLS = ("auto", "auto-xla-drhs", "xla")
 GATHER_FORMS = ("reduce", "einsum")
 
-# Rematerialisation of the layer scan body (`remat`): what the backward pass keeps from the forward.
-REMAT_POLICIES = {
-    "none": None,  # keep every intermediate (fastest, most memory)
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
-    # keep the projections' outputs (matmuls without batch dims); recompute attention, norms, activations
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_all_dots": jax.checkpoint_policies.checkpoint_dots,  # also attention scores: more memory
-}
+# Rematerialisation policies of the layer scan body (`remat`), by name: jaxmodels.layers.stack.REMAT_POLICIES
+# says what each keeps.
+REMAT_NAMES = ("none", "full", "save_matmuls", "save_all_dots", "lean")
 
 # XLA:GPU compiler options for the generation programs (other backends ignore them). Inside the layer scan
 # each layer's weights are a dynamic-slice of the stacked [layers, ...] parameters. Measured on an H100
@@ -68,7 +62,7 @@ class Options:
     gather_form: decode-sized MoE calls' expert gather, "reduce" (fused, in place) or "einsum" (a copy).
     gather_max_slots: token-slots up to which the MoE gathers the chosen experts instead of running the
         grouped matmul (None: fewer slots than experts).
-    remat: a key of REMAT_POLICIES, the layer scan's rematerialisation (training).
+    remat: one of REMAT_NAMES, the layer scan's rematerialisation (training; jaxmodels.layers.stack).
     compute_dtype: the activations' dtype ("bfloat16", "float32", ... or a jnp dtype; weights are cast where
         used); None: the parameters' dtype.
     scan: run each layer stack as one loop (True) or unrolled in the program (False).
@@ -92,7 +86,7 @@ class Options:
         for name, value, choices in (("attention", self.attention, ATTENTION_IMPLS),
                                      ("grouped_matmul", self.grouped_matmul, GROUPED_MATMUL_IMPLS),
                                      ("gather_form", self.gather_form, GATHER_FORMS),
-                                     ("remat", self.remat, tuple(REMAT_POLICIES))):
+                                     ("remat", self.remat, REMAT_NAMES)):
             if value not in choices:
                 raise OptionsError(f"Options.{name}={value!r} is not one of {choices}")
         if self.compute_dtype is not None:
@@ -134,4 +128,4 @@ def as_options(options: Options | Mapping | None = None, **changes) -> Options:
 
 
 __all__ = ["Options", "OptionsError", "as_options", "ATTENTION_IMPLS", "GROUPED_MATMUL_IMPLS", "GATHER_FORMS",
-           "REMAT_POLICIES", "GENERATE_COMPILER_OPTIONS"]
+           "REMAT_NAMES", "GENERATE_COMPILER_OPTIONS"]

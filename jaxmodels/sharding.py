@@ -283,16 +283,24 @@ def constrain(x: jax.Array, axes, options) -> jax.Array:
 # Batches and caches
 # ----------------------------------------------------------------------------------------------------
 
-def batch_sharding(mesh: Mesh, shape, rules=None) -> NamedSharding:
-    """[batch, ...] split over the table's batch axes (those that divide the batch), the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (len(shape) - 1), rules, mesh, shape))
+def batch_sharding(mesh: Mesh, shape, rules=None, *, micro: bool = False) -> NamedSharding:
+    """[batch, ...] split over the table's batch axes (those that divide the batch), the rest replicated;
+    micro=True: [micro-batches, batch, ...] (a training step's gradient-accumulation stack)."""
+    axes = ((None, "batch") if micro else ("batch",))
+    axes += (None,) * (len(shape) - len(axes))
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 
 
-def shard_batch(x, mesh: Mesh, rules=None) -> jax.Array:
-    """A host array [batch, ...] (the same full batch on every process) as a global array on the mesh.
-    Each process transfers only the rows its devices hold, so this works unchanged on multi-host runs."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.shape, rules), lambda idx: x[idx])
+def shard_batch(x, mesh: Mesh, rules=None, *, micro: bool = False):
+    """A host array [batch, ...] (or a pytree of them, e.g. a training batch dict), the same full batch on
+    every process, as global arrays on the mesh (see batch_sharding). Each process transfers only the rows
+    its devices hold, so this works unchanged on multi-host runs."""
+    def one(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, batch_sharding(mesh, a.shape, rules, micro=micro),
+                                            lambda idx: a[idx])
+
+    return jax.tree.map(one, x)
 
 
 def cache_shardings(cache, mesh: Mesh, rules=None):
@@ -312,11 +320,6 @@ def constrain_cache(cache, options):
     if mesh is None or cache is None:
         return cache
     return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, options.rules))
-
-
-def shard_cache(cache, mesh: Mesh, rules=None):
-    """Moves a static cache onto the mesh (batch over the batch axes, heads over tensor)."""
-    return jax.device_put(cache, cache_shardings(cache, mesh, rules))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,5 +349,5 @@ def describe(mesh) -> str:
 __all__ = ["MESH_AXES", "RULES", "CACHE_AXES", "ShardingError", "make_mesh", "parse_mesh", "make_rules",
            "logical_to_spec", "param_sharding", "param_spec", "state_shardings", "shard_state", "shard_model",
            "constrain", "batch_sharding", "shard_batch",
-           "cache_shardings", "shard_cache", "constrain_cache", "shard_shape", "bytes_per_device", "trim_spec",
+           "cache_shardings", "constrain_cache", "shard_shape", "bytes_per_device", "trim_spec",
            "mesh_axes_of", "mesh_axes_of_spec", "freeze_rules", "maybe_initialize_distributed"]

@@ -161,7 +161,8 @@ def memory(out: str) -> None:
     import tempfile
     import tracemalloc
 
-    from jaxmodels.convert import hf
+    from jaxmodels.convert import loader
+    from jaxmodels.convert.reader import Checkpoint
     from jaxmodels.config import DeepseekV2Config
 
     cfg = DeepseekV2Config(
@@ -174,14 +175,14 @@ def memory(out: str) -> None:
     jaxmodels.save_pretrained(model, tmp, progress=False)
     del model
     gc.collect()
-    ckpt = hf.Checkpoint(tmp)
+    ckpt = Checkpoint(tmp)
     sizes = [math.prod(ckpt.shape(k)) * 4 for k in ckpt.keys()]
     mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
     # A window far below the checkpoint (the defaults are sized for real models), pieces smaller still, so
     # several are in flight at once and the bound is what the window promises.
-    hf.LOAD_WINDOW_BYTES, hf.PIECE_BYTES = 4 << 20, 1 << 20
+    loader.LOAD_WINDOW_BYTES, loader.PIECE_BYTES = 4 << 20, 1 << 20
     results = {"checkpoint_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "num_tensors": len(sizes),
-               "host_block_bytes": hf.LOAD_WINDOW_BYTES}
+               "host_block_bytes": loader.LOAD_WINDOW_BYTES}
     for label, kw in (("mesh", dict(mesh=mesh)),):
         gc.collect()
         tracemalloc.start()

@@ -300,11 +300,9 @@ def test_speculative_identical_when_one_row_steps_round_differently(monkeypatch)
     matrix kernels, which flips near-tied argmaxes. Simulated here: every Linear layer adds a small offset when it
     sees a single token per row. Greedy decoding of a model with MTP layers runs the verify's 2-token shapes
     (_decode_paired), so speculative output still equals plain output exactly; the 1-token path would not."""
-    import sys
-
+    from jaxmodels.generate import steps as G
     from jaxmodels.layers.linear import Linear
 
-    G = sys.modules["jaxmodels.generate"]
     call = Linear.__call__
 
     def one_row_rounds_differently(self, x):

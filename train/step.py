@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,15 @@ from jaxmodels.train.loss import (IGNORE, balance_loss, classification_loss, mtp
 from jaxmodels.train.optim import update_routing_bias
 
 BIAS_NAME = "e_score_correction_bias"
+
+# XLA options of the compiled train step: none by default. IN_PLACE_OPTIONS are the candidate that removes most
+# of the step's copies (benchmarks/RESULTS.md, `count_kernels.py --train`): cuBLAS GEMMs instead of Triton's, which
+# dynamic-slice fusion lets read each layer's weights and residuals out of the stacked buffers, and write the
+# per-layer residuals and gradients into them, in place. Not the default until it is timed on a GPU
+# (`bench_train.py --xla-options in_place`).
+COMPILER_OPTIONS: dict = {}
+IN_PLACE_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False}
+XLA_OPTION_SETS = {"default": COMPILER_OPTIONS, "in_place": IN_PLACE_OPTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,22 +217,6 @@ def eval_step(graphdef, opts: StepOptions, state: dict, frozen, batch: dict):
 # Placement
 # ----------------------------------------------------------------------------------------------------
 
-def batch_sharding(mesh, shape, micro: bool) -> NamedSharding:
-    """[micro-batches, rows, ...] (micro) or [rows, ...]: rows over the table's batch axes."""
-    mesh_rules = sharding.make_rules(None)
-    axes = ((None, "batch") if micro else ("batch",)) + (None,) * (len(shape) - (2 if micro else 1))
-    return NamedSharding(mesh, sharding.logical_to_spec(axes, mesh_rules, mesh, shape))
-
-
-def put_batch(batch: dict[str, np.ndarray], mesh, micro: bool) -> dict[str, jax.Array]:
-    """Host arrays (the same on every process) -> global arrays on the mesh; each process sends its rows."""
-    out = {}
-    for k, x in batch.items():
-        x = np.asarray(x)
-        out[k] = jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.shape, micro), lambda i, x=x: x[i])
-    return out
-
-
 def check_batch_fits_mesh(rows: int, mesh) -> None:
     """The rows of a micro-batch must split evenly over the mesh's batch axes."""
     from jaxmodels.train.config import TrainError
@@ -247,14 +239,12 @@ def init_state(params, buffers, tx, mesh=None) -> dict:
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding if x.committed else replicated), state)
 
 
-def state_shardings(state) -> Any:
-    return jax.tree.map(lambda x: x.sharding, state)
-
-
-def compile_steps(graphdef, tx, opts: StepOptions, state, frozen):
-    """Jitted train and eval steps whose outputs stay where the state lives (the state is donated)."""
-    shardings = state_shardings(state)
+def compile_steps(graphdef, tx, opts: StepOptions, state, frozen, compiler_options: dict | None = None):
+    """Jitted train and eval steps whose outputs stay where the state lives (the state is donated).
+    compiler_options: XLA options of the train step (default COMPILER_OPTIONS)."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)  # where each leaf lives now
+    options = dict(COMPILER_OPTIONS if compiler_options is None else compiler_options)
     step = jax.jit(functools.partial(train_step, graphdef, tx, opts), donate_argnums=(0,),
-                   out_shardings=(shardings, None))
+                   out_shardings=(shardings, None), compiler_options=options)
     evaluate = jax.jit(functools.partial(eval_step, graphdef, opts))
     return step, evaluate

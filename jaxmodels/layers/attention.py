@@ -16,8 +16,8 @@ place that decides):
   sequence (q/kv offsets + lengths), no bias at all. Hopper. cuDNN sizes its work by
   the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
   a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device). Head dims up to
-  `PACKED_MAX_HEAD_DIM` only: with MLA's 192 the forward kernel died with an illegal instruction and the
-  backward returned NaN (H100, jax 0.11.2, 2026-11-23); "cudnn" (the default) runs MLA with segments.
+  `PACKED_MAX_HEAD_DIM` only: MLA's 192 crashed the kernel (benchmarks/RESULTS.md, "Figures moved out of
+  the code"); "cudnn" (the default) runs MLA with segments.
 * "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests), given the `SegmentIds`.
 
 The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmodels.config import StableLmConfig
 from jaxmodels.layers.linear import Linear
@@ -37,11 +38,10 @@ from jaxmodels.layers.norms import PerHeadLayerNorm
 from jaxmodels.layers.rope import apply_rope
 from jaxmodels.options import ATTENTION_IMPLS
 
-# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN; uncapped (seq runs per row) its
-# workspace ran out of memory at 8x1024 on an H100.
+# Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN: uncapped, its workspace runs out of
+# memory (benchmarks/RESULTS.md, "Figures moved out of the code").
 PACKED_MAX_SEGMENTS = 64
-# Largest q/k head dim "cudnn_packed" accepts: 64, 80 (StableLM), 96 and 128 ran forward and backward and matched
-# XLA on an H100 (jax 0.11.2); 192 (MLA) crashed.
+# Largest q/k head dim "cudnn_packed" accepts: the dims that matched XLA forward and backward (RESULTS.md, same).
 PACKED_MAX_HEAD_DIM = 128
 
 # Below this many queries a fused kernel buys nothing (decode steps, tiny prompts); XLA's einsums win.
@@ -214,6 +214,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, inputs, *, s
     if impl != "xla" and s != t:
         raise ValueError(f"attention implementation {impl!r} runs self-attention over one row; got {s} queries "
                          f"and {t} keys")
+    # Names for remat policies (jaxmodels.layers.stack.REMAT_POLICIES): the kernel's inputs and its output.
+    q, k, v = (checkpoint_name(x, ATTENTION_INPUTS) for x in (q, k, v))
+    return checkpoint_name(_attend(q, k, v, inputs, scale, impl), ATTENTION_OUTPUT)
+
+
+ATTENTION_INPUTS, ATTENTION_OUTPUT, ATTENTION_RESIDUALS = "attention_inputs", "attention_output", "attention_residuals"
+
+
+def _attend(q, k, v, inputs, scale, impl):
+    s, t = q.shape[1], k.shape[1]
     segment_ids = inputs.segment_ids
     with jax.named_scope(f"attention_{impl}"):
         if impl == "xla":
@@ -278,10 +288,10 @@ def _one_document(segment_ids: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _cudnn_segment_attention(q, k, v, segment_ids, scale):
     """"cudnn" with segment ids. A forward pass (prefill, evaluation) checks on the device whether every row is
-    one unpadded document and then runs plain causal attention without the bias (stablelm-3b prefill 1x2048
-    on an H200: 88.0k -> 98.1k tok/s); else the segment mask as a bias with the causal hint. Differentiated,
-    it is the bias path alone (the custom VJP's forward): the choice under jax.grad would keep the residuals
-    of both branches."""
+    one unpadded document and then runs plain causal attention without the bias (faster: RESULTS.md, "Plain
+    causal cuDNN attention for one-document rows"); else the segment mask as a bias with the causal hint.
+    Differentiated, it is the bias path alone (the custom VJP's forward): the choice under jax.grad would keep
+    the residuals of both branches."""
     return jax.lax.cond(_one_document(segment_ids), lambda: _cudnn_attention(q, k, v, None, scale, causal=True),
                         lambda: _cudnn_attention(q, k, v, segment_mask(segment_ids), scale, causal=True))
 
@@ -289,7 +299,9 @@ def _cudnn_segment_attention(q, k, v, segment_ids, scale):
 def _cudnn_segment_attention_fwd(q, k, v, segment_ids, scale):
     mask = segment_mask(segment_ids)
     out, vjp = jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
-    return out, vjp
+    # What the backward kernel reads (q, k, v, the output, softmax statistics, the bias), named so a remat
+    # policy can keep it and the backward pass does not run the forward kernel again.
+    return out, jax.tree.map(lambda r: checkpoint_name(r, ATTENTION_RESIDUALS), vjp)
 
 
 def _cudnn_segment_attention_bwd(scale, vjp, dout):

@@ -131,16 +131,15 @@ def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str, form: str 
 _BLOCK_K = 64
 _FWD_TILES = dict(block_m=128, block_k=_BLOCK_K, max_concurrent_steps=4)
 # The forward kernel walks its (row tile, column tile) grid in bands of `grid_block_n` column tiles, so a row
-# tile of lhs is reused from L2 across the band. H200 (jax 0.11.2, bench_grouped_matmul.py --sweep, 2048 tokens
-# at DeepSeek-V3's 256 experts, top-8): a band of 8 took gate/up 3.99 -> 3.37 ms, down 4.83 -> 4.69 ms. The
-# first of these bands that divides the column tiles is used (jax's own autotuner requires that); else 1.
+# tile of lhs is reused from L2 across the band (bands of 8 are faster: RESULTS.md, "Grouped matmul: bands of
+# 8 column tiles"). The first of these bands that divides the column tiles is used (jax's own autotuner requires
+# that); else 1.
 _GRID_BANDS = (8,)
 
 
 def _forward_tiles(n: int) -> dict:
-    """The forward kernel's tile arguments for an output width n (a multiple of 128). (Pipelining 5 loads
-    instead of 4 took V3's gate/up kernel 3.58 -> 3.22 ms alone on an H200 but the V3-3l prefill 1x2048 from
-    63.3k to 61.9k tok/s; 6 loads: 56.0k. A band of 16: 61.1k. So 4 loads and bands of 8.)"""
+    """The forward kernel's tile arguments for an output width n (a multiple of 128). 4 pipelined loads and
+    bands of 8 gave the fastest whole prefill (RESULTS.md, "Figures moved out of the code")."""
     band = next((w for w in _GRID_BANDS if (n // 128) % w == 0), 1)
     return dict(_FWD_TILES, block_n=128, grid_block_n=band)
 
@@ -188,7 +187,7 @@ def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None) -> tuple[bool, bool, bool]:
     if device.platform != "gpu" or getattr(device, "compute_capability", "") != "9.0":
         return no
     k, n = rhs.shape[1], rhs.shape[2]
-    # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (H100, bench_grouped_matmul.py).
+    # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (bench_grouped_matmul.py).
     fwd = k % _BLOCK_K == 0 and n % 128 == 0
     if not fwd:
         return no
@@ -328,8 +327,8 @@ def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0, opti
 @jax.custom_vjp
 def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
     """x[perm] for a permutation perm of x's rows (inverse: its inverse), whose gradient is again a gather,
-    dy[inverse], instead of the scatter-add jax would differentiate a general gather into (scatters with
-    colliding-index semantics were ~5 ms per MoE layer of a V2-Lite training step on an H100)."""
+    dy[inverse], instead of the scatter-add jax would differentiate a general gather into (a scatter with
+    colliding-index semantics is slow on GPUs: RESULTS.md, "Figures moved out of the code")."""
     return jnp.take(x, perm, axis=0)
 
 

@@ -8,7 +8,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.options import REMAT_POLICIES
+from jaxmodels.layers.attention import ATTENTION_OUTPUT, ATTENTION_RESIDUALS
+from jaxmodels.options import REMAT_NAMES
+
+# Rematerialisation of the layer scan body (Options.remat): what the backward pass keeps from the forward.
+REMAT_POLICIES = {
+    "none": None,  # keep every intermediate (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the layer
+    # keep the projections' outputs (matmuls without batch dims); recompute attention, norms, activations
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_all_dots": jax.checkpoint_policies.checkpoint_dots,  # also attention scores: more memory
+    # keep what attention's backward kernel reads (q, k, v, output, softmax statistics) and its output; recompute
+    # the norms, o_proj and the MLP. Between "full" and "save_matmuls" in memory, and unlike both it never runs
+    # the attention forward kernel again (benchmarks/RESULTS.md: stablelm-3b 8x1024 compiled for an H100).
+    "lean": jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS, ATTENTION_OUTPUT),
+}
+assert tuple(REMAT_POLICIES) == REMAT_NAMES
 
 
 class LayerStack(nnx.Module):
