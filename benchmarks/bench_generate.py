@@ -218,11 +218,9 @@ def worker_ours(name: str, args) -> dict:
 
     import jaxmodels.layers.moe as moe
     from jaxmodels.config import config_from_hf
-    import jaxmodels.generate  # noqa: F401
-    from jaxmodels.generate import bucket
-    G = sys.modules["jaxmodels.generate"]  # the module (jaxmodels.generate is the function)
+    from jaxmodels.generate import bucket, set_compiler_options, steps
     if args.xla_options:  # replaces generate's COMPILER_OPTIONS (e.g. '{}' for XLA's defaults)
-        G.set_compiler_options(json.loads(args.xla_options))
+        set_compiler_options(json.loads(args.xla_options))
 
     cfg = config_from_hf(MODELS[name])
     t0 = time.perf_counter()
@@ -244,19 +242,19 @@ def worker_ours(name: str, args) -> dict:
         ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
         mask = np.ones_like(ids)
         t = time.perf_counter()
-        jax.block_until_ready(G._prefill_jit(graphdef, state, ids, mask, p))
+        jax.block_until_ready(steps.prefill_program()(graphdef, state, ids, mask, p))
         res["compile_s"][f"prefill {b}x{p}"] = time.perf_counter() - t
         ts = []
         for _ in range(args.reps):
             t = time.perf_counter()
-            jax.block_until_ready(G._prefill_jit(graphdef, state, ids, mask, p))
+            jax.block_until_ready(steps.prefill_program()(graphdef, state, ids, mask, p))
             ts.append(time.perf_counter() - t)
         res["prefill"][f"{b}x{p}"] = b * p / median(ts)
         print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s "
               f"(first call {res['compile_s'][f'prefill {b}x{p}']:.0f}s)", flush=True)
         if args.profile:
             from profile_summary import profile
-            profile(lambda: G._prefill_jit(graphdef, state, ids, mask, p), 2, f"{name} prefill {b}x{p}",
+            profile(lambda: steps.prefill_program()(graphdef, state, ids, mask, p), 2, f"{name} prefill {b}x{p}",
                     os.path.join(args.out, f"profile_{name}_prefill_{b}x{p}.md") if args.out else None)
 
     def decode_rate(b, tag=""):
@@ -265,11 +263,12 @@ def worker_ours(name: str, args) -> dict:
         cache_len = bucket(bucket(PROMPT) + NEW)
 
         def run(n):
-            out, steps = G._generate_jit(state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0), np.int32(0),
-                                       np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
-                                       cache_len=cache_len, do_sample=False, top_k=0, stream=False)
+            out, done = steps.generate_program()(state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0),
+                                                 np.int32(0), np.asarray([-1], np.int32), np.int32(0),
+                                                 graphdef=graphdef, cache_len=cache_len, do_sample=False, top_k=0,
+                                                 stream=False)
             jax.block_until_ready(out)
-            assert int(steps) == n, (int(steps), n)
+            assert int(done) == n, (int(done), n)
 
         t = time.perf_counter()
         run(NEW)
@@ -299,10 +298,10 @@ def worker_ours(name: str, args) -> dict:
         # Variants: without dynamic-slice fusion (weights copied out of the layer stack), the gather
         # as an explicit copy + einsum, gather at batch 32 instead of the grouped matmul.
         res["explore"] = {}
-        G.set_compiler_options({})
+        set_compiler_options({})
         jax.clear_caches()
         res["explore"]["no_dsf b1"] = decode_rate(1, tag=" no_dsf")
-        G.set_compiler_options(None)
+        set_compiler_options(None)
         if cfg.model_type.startswith("deepseek"):
             moe.GATHER_FORM = "einsum"
             jax.clear_caches()  # module switches are read at trace time: force a retrace
@@ -316,9 +315,10 @@ def worker_ours(name: str, args) -> dict:
             jax.clear_caches()
         if args.out:
             ids = np.ones((1, PROMPT), np.int32)
-            lowered = G._generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
-                                            np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef,
-                                            cache_len=256, do_sample=False, top_k=0, stream=False)
+            lowered = steps.generate_program().lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1),
+                                                     np.int32(0), np.asarray([-1], np.int32), np.int32(0),
+                                                     graphdef=graphdef, cache_len=256, do_sample=False, top_k=0,
+                                                     stream=False)
             with open(os.path.join(args.out, f"hlo_{name}_b1.txt"), "w") as f:
                 f.write(lowered.compile().as_text())
     return res

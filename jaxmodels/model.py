@@ -17,7 +17,8 @@ from flax import nnx, struct
 
 from jaxmodels import sharding
 from jaxmodels.config import BaseConfig, ConfigError, DeepseekConfig, StableLmConfig
-from jaxmodels.layers.attention import ATTENTION_IMPLS, StableLmAttention, segment_mask
+from jaxmodels.layers.attention import (ATTENTION_IMPLS, ATTENTION_OUTPUT, ATTENTION_RESIDUALS, StableLmAttention,
+                                         segment_mask)
 from jaxmodels.layers.linear import Embed, Linear
 from jaxmodels.layers.mla import MLAttention
 from jaxmodels.layers.mlp import MLP
@@ -119,6 +120,10 @@ REMAT_POLICIES = {
     # keep the projections' outputs (matmuls without batch dims); recompute attention, norms, activations
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_all_dots": jax.checkpoint_policies.checkpoint_dots,  # also attention scores: more memory
+    # keep what attention's backward kernel reads (q, k, v, output, softmax statistics) and its output; recompute
+    # the norms, o_proj and the MLP. Between "full" and "save_matmuls" in memory, and unlike both it never runs
+    # the attention forward kernel again (benchmarks/RESULTS.md: stablelm-3b 8x1024 compiled for an H100).
+    "lean": jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS, ATTENTION_OUTPUT),
 }
 
 

@@ -244,7 +244,7 @@ def test_prompt_forwards_promise_causal(family, monkeypatch):
     holds on every row, padding rows included."""
     import tiny
     from jaxmodels.config import config_from_hf
-    from jaxmodels.generate import _prefill
+    from jaxmodels.generate.steps import _prefill
     from jaxmodels.layers import attention, mla
     from jaxmodels.model import CausalLM
 
@@ -387,3 +387,48 @@ def test_cudnn_segments_forward_drops_the_bias_for_one_document_rows(monkeypatch
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5, err_msg=name)
         assert "cond" not in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """How many `name` equations a jaxpr runs, nested jaxprs (remat, pjit, custom rules) included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_primitive(inner, name)
+    return n
+
+
+def test_lean_remat_keeps_the_cudnn_residuals(monkeypatch):
+    """--remat lean saves what the cuDNN backward kernel reads (named in the custom VJP's forward) and the
+    attention output, so the backward pass never runs the attention forward kernel again, while "full"
+    does; the gradients are those without remat. The kernel is stood in for by XLA attention: its softmax's
+    `exp` marks each forward run."""
+    from jaxmodels.layers import attention as A
+    from jaxmodels.model import REMAT_POLICIES
+
+    monkeypatch.setattr(A, "_cudnn_attention", lambda q, k, v, mask, scale, causal: A._xla_attention(
+        q, k, v, segment_mask(jnp.ones(q.shape[:2], jnp.int32)) if mask is None else mask, scale))
+    b, s, h, d = 2, 16, 4, 8
+    q, k, v = make_inputs(3, b, s, h, h, d, d)
+    w = jax.random.normal(jax.random.key(4), (h * d, h * d)) * 0.3
+    seg = jnp.asarray(packed_ids(b, s, seed=1))
+    mask = segment_mask(seg)
+
+    def layer(q, k, v, w):  # attention, then a projection of its output and a nonlinearity after it
+        out = dot_product_attention(q, k, v, mask=mask, scale=0.3, segment_ids=seg, implementation="cudnn")
+        return jnp.sum(jnp.tanh(out.reshape(b, s, h * d) @ w))
+
+    monkeypatch.setattr(A, "_cudnn_unsupported", lambda *args, **kw: None)  # "cudnn" on CPU (float32)
+    ref = jax.grad(layer, argnums=(0, 1, 2, 3))(q, k, v, w)
+    exps = {}
+    for policy in ("lean", "full"):
+        f = jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, w)
+        for g, r in zip(grads, ref):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6, err_msg=policy)
+        exps[policy] = _count_primitive(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, w).jaxpr, "exp")
+    assert exps["full"] > exps["lean"] >= 1, exps  # full runs the forward kernel again; lean does not

@@ -72,12 +72,11 @@ def test_prompt_file_runs_one_batch(checkpoint, capsys, tmp_path):
     prompts = ["the dog ran", "birds sang over green hills", "a red ball"]
     file = tmp_path / "prompts.txt"
     file.write_text("\n".join(prompts) + "\n\n")
-    import jaxmodels.generate  # noqa: F401
-    G = sys.modules["jaxmodels.generate"]
-    before = G.TRACE_COUNT["generate"]
+    from jaxmodels.generate import steps
+    before = steps.generate_program()._cache_size()
     rc, out, err = cli(capsys, "--model", checkpoint, "--prompt-file", str(file), "--max-new-tokens", "4")
     assert rc == 0, err
-    assert G.TRACE_COUNT["generate"] <= before + 1  # one batched program, not one per prompt
+    assert steps.generate_program()._cache_size() <= before + 1  # one batched program, not one per prompt
     want = expected(checkpoint, prompts, 4)
     assert out == "".join(f"=== [{i}] {p}\n{w}\n" for i, (p, w) in enumerate(zip(prompts, want)))
 

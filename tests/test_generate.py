@@ -1,7 +1,6 @@
 """Generation: transformers' greedy generate is the oracle; the cached path must equal the full forward."""
 
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +9,11 @@ import pytest
 import torch
 
 import jaxmodels
-import jaxmodels.generate  # noqa: F401  (the module; `jaxmodels.generate` is the function)
 from jaxmodels.cache import KVCache, MLACache, bytes_per_token
 from jaxmodels.generate import GenerationError, decode_step, filter_logits, prefill, prompt_positions, select_tokens
+from jaxmodels.generate import steps as G
 from tiny import hf_logits, make_checkpoint, max_rel_err, random_batch
 
-G = sys.modules["jaxmodels.generate"]
 FAMILIES = ["deepseek_v2", "deepseek_v3", "stablelm"]
 
 
@@ -135,17 +133,17 @@ def test_same_buckets_do_not_recompile(tiny):
     model, _ = tiny["deepseek_v2"]
     v = model.config.vocab_size
     ids = np.random.default_rng(3).integers(3, v, (2, 9))
-    before = G.TRACE_COUNT["generate"]
+    before = G.generate_program()._cache_size()
     jaxmodels.generate(model, ids, max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9, seed=1)
-    first = G.TRACE_COUNT["generate"]
+    first = G.generate_program()._cache_size()
     assert first == before + 1
     # Other prompt length in the same bucket, other max_new_tokens, seed, temperature, top_p, EOS and pad.
     jaxmodels.generate(model, ids[:, :12 - 5], max_new_tokens=3, do_sample=True, temperature=1.3, top_p=0.5, seed=7,
                        eos_token_id=[4, 5], pad_token_id=1)
-    assert G.TRACE_COUNT["generate"] == first, "a call in the same shape buckets recompiled"
+    assert G.generate_program()._cache_size() == first, "a call in the same shape buckets recompiled"
     # A different bucket does compile.
     jaxmodels.generate(model, np.concatenate([ids, ids], 1), max_new_tokens=3, do_sample=True, temperature=1.3)
-    assert G.TRACE_COUNT["generate"] == first + 1
+    assert G.generate_program()._cache_size() == first + 1
 
 
 def allowed_sets(logits, top_k, top_p):
@@ -216,9 +214,9 @@ def test_decode_loop_does_not_copy_the_cache(tiny):
     from flax import nnx
     graphdef, state = nnx.split(model)
     ids = np.ones((2, 16), np.int32)
-    hlo = G._generate_jit.lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
-                                np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef, cache_len=64,
-                                do_sample=False, top_k=0, stream=False).compile().as_text()
+    hlo = G.generate_program().lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
+                                     np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef, cache_len=64,
+                                     do_sample=False, top_k=0, stream=False).compile().as_text()
     cfg = model.config
     assert cfg.num_moe_layers > 1
     shapes = [f"[{cfg.num_moe_layers},2,64,{d}]" for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim)]
@@ -291,9 +289,9 @@ def test_phased_cache_reads_equal_whole_reads(tiny, family):
     kw = dict(attention_mask=mask, max_new_tokens=40, eos_token_id=[], pad_token_id=0)
     whole = jaxmodels.generate(model, ids, **kw)
     with phased(0):
-        before = G.TRACE_COUNT["generate"]
+        before = G.generate_program()._cache_size()
         got = jaxmodels.generate(model, ids, **kw)
-        assert G.TRACE_COUNT["generate"] == before + 1  # the phases live in the one program
+        assert G.generate_program()._cache_size() == before + 1  # the phases live in the one program
     np.testing.assert_array_equal(got, whole)
 
 

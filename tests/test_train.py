@@ -29,6 +29,7 @@ import jaxmodels
 from jaxmodels import cli
 from jaxmodels.model import segment_positions
 from jaxmodels.train import TrainConfig, Trainer
+from jaxmodels.train.config import TrainError
 from jaxmodels.train import step as steplib
 from jaxmodels.train.data import TrainData
 from jaxmodels.train.loss import balance_loss, shift_labels, token_cross_entropy
@@ -159,7 +160,7 @@ def test_grad_accum_equals_one_big_batch(ws, family):
 
 def test_remat_policies_give_the_same_loss_and_gradients(ws):
     batch = micro(rows(ws, "stablelm", 2), 1)
-    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls")}
+    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls", "lean")}
     ref_state, ref_m = results["none"]
     for r, (state, m) in results.items():
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6, err_msg=r)
@@ -205,6 +206,43 @@ def test_decay_mask_and_weight_decay(ws):
     for k, u in flat(updates).items():
         w = flat(params)[k]
         np.testing.assert_allclose(u, -0.05 * w if mask[k] else 0 * w, rtol=1e-6, atol=1e-8, err_msg=k)
+
+
+def test_bf16_optimizer_moments(ws, tmp_path):
+    """--optimizer-dtype bf16: both Adam moments are stored in bf16, a few steps' losses stay close to float32
+    moments' (and are not the same run), and a run saved and resumed with them equals the uninterrupted one."""
+    kw = dict(schedule="constant", warmup=0, save_every=2, lr=1e-3)
+    ref = Trainer(config(ws, tmp_path / "f32", steps=4, **kw))
+    ref.run()
+    full = Trainer(config(ws, tmp_path / "bf16", steps=4, optimizer_dtype="bf16", **kw))
+    adam = [s for s in jax.tree.leaves(full.state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1
+    for moment in (adam[0].mu, adam[0].nu):
+        dtypes = {x.dtype for x in jax.tree.leaves(moment)}
+        assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(full.state["params"])} == {jnp.dtype(jnp.float32)}
+    full.run()
+    adam = [s for s in jax.tree.leaves(full.state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert {x.dtype for x in jax.tree.leaves((adam[0].mu, adam[0].nu))} == {jnp.dtype(jnp.bfloat16)}  # kept
+    f32, bf16 = metrics_lines(tmp_path / "f32"), metrics_lines(tmp_path / "bf16")
+    assert f32[0]["loss"] == bf16[0]["loss"]  # the same first forward pass
+    np.testing.assert_allclose([m["loss"] for m in bf16], [m["loss"] for m in f32], rtol=1e-2)
+    assert [m["loss"] for m in bf16] != [m["loss"] for m in f32]  # the moments were rounded
+
+    Trainer(config(ws, tmp_path / "half", steps=2, optimizer_dtype="bf16", **kw)).run()
+    resumed = Trainer(config(ws, tmp_path / "half", steps=4, optimizer_dtype="bf16", resume=True, **kw))
+    assert resumed.step_count == 2
+    resumed.run()
+    np.testing.assert_allclose([m["loss"] for m in metrics_lines(tmp_path / "half")], [m["loss"] for m in bf16],
+                               rtol=1e-6)
+    assert_trees_close(final_params(tmp_path / "half", None)[1], final_params(tmp_path / "bf16", None)[1],
+                       rtol=1e-6, atol=1e-7)
+    with pytest.raises(TrainError, match="--optimizer-dtype"):  # resuming with other moments is refused
+        Trainer(config(ws, tmp_path / "half", steps=6, resume=True, **kw))
+    with pytest.raises(TrainError, match="--optimizer-dtype 'fp16'"):
+        config(ws, tmp_path / "x", optimizer_dtype="fp16")
 
 
 def test_schedules(ws):

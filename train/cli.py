@@ -4,7 +4,7 @@
                   [--steps N | --epochs E] [--batch-size B] [--seq-len L] [--lr 2e-5] [--warmup 100]
                   [--schedule cosine|linear|constant] [--weight-decay 0.1] [--clip 1.0] [--grad-accum K]
                   [--lora-rank R --lora-alpha A --lora-targets q_b_proj,kv_b_proj,o_proj,...]
-                  [--mesh fsdp=8,expert=2] [--dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
+                  [--mesh fsdp=8,expert=2] [--dtype bf16] [--optimizer-dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
                   [--log-every N] [--seed S] [--resume] [--mtp-loss-weight 0.1] [--init-from-config]
 
 Records: {"text"} | {"prompt", "completion"} | {"messages"} (chat template; loss on assistant turns) for
@@ -22,7 +22,7 @@ from jaxmodels.units import DTYPES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from jaxmodels.model import REMAT_POLICIES
-    from jaxmodels.train.config import SCHEDULES
+    from jaxmodels.train.config import OPTIMIZER_DTYPES, SCHEDULES
 
     p.add_argument("--model", required=True, help="checkpoint directory (or hub id, when online)")
     p.add_argument("--data", required=True, help="training JSONL file")
@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), default=None,
                    help="master-weight dtype (default float32; LoRA's frozen base bf16)")
+    p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="float32",
+                   help="AdamW's moments: float32, or bf16 (half the optimizer state's memory; computed in float32)")
     p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="save_matmuls",
                    help="what the backward pass recomputes inside each layer (memory for speed)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
@@ -78,7 +80,8 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         schedule=args.schedule, weight_decay=args.weight_decay, clip=args.clip or None, grad_accum=args.grad_accum,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=None if not args.lora_targets else tuple(t.strip() for t in args.lora_targets.split(",") if t),
-        mesh=args.mesh, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+        mesh=args.mesh, dtype=args.dtype, param_dtype=args.param_dtype, optimizer_dtype=args.optimizer_dtype,
+        remat=args.remat,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
         eval_batches=args.eval_batches, seed=args.seed, resume=args.resume,
         init_from_config=args.init_from_config, bias_update_rate=args.bias_update_rate,

@@ -10,6 +10,7 @@ from jaxmodels.model import REMAT_POLICIES
 from jaxmodels.units import DTYPES
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZER_DTYPES = ("float32", "bf16")  # AdamW's moments (any spelling of these in DTYPES works too)
 
 
 class TrainError(ValueError):
@@ -46,6 +47,7 @@ class TrainConfig:
     mesh: str | None = None  # e.g. "fsdp=8,expert=2"; default: all devices on fsdp
     dtype: str = "bf16"  # compute dtype
     param_dtype: str | None = None  # master weights: float32 (full fine-tune) / bf16 (the frozen LoRA base)
+    optimizer_dtype: str = "float32"  # AdamW's moments: float32, or bf16 (half the optimizer state's memory)
     remat: str = "save_matmuls"  # measured on an H100: faster and smaller than "none" (benchmarks/RESULTS.md)
     save_every: int = 500
     keep: int = 3
@@ -103,6 +105,9 @@ class TrainConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) is not None and str(getattr(self, name)).lower() not in DTYPES:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+        if DTYPES.get(str(self.optimizer_dtype).lower()) not in (DTYPES[d] for d in OPTIMIZER_DTYPES):
+            raise TrainError(f"--optimizer-dtype {self.optimizer_dtype!r} is not one of {OPTIMIZER_DTYPES} (float16 "
+                             "moments would underflow the squared gradients)")
         if self.init_from_config and self.lora_rank is not None:
             raise TrainError("--init-from-config with --lora-rank would train adapters over random weights; drop one")
         if (self.lora_alpha is not None or self.lora_targets is not None) and self.lora_rank is None:

@@ -149,7 +149,7 @@ class Trainer:
         self.identity = {"model": os.path.abspath(self.model_path) if os.path.isdir(self.model_path) else cfg.model,
                          "model_fingerprint": model_fingerprint(self.model_path) if os.path.isdir(self.model_path)
                          else None, "data_fingerprint": self.data.fingerprint, "lora": self.lora,
-                         "task": self.task}
+                         "task": self.task, "optimizer_dtype": jnp.dtype(DTYPES[cfg.optimizer_dtype.lower()]).name}
         self.flops_per_token = flops_per_token(model, cfg.seq_len, lora=cfg.lora)
         self.peak = peak_flops()
         if cfg.resume:
@@ -238,11 +238,13 @@ class Trainer:
         for key, what in (("model_fingerprint", "model (config.json / weight files)"),
                           ("data_fingerprint", "training data (file, tokenizer or --seq-len)"),
                           ("lora", "LoRA setting (--lora-rank/--lora-alpha/--lora-targets)"), ("task", "task"),
+                          ("optimizer_dtype", "--optimizer-dtype"),
                           ("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"), ("seed", "--seed")):
             ours = self.identity.get(key, getattr(self.config, key, None))
-            if _norm(meta.get(key)) != _norm(ours):
+            theirs = meta.get(key, "float32" if key == "optimizer_dtype" else None)  # (saved before the flag)
+            if _norm(theirs) != _norm(ours):
                 raise TrainError(f"--resume: the checkpoint in {self.config.out} was trained with a different {what} "
-                                 f"({meta.get(key)!r} there, {ours!r} now); resume with the same settings or "
+                                 f"({theirs!r} there, {ours!r} now); resume with the same settings or "
                                  "start a new --out")
         restored = self.checkpoints.restore(step, self.state)
         self.state = dict(self.state, **restored, step=jnp.asarray(step, jnp.int32))

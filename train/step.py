@@ -35,6 +35,15 @@ from jaxmodels.train.optim import update_routing_bias
 
 BIAS_NAME = "e_score_correction_bias"
 
+# XLA options of the compiled train step: none by default. IN_PLACE_OPTIONS are the candidate that removes most
+# of the step's copies (benchmarks/RESULTS.md, `count_kernels.py --train`): cuBLAS GEMMs instead of Triton's, which
+# dynamic-slice fusion lets read each layer's weights and residuals out of the stacked buffers, and write the
+# per-layer residuals and gradients into them, in place. Not the default until it is timed on a GPU
+# (`bench_train.py --xla-options in_place`).
+COMPILER_OPTIONS: dict = {}
+IN_PLACE_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False}
+XLA_OPTION_SETS = {"default": COMPILER_OPTIONS, "in_place": IN_PLACE_OPTIONS}
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -229,10 +238,12 @@ def init_state(params, buffers, tx, mesh=None) -> dict:
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding if x.committed else replicated), state)
 
 
-def compile_steps(graphdef, tx, opts: StepOptions, state, frozen):
-    """Jitted train and eval steps whose outputs stay where the state lives (the state is donated)."""
+def compile_steps(graphdef, tx, opts: StepOptions, state, frozen, compiler_options: dict | None = None):
+    """Jitted train and eval steps whose outputs stay where the state lives (the state is donated).
+    compiler_options: XLA options of the train step (default COMPILER_OPTIONS)."""
     shardings = jax.tree.map(lambda x: x.sharding, state)  # where each leaf lives now
+    options = dict(COMPILER_OPTIONS if compiler_options is None else compiler_options)
     step = jax.jit(functools.partial(train_step, graphdef, tx, opts), donate_argnums=(0,),
-                   out_shardings=(shardings, None))
+                   out_shardings=(shardings, None), compiler_options=options)
     evaluate = jax.jit(functools.partial(eval_step, graphdef, opts))
     return step, evaluate

@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmodels.config import StableLmConfig
 from jaxmodels.layers.linear import Linear
@@ -202,6 +203,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, seq] with as many queries as keys "
                          f"(q {q.shape}, k {k.shape}): they describe self-attention over one packed row")
     impl = choose_implementation(q, k, v, segment_ids, implementation)
+    # Names for remat policies (jaxmodels.model.REMAT_POLICIES): the kernel's inputs and its output.
+    q, k, v = (checkpoint_name(t, ATTENTION_INPUTS) for t in (q, k, v))
+    return checkpoint_name(_attend(q, k, v, mask, scale, segment_ids, impl), ATTENTION_OUTPUT)
+
+
+ATTENTION_INPUTS, ATTENTION_OUTPUT, ATTENTION_RESIDUALS = "attention_inputs", "attention_output", "attention_residuals"
+
+
+def _attend(q, k, v, mask, scale, segment_ids, impl):
+    s = q.shape[1]
     with jax.named_scope(f"attention_{impl}"):
         if impl == "xla":
             return _xla_attention(q, k, v, mask, scale)
@@ -275,7 +286,10 @@ def _cudnn_segment_attention(q, k, v, mask, segment_ids, scale):
 
 
 def _cudnn_segment_attention_fwd(q, k, v, mask, segment_ids, scale):
-    return jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
+    # What the backward kernel reads (q, k, v, the output, softmax statistics, the bias), named so a remat
+    # policy can keep it and the backward pass does not run the forward kernel again.
+    return out, jax.tree.map(lambda r: checkpoint_name(r, ATTENTION_RESIDUALS), vjp)
 
 
 def _cudnn_segment_attention_bwd(scale, vjp, dout):
