@@ -27,7 +27,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import os
 from typing import Mapping
 
 import jax
@@ -87,13 +86,11 @@ class ShardingError(ValueError):
 
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` once when the environment describes a multi-process run
-    (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects: SLURM, Open MPI, TPU pods via their env)."""
-    if jax.distributed.is_initialized():
-        return
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or (env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1) \
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
+    (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects: SLURM, Open MPI, TPU pods via their env).
+    See `jaxmodels.distributed` for the flags and the mesh across slices."""
+    from jaxmodels import distributed
+
+    distributed.maybe_initialize()
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices=None) -> Mesh:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxmodels import sharding
+from jaxmodels import distributed, sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.mtp import mtp_loss_terms, mtp_targets, num_mtp_layers
 from jaxmodels.train.loss import balance_loss, classification_loss, shift_labels, token_cross_entropy
@@ -215,13 +215,26 @@ def batch_sharding(mesh, shape, micro: bool) -> NamedSharding:
     return NamedSharding(mesh, sharding.logical_to_spec(axes, mesh_rules, mesh, shape))
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh, micro: bool) -> dict[str, jax.Array]:
-    """Host arrays (the same on every process) -> global arrays on the mesh; each process sends its rows."""
+def put_batch(batch: dict[str, np.ndarray], mesh, micro: bool, rows: int | None = None) -> dict[str, jax.Array]:
+    """Host arrays -> global arrays on the mesh (`jax.make_array_from_process_local_data`).
+
+    rows: the global batch's rows when `batch` holds only this process's share of them (`process_shard`);
+    None: the arrays are the whole batch (the same on every process), each device takes its rows.
+    """
+    dim = 1 if micro else 0
     out = {}
     for k, x in batch.items():
         x = np.asarray(x)
-        out[k] = jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.shape, micro), lambda i, x=x: x[i])
+        shape = x.shape if rows is None else x.shape[:dim] + (rows,) + x.shape[dim + 1:]
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, shape, micro), x, shape)
     return out
+
+
+def process_shard(mesh, rows: int, micro: bool):
+    """The Grain `ShardOptions` of the rows of a `rows`-row batch that this process's devices hold (shard 0
+    of 1 on one process); `TrainData.batch(..., shard=)` reads just those, `put_batch(..., rows=)` places them."""
+    shape = (1, rows) if micro else (rows,)
+    return distributed.batch_shard(batch_sharding(mesh, shape, micro), shape, len(shape) - 1)
 
 
 def check_batch_fits_mesh(rows: int, mesh) -> None:
