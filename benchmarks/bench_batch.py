@@ -125,7 +125,7 @@ def worker_engine(args, work) -> dict:
     cache, st = engine._cache
     read_len = engine.read_lens[-1] if len(engine.read_lens) == 1 else max(
         n for n in engine.read_lens if n <= cache_len)
-    fn = decode_program()
+    fn = decode_program(engine.model.options)
     for _ in range(2):
         cache, st, tok = fn(engine.graphdef, engine.state, cache, st, read_len=read_len, sample=False)
     jax.block_until_ready(tok)

@@ -140,8 +140,8 @@ def _fast_compile_for_the_embedded_model(args) -> None:
 
 def run(args) -> int:
     _fast_compile_for_the_embedded_model(args)
-    from jaxmodels.convert.keymap import CheckpointError
     from jaxmodels.config import ConfigError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.generate import GenerationError, generate
     from jaxmodels.tokenizer import TokenizerError
 

@@ -133,7 +133,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         else:
             def on_host(step, tokens):
                 streamer(int(step), tokens)
-    fn = speculative_program() if speculative else generate_program()
+    fn = speculative_program(model.options) if speculative else generate_program(model.options)
     args = (state, ids_b, mask_b, np.int32(max_new_tokens), np.float32(temperature), np.float32(top_p),
             np.int32(seed), eos_arr, np.int32(pad_token_id))
     kw = dict(graphdef=graphdef, cache_len=int(cache_len), do_sample=bool(do_sample), top_k=int(top_k),

@@ -33,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmodels.cache import cache_shapes, init_cache, set_position
+from jaxmodels.cache import cache_shapes, init_cache
 from jaxmodels.generate.sampling import filter_logits
 from jaxmodels.generate.steps import GenerationError, _stack_sizes, program
-from jaxmodels.layers.attention import segment_mask
+from jaxmodels.inputs import Inputs, decode_inputs
+from jaxmodels.options import Options
 
 
 @dataclasses.dataclass
@@ -102,22 +103,24 @@ def _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_
     n = ids.shape[1]
     dtype = model.model.embed_tokens.weight.dtype
     if fresh:
-        row = set_position(init_cache(cfg, _stack_sizes(model), 1, n, dtype), 0, fresh=True)
-        mask = segment_mask(segments)  # [1, n, n]
-        h, row = model.model(ids, mask, positions, row, scan=model.scan, absorb=False, segment_ids=segments)
+        row = init_cache(cfg, _stack_sizes(model), 1, n, dtype)
+        inputs = Inputs(positions=positions, segment_ids=segments, cache_index=jnp.zeros((), jnp.int32),
+                        mode="prefill", options=model.options)
+        h, row = model.model(ids, inputs, row)
         pos = positions[0]
 
         def put(big, small):  # big [layers, S, T, ...] <- small [layers, 1, n, ...] at (dest_slot, pos)
             return big.at[:, dest_slot, pos].set(small[:, 0], mode="drop")
     else:
         slot = dest_slot[0]
-        start = positions[0, 0]
         row = {k: c.replace(**{b: jax.lax.dynamic_index_in_dim(getattr(c, b), slot, 1) for b in names
                                if hasattr(c, b)}) for k, c in cache.items()}
-        row = set_position(row, start, fresh=False)
-        t = getattr(next(iter(row.values())), names[0]).shape[2]
-        mask = (jnp.arange(t)[None, None, :] <= positions[:, :, None])  # [1, n, T]
-        h, row = model.model(ids, mask, positions, row, scan=model.scan, absorb=False)
+        t = next(iter(row.values())).length
+        # The chunk's n tokens go to slots start .. start + n - 1 and attend causally to the slot's whole row
+        # (its earlier entries and their own); padding queries (segment 0) attend nothing.
+        inputs = Inputs(positions=positions, segment_ids=segments, kv_segment_ids=jnp.ones((1, t), jnp.int32),
+                        cache_index=positions[0, 0], mode="decode", options=model.options)
+        h, row = model.model(ids, inputs, row)
 
         def put(big, small):  # the slot's whole row back
             return jax.lax.dynamic_update_index_in_dim(big, small, slot, 1)
@@ -130,9 +133,9 @@ def _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_
 def _decode_slots(model, cache, tokens, positions, read_len: int):
     """One token per slot: tokens, positions [S] (the position = the cache index it is written to); attends to
     the slot's entries up to its own among the first read_len (static). Returns (logits [S, vocab], cache)."""
-    attn = (jnp.arange(read_len)[None, :] <= positions[:, None])[:, None, :]  # [S, 1, read_len]
-    h, cache = model.model(tokens[:, None], attn, positions[:, None], set_position(cache, positions, False, read_len),
-                           scan=model.scan, absorb=True)
+    every = jnp.ones((tokens.shape[0], read_len), jnp.int32)  # every slot's entries count, up to its own
+    inputs = decode_inputs(positions[:, None], every, positions, model.options, read_len)
+    h, cache = model.model(tokens[:, None], inputs, cache)
     return model.logits(h)[:, 0].astype(jnp.float32), cache
 
 
@@ -146,20 +149,13 @@ def _set_slots(st, slots, first, lengths, params):
     return {name: st[name].at[slots].set(upd[name].astype(st[name].dtype), mode="drop") for name in st}
 
 
-def _settled(cache):
-    """The cache as the programs take it (per-slot index, whole reads): one pytree structure, one compile."""
-    c = next(iter(cache.values()))
-    slots = getattr(c, "latent", None) if hasattr(c, "latent") else c.kv
-    return set_position(cache, jnp.zeros((slots.shape[1],), jnp.int32), fresh=False)
-
-
 def _prefill_impl(graphdef, state, cache, st, ids, segments, positions, dest_slot, last_index, slots, lengths,
                   params, *, fresh: bool):
     model = nnx.merge(graphdef, state)
     logits, cache = _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_index, fresh=fresh)
     first = sample_rows(logits, params["temperature"], params["top_p"], params["top_k"], params["seed"],
                         jnp.zeros_like(lengths), sample=True)
-    return _settled(cache), _set_slots(st, slots, first, lengths, params), first
+    return cache, _set_slots(st, slots, first, lengths, params), first
 
 
 def _decode_impl(graphdef, state, cache, st, *, read_len: int, sample: bool):
@@ -168,15 +164,18 @@ def _decode_impl(graphdef, state, cache, st, *, read_len: int, sample: bool):
     tokens = sample_rows(logits, st["temperature"], st["top_p"], st["top_k"], st["seed"], st["step"], sample=sample)
     t = next(iter(cache.values())).length
     st = dict(st, tokens=tokens, pos=jnp.minimum(st["pos"] + 1, t - 1), step=st["step"] + 1)
-    return _settled(cache), st, tokens
+    return cache, st, tokens
 
 
-def prefill_program():
-    return program(_prefill_impl, static_argnums=(0,), static_argnames=("fresh",), donate_argnums=(2, 3))
+def prefill_program(options: Options = Options()):
+    """The engine's jitted prefill (cache and slot state donated), with the model's compiler options."""
+    return program(_prefill_impl, options, static_argnums=(0,), static_argnames=("fresh",), donate_argnums=(2, 3))
 
 
-def decode_program():
-    return program(_decode_impl, static_argnums=(0,), static_argnames=("read_len", "sample"), donate_argnums=(2, 3))
+def decode_program(options: Options = Options()):
+    """The engine's jitted decode step for every slot (cache and slot state donated)."""
+    return program(_decode_impl, options, static_argnums=(0,), static_argnames=("read_len", "sample"),
+                   donate_argnums=(2, 3))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,7 +225,7 @@ class Engine:
         lens = sorted({self.cache_len >> k for k in range(read_phases)})
         self.read_lens = [n for n in lens if n >= min(128, self.cache_len)] or [self.cache_len]
         self.graphdef, self.state = nnx.split(model)
-        self.mesh = getattr(model.model, "mesh", None) or getattr(model, "mesh", None)
+        self.mesh = model.options.mesh
         self._cache = None
         self.stats = {"decode_steps": 0, "prefill_calls": 0, "prefill_tokens": 0, "prefill_padding": 0,
                       "most_prompts_in_a_row": 0}
@@ -236,14 +235,15 @@ class Engine:
         dtype = self.model.model.embed_tokens.weight.dtype
         s = self.slots
         cache = init_cache(self.model.config, _stack_sizes(self.model), s, self.cache_len, dtype)
-        # distinct index arrays per stack: the programs donate the cache, and one buffer cannot be donated twice
-        cache = {k: c.replace(index=jnp.zeros((s,), jnp.int32), layer=jnp.zeros((), jnp.int32))
-                 for k, c in cache.items()}
+        # a layer counter per stack: the programs donate the cache, and one buffer cannot be donated twice
+        cache = {k: c.replace(layer=jnp.zeros((), jnp.int32)) for k, c in cache.items()}
         st = {"tokens": np.zeros(s, np.int32), "pos": np.zeros(s, np.int32), "step": np.zeros(s, np.int32),
               **{k: np.zeros(s, t) for k, t in PARAMS.items()}}
         if self.mesh is not None:
             from jaxmodels import sharding
-            return sharding.shard_cache(cache, self.mesh), {k: sharding.shard_batch(v, self.mesh) for k, v in st.items()}
+            rules = self.model.options.rules
+            return (jax.device_put(cache, sharding.cache_shardings(cache, self.mesh, rules)),
+                    {k: sharding.shard_batch(v, self.mesh, rules) for k, v in st.items()})
         # committed to the device, as the programs' outputs are: the first call then compiles what later calls run
         return jax.device_put((cache, st), jax.devices()[0])
 
@@ -279,7 +279,7 @@ class Engine:
         self.stats["most_prompts_in_a_row"] = max(self.stats["most_prompts_in_a_row"], len(docs))
         self.stats["prefill_tokens"] += total
         self.stats["prefill_padding"] += n - total
-        return prefill_program()(self.graphdef, self.state, cache, st, ids, seg, pos, dest, last, slot_of, lengths,
+        return prefill_program(self.model.options)(self.graphdef, self.state, cache, st, ids, seg, pos, dest, last, slot_of, lengths,
                                  params, fresh=fresh)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
@@ -349,7 +349,7 @@ class Engine:
             need = max(len(s.request.tokens) + len(s.tokens) + 1 for s in live.values())  # highest position + 1
             read_len = next(n for n in self.read_lens if n >= min(need, self.cache_len))
             sample = any(s.request.temperature > 0 for s in live.values())
-            cache, st, tokens = decode_program()(self.graphdef, self.state, cache, st, read_len=read_len,
+            cache, st, tokens = decode_program(self.model.options)(self.graphdef, self.state, cache, st, read_len=read_len,
                                                  sample=sample)
             self.stats["decode_steps"] += 1
             prev, inflight = inflight, (step, tokens)
