@@ -14,9 +14,9 @@ The shapes never depend on the workload: the programs compile once each (prefill
 one chunk program; decode: one per read phase, greedy or sampling), whatever the prompts and their number.
 Greedy output of every request is what `jaxmodels.generate` gives on that prompt alone.
 
-The host never waits for a step it has just launched: step n + 1 is dispatched before step n's tokens are
-read, so Python's bookkeeping overlaps the device's work (a slot admitted or retired in between simply
-ignores the one step that ran across the change).
+The host never waits for a step it has just launched: step n + 1 is dispatched before step n's tokens (and the
+first tokens of the prompts admitted since) are read, so Python's bookkeeping overlaps the device's work (a slot
+admitted or retired in between simply ignores the one step that ran across the change).
 
 Model calls go through two functions only, `_prefill_into_slots` and `_decode_slots`.
 """
@@ -187,7 +187,8 @@ class _Slot:
     request: Request
     limit: int  # new tokens this request may produce (its max_new_tokens, capped by the cache)
     valid_from: int  # the first decode step whose output belongs to this request
-    first_s: float  # seconds from the start of the run to the first token on the host
+    first: tuple | None  # (device tokens of its prefill, its row there) until the first token is read
+    first_s: float | None = None  # seconds from the start of the run to the first token on the host
     tokens: list = dataclasses.field(default_factory=list)
 
 
@@ -329,24 +330,16 @@ class Engine:
                                                        fresh=False, start=start)
                         j = 0
                     admitted.append((slot, req, src, j))
-            host = {}
-            for slot, req, src, j in admitted:
-                if id(src) not in host:
-                    host[id(src)] = np.asarray(src)
-                s = live[slot] = _Slot(req, min(req.max_new_tokens, self.cache_len - len(req.tokens)),
-                                       valid_from=step, first_s=time.perf_counter() - t0)
-                done = self._accept(s, int(host[id(src)][j]))
-                if done is not None:
-                    yield self._result(live.pop(slot), done)
-                    free.append(slot)
-            if admitted and free and (pending or not exhausted):
-                continue  # some ended at their first token: refill before decoding
+            for slot, req, src, j in admitted:  # their first tokens are read after the next step is dispatched
+                live[slot] = _Slot(req, min(req.max_new_tokens, self.cache_len - len(req.tokens)), valid_from=step,
+                                   first=(src, j))
             if not live:
                 if exhausted and not pending:
                     break
                 continue
             # One decode step for all slots; then the previous step's tokens, read while this one runs.
-            need = max(len(s.request.tokens) + len(s.tokens) + 1 for s in live.values())  # highest position + 1
+            # the highest position this step writes + 1 (host counts lag the device by a step and a first token)
+            need = max(len(s.request.tokens) + len(s.tokens) + 2 for s in live.values())
             read_len = next(n for n in self.read_lens if n >= min(need, self.cache_len))
             sample = any(s.request.temperature > 0 for s in live.values())
             cache, st, tokens = decode_program(self.model.options)(self.graphdef, self.state, cache, st, read_len=read_len,
@@ -354,11 +347,27 @@ class Engine:
             self.stats["decode_steps"] += 1
             prev, inflight = inflight, (step, tokens)
             step += 1
-            if prev is not None:
-                yield from self._collect(prev, live, free)
+            yield from self._collect(prev, live, free, t0)
         self._cache = (cache, st)
 
-    def _collect(self, prev, live, free):
+    def _collect(self, prev, live, free, t0):
+        """Host bookkeeping while the next step runs: first tokens of newly admitted slots, then the tokens of
+        the previous step (prev: (step, device tokens) or None)."""
+        host = {}
+        for slot in list(live):
+            s = live[slot]
+            if s.first is None:
+                continue
+            src, j = s.first
+            if id(src) not in host:
+                host[id(src)] = np.asarray(src)
+            s.first, s.first_s = None, time.perf_counter() - t0
+            done = self._accept(s, int(host[id(src)][j]))
+            if done is not None:
+                yield self._result(live.pop(slot), done)
+                free.append(slot)
+        if prev is None:
+            return
         pstep, toks = prev
         toks = np.asarray(toks)
         for slot in list(live):
