@@ -122,17 +122,17 @@ def worker_engine(args, work) -> dict:
                ttft=[r.first_token_s for r in results], compile_s=clock.seconds, stats=engine.stats,
                device=jax.devices()[0].device_kind, slots=args.slots, cache_len=cache_len)
     # The decode step alone: all slots decoding at the longest read length the job used.
-    cache, st = engine._cache
+    cache, mcache, st = engine._cache
     read_len = engine.read_lens[-1] if len(engine.read_lens) == 1 else max(
         n for n in engine.read_lens if n <= cache_len)
     fn = decode_program(engine.model.options)
     for _ in range(2):
-        cache, st, tok = fn(engine.graphdef, engine.state, cache, st, read_len=read_len, sample=False)
+        cache, mcache, st, tok = fn(engine.graphdef, engine.state, cache, mcache, st, read_len=read_len, sample=False)
     jax.block_until_ready(tok)
     t = time.perf_counter()
     steps = 20
     for _ in range(steps):
-        cache, st, tok = fn(engine.graphdef, engine.state, cache, st, read_len=read_len, sample=False)
+        cache, mcache, st, tok = fn(engine.graphdef, engine.state, cache, mcache, st, read_len=read_len, sample=False)
     jax.block_until_ready(tok)
     out["decode_step_s"] = (time.perf_counter() - t) / steps
     out["decode_read_len"] = read_len

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxmodels
+from jaxmodels.generate import GenerationError
 from jaxmodels.generate.engine import Engine, Request
 from tiny import count_compiles, make_checkpoint
 
@@ -79,6 +80,37 @@ def test_engine_greedy_equals_generate_alone_and_compiles_once(tiny, family):
     assert not compiles, f"a second workload compiled {dict(compiles)}"
     for r in got:
         assert (r.tokens, r.finish_reason) == alone(model, second[r.id], eos), r.id
+
+
+def test_engine_speculative_equals_greedy():
+    """With DeepSeek-V3's MTP layer (speculative=True) every slot verifies a draft per step: 1 or 2 tokens, the
+    same tokens as generate alone (packed rows, chunked prompts whose MTP pass spans the chunks), in fewer steps."""
+    from test_mtp import drafting_model
+
+    model = drafting_model()
+    reqs = workload(4, [3, 9, 17, 5, 30, 12], [12, 20, 6, 16, 9, 14])
+    plain = Engine(model, slots=3, cache_len=64, buckets=BUCKETS, eos=[])
+    spec = Engine(model, slots=3, cache_len=64, buckets=BUCKETS, eos=[], speculative=True)
+    got = {r.id: r for r in spec.run(reqs)}
+    ref = {r.id: r for r in plain.run(reqs)}
+    for i, req in enumerate(reqs):
+        want = alone(model, req, [])
+        assert (got[i].tokens, got[i].finish_reason) == want, (i, got[i].tokens, want)
+        assert ref[i].tokens == want[0]
+    assert spec.stats["decode_steps"] < 0.8 * plain.stats["decode_steps"], (spec.stats, plain.stats)
+    bad = list(spec.run([Request("s", [5, 6], temperature=1.0)]))
+    assert bad[0].finish_reason == "error" and "greedily" in bad[0].error
+    with pytest.raises(GenerationError, match="MTP"):
+        Engine(_no_mtp(), speculative=True)
+
+
+def _no_mtp():
+    from flax import nnx
+
+    from jaxmodels.config import DeepseekV3Config
+    from tiny import TINY
+    cfg = DeepseekV3Config.from_hf({**TINY["deepseek_v3"], "model_type": "deepseek_v3"})
+    return jaxmodels.CausalLM(cfg, rngs=nnx.Rngs(0))
 
 
 def test_engine_sampling_is_per_request(tiny):
@@ -274,7 +306,7 @@ mesh = sharding.make_mesh(data=8)
 model = jaxmodels.from_pretrained(path, progress=False, mesh=mesh)
 engine = Engine(model, slots=8, cache_len=64, buckets=(16, 32), eos=[])
 got = {r.id: r.tokens for r in engine.run(reqs)}
-cache, st = engine._cache
+cache = engine._cache[0]
 c = next(iter(cache.values()))
 buf = c.latent if hasattr(c, "latent") else c.kv
 print(json.dumps({"equal": got == ref, "cache_spec": str(buf.sharding.spec),

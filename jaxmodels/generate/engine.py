@@ -90,44 +90,67 @@ def _buffer_names(cfg) -> list[str]:
 # The two model calls
 # ----------------------------------------------------------------------------------------------------
 
-def _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_index, *, fresh: bool):
+def _rows(cache, dest_slot, n, fresh, cfg, sizes, dtype):
+    """The caches a prefill row writes: fresh zeroed ones of n entries, or (a chunk) its slot's whole row."""
+    if fresh:
+        return init_cache(cfg, sizes, 1, n, dtype)
+    names = _buffer_names(cfg)
+    return {k: c.replace(**{b: jax.lax.dynamic_index_in_dim(getattr(c, b), dest_slot[0], 1) for b in names
+                            if hasattr(c, b)}) for k, c in cache.items()}
+
+
+def _put(cache, row, dest_slot, positions, fresh, cfg):
+    """Scatters a prefill row's cache entries into the slots' rows: token by token into (dest_slot, position)
+    from a fresh row (slots >= S dropped), or the chunk's whole slot row back."""
+    names = _buffer_names(cfg)
+
+    def put(big, small):  # big [layers, S, T, ...], small [layers, 1, n or T, ...]
+        if fresh:
+            return big.at[:, dest_slot, positions[0]].set(small[:, 0], mode="drop")
+        return jax.lax.dynamic_update_index_in_dim(big, small, dest_slot[0], 1)
+
+    return {k: c.replace(**{b: put(getattr(c, b), getattr(row[k], b)) for b in names if hasattr(c, b)})
+            for k, c in cache.items()}
+
+
+def _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_index, *, fresh: bool,
+                        mcache=None, follow=None, pick=None):
     """Runs one prefill row and writes its cache entries into slots.
 
     ids, segments, positions [1, n]: packed prompts (segment 0 = padding; positions = cache indices, restarting
     at 0 per prompt for a fresh row, continuing a slot's cache for a chunk). dest_slot [n]: the slot each
     token's entry goes to (>= slots: dropped). last_index [k]: row index of the tokens whose logits are
-    wanted. fresh=False (a chunk, one prompt): the chunk attends to its slot's cache (dest_slot[0]) before it.
-    Returns (logits [k, vocab] float32, cache)."""
+    wanted (n: none). fresh=False (a chunk, one prompt): the chunk attends to its slot's cache (dest_slot[0])
+    before it. mcache (speculative): the MTP layer's caches, also filled: the MTP pass pairs each token with the
+    next one, a prompt's last token in the row with follow [k] (the prompt's next token, or -1: its first new
+    token, pick(logits)). Returns (logits [k, vocab] float32, cache), and with mcache also (first tokens [k],
+    drafts [k], mcache)."""
     cfg = model.config
-    names = _buffer_names(cfg)
     n = ids.shape[1]
     dtype = model.model.embed_tokens.weight.dtype
     if fresh:
-        row = init_cache(cfg, _stack_sizes(model), 1, n, dtype)
         inputs = Inputs(positions=positions, segment_ids=segments, cache_index=jnp.zeros((), jnp.int32),
                         mode="prefill", options=model.options)
-        h, row = model.model(ids, inputs, row)
-        pos = positions[0]
-
-        def put(big, small):  # big [layers, S, T, ...] <- small [layers, 1, n, ...] at (dest_slot, pos)
-            return big.at[:, dest_slot, pos].set(small[:, 0], mode="drop")
+        t = n
     else:
-        slot = dest_slot[0]
-        row = {k: c.replace(**{b: jax.lax.dynamic_index_in_dim(getattr(c, b), slot, 1) for b in names
-                               if hasattr(c, b)}) for k, c in cache.items()}
-        t = next(iter(row.values())).length
         # The chunk's n tokens go to slots start .. start + n - 1 and attend causally to the slot's whole row
         # (its earlier entries and their own); padding queries (segment 0) attend nothing.
+        t = next(iter(cache.values())).length
         inputs = Inputs(positions=positions, segment_ids=segments, kv_segment_ids=jnp.ones((1, t), jnp.int32),
                         cache_index=positions[0, 0], mode="decode", options=model.options)
-        h, row = model.model(ids, inputs, row)
-
-        def put(big, small):  # the slot's whole row back
-            return jax.lax.dynamic_update_index_in_dim(big, small, slot, 1)
-    out = {k: c.replace(**{b: put(getattr(c, b), getattr(row[k], b)) for b in names if hasattr(c, b)})
-           for k, c in cache.items()}
+    row = _rows(cache, dest_slot, n, fresh, cfg, _stack_sizes(model), dtype)
+    h, row = model.model(ids, inputs, row)
+    cache = _put(cache, row, dest_slot, positions, fresh, cfg)
     logits = model.logits(h[:, last_index])[0].astype(jnp.float32)  # [k, vocab]
-    return logits, out
+    if mcache is None:
+        return logits, cache
+    first = pick(logits)
+    nxt = jnp.where(follow >= 0, follow, first)  # [k]
+    shifted = jnp.concatenate([ids[:, 1:], ids[:, -1:]], axis=1).at[0, last_index].set(nxt, mode="drop")
+    mrow = _rows(mcache, dest_slot, n, fresh, cfg, {"mtp_layers": model.model.mtp_layers.num_layers}, dtype)
+    hm, mrow, _ = model.model.mtp(h, shifted, inputs, mrow)
+    drafts = jnp.argmax(model.logits(hm[:, last_index])[0].astype(jnp.float32), axis=-1).astype(jnp.int32)
+    return logits, cache, first, drafts, _put(mcache, mrow, dest_slot, positions, fresh, cfg)
 
 
 def _decode_slots(model, cache, tokens, positions, read_len: int):
@@ -143,39 +166,74 @@ def _decode_slots(model, cache, tokens, positions, read_len: int):
 # Programs (pure functions of the model state; cache and slot state donated)
 # ----------------------------------------------------------------------------------------------------
 
-def _set_slots(st, slots, first, lengths, params):
+def _decode_slots_speculative(model, cache, mcache, tokens, drafts, positions, read_len: int):
+    """Greedy self-speculative step for every slot (DeepSeek-V3's MTP layer, as `jaxmodels.generate.speculative`
+    does per row): [token, draft] at positions p, p + 1 in one forward pass; the draft is accepted when it is the
+    argmax after the token, which then gives one more token; the MTP layer drafts again from the last accepted
+    position. Returns (new tokens [S, 2], accepted [S] bool, next drafts [S], cache, mcache)."""
+    two = jnp.stack([tokens, drafts], axis=1)  # [S, 2]
+    pos2 = positions[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+    every = jnp.ones((tokens.shape[0], read_len), jnp.int32)
+    inputs = decode_inputs(pos2, every, positions, model.options, read_len)
+    h, cache = model.model(two, inputs, cache)
+    new = jnp.argmax(model.logits(h).astype(jnp.float32), axis=-1).astype(jnp.int32)  # [S, 2]
+    accept = new[:, 0] == drafts
+    hm, mcache, _ = model.model.mtp(h, new, inputs, mcache)
+    hd = jnp.where(accept[:, None], hm[:, 1], hm[:, 0])  # the MTP state at the last accepted position
+    nxt = jnp.argmax(model.logits(hd[:, None])[:, 0].astype(jnp.float32), axis=-1).astype(jnp.int32)
+    return new, accept, nxt, cache, mcache
+
+
+def _set_slots(st, slots, first, lengths, params, drafts=None):
     """The slot state after prefill: slots [k] (>= S: none) get their first token, position and parameters."""
-    upd = dict(tokens=first, pos=lengths, step=jnp.ones_like(lengths), **params)
+    upd = dict(tokens=first, pos=lengths, step=jnp.ones_like(lengths), **params,
+               draft=jnp.zeros_like(first) if drafts is None else drafts)
     return {name: st[name].at[slots].set(upd[name].astype(st[name].dtype), mode="drop") for name in st}
 
 
-def _prefill_impl(graphdef, state, cache, st, ids, segments, positions, dest_slot, last_index, slots, lengths,
-                  params, *, fresh: bool):
+def _prefill_impl(graphdef, state, cache, mcache, st, ids, segments, positions, dest_slot, last_index, slots,
+                  lengths, params, follow, *, fresh: bool):
     model = nnx.merge(graphdef, state)
-    logits, cache = _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_index, fresh=fresh)
-    first = sample_rows(logits, params["temperature"], params["top_p"], params["top_k"], params["seed"],
-                        jnp.zeros_like(lengths), sample=True)
-    return cache, _set_slots(st, slots, first, lengths, params), first
+
+    def pick(logits):
+        return sample_rows(logits, params["temperature"], params["top_p"], params["top_k"], params["seed"],
+                           jnp.zeros_like(lengths), sample=True)
+    if not mcache:
+        logits, cache = _prefill_into_slots(model, cache, ids, segments, positions, dest_slot, last_index,
+                                            fresh=fresh)
+        first, drafts = pick(logits), None
+    else:
+        _, cache, first, drafts, mcache = _prefill_into_slots(model, cache, ids, segments, positions, dest_slot,
+                                                              last_index, fresh=fresh, mcache=mcache, follow=follow,
+                                                              pick=pick)
+    return cache, mcache, _set_slots(st, slots, first, lengths, params, drafts), first
 
 
-def _decode_impl(graphdef, state, cache, st, *, read_len: int, sample: bool):
+def _decode_impl(graphdef, state, cache, mcache, st, *, read_len: int, sample: bool):
     model = nnx.merge(graphdef, state)
+    t = next(iter(cache.values())).length
+    if mcache:
+        new, accept, drafts, cache, mcache = _decode_slots_speculative(model, cache, mcache, st["tokens"], st["draft"],
+                                                                       st["pos"], read_len)
+        adv = 1 + accept.astype(jnp.int32)
+        st = dict(st, tokens=jnp.where(accept, new[:, 1], new[:, 0]), draft=drafts,
+                  pos=jnp.minimum(st["pos"] + adv, t - 2), step=st["step"] + adv)
+        return cache, mcache, st, jnp.concatenate([new, accept.astype(jnp.int32)[:, None]], axis=1)  # [S, 3]
     logits, cache = _decode_slots(model, cache, st["tokens"], st["pos"], read_len)
     tokens = sample_rows(logits, st["temperature"], st["top_p"], st["top_k"], st["seed"], st["step"], sample=sample)
-    t = next(iter(cache.values())).length
     st = dict(st, tokens=tokens, pos=jnp.minimum(st["pos"] + 1, t - 1), step=st["step"] + 1)
-    return cache, st, tokens
+    return cache, mcache, st, tokens
 
 
 def prefill_program(options: Options = Options()):
     """The engine's jitted prefill (cache and slot state donated), with the model's compiler options."""
-    return program(_prefill_impl, options, static_argnums=(0,), static_argnames=("fresh",), donate_argnums=(2, 3))
+    return program(_prefill_impl, options, static_argnums=(0,), static_argnames=("fresh",), donate_argnums=(2, 3, 4))
 
 
 def decode_program(options: Options = Options()):
     """The engine's jitted decode step for every slot (cache and slot state donated)."""
     return program(_decode_impl, options, static_argnums=(0,), static_argnames=("read_len", "sample"),
-                   donate_argnums=(2, 3))
+                   donate_argnums=(2, 3, 4))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,11 +259,14 @@ class Engine:
     model: a jaxmodels CausalLM (with a mesh attached, the cache's slots are split as the sharding table says:
     `batch` over data). buckets: the prefill row lengths (ascending; a prompt longer than the last one is
     prefilled in chunks of that length). read_phases: at most this many decode read lengths (halving from
-    cache_len). eos: ids that end a request (default: the config's).
+    cache_len). eos: ids that end a request (default: the config's). speculative: greedy self-speculative
+    decoding with the model's DeepSeek-V3 MTP layer (each step verifies a draft: 1 or 2 tokens per slot, the same
+    tokens as without; requests must be greedy).
     """
 
     def __init__(self, model, *, slots: int = 64, cache_len: int | None = None,
-                 buckets: Sequence[int] = (256, 512, 1024, 2048), read_phases: int = 4, eos=None):
+                 buckets: Sequence[int] = (256, 512, 1024, 2048), read_phases: int = 4, eos=None,
+                 speculative: bool = False):
         cfg = getattr(model, "config", None)
         if cfg is None or not hasattr(model, "logits"):
             raise GenerationError(f"the batch engine needs a jaxmodels CausalLM, got {type(model).__name__}")
@@ -220,6 +281,13 @@ class Engine:
                                   "jaxmodels.generate only)")
         if slots < 1:
             raise GenerationError(f"slots must be >= 1, got {slots}")
+        if speculative:
+            from jaxmodels.layers.mtp import num_mtp_layers
+            if num_mtp_layers(model) == 0:
+                raise GenerationError("speculative=True needs DeepSeek-V3's multi-token-prediction (MTP) layer, which "
+                                      "this model does not have: load a checkpoint that holds it, or use "
+                                      "speculative=False")
+        self.speculative = bool(speculative)
         self.model, self.slots, self.cache_len = model, int(slots), int(cache_len)
         self.buckets = sorted({min(int(b), self.cache_len) for b in buckets})
         self.eos = set(cfg.eos_token_ids if eos is None else eos)
@@ -236,19 +304,25 @@ class Engine:
         dtype = self.model.model.embed_tokens.weight.dtype
         s = self.slots
         cache = init_cache(self.model.config, _stack_sizes(self.model), s, self.cache_len, dtype)
+        mcache = {}
+        if self.speculative:
+            mcache = init_cache(self.model.config, {"mtp_layers": self.model.model.mtp_layers.num_layers}, s,
+                                self.cache_len, dtype)
         # a layer counter per stack: the programs donate the cache, and one buffer cannot be donated twice
         cache = {k: c.replace(layer=jnp.zeros((), jnp.int32)) for k, c in cache.items()}
+        mcache = {k: c.replace(layer=jnp.zeros((), jnp.int32)) for k, c in mcache.items()}
         st = {"tokens": np.zeros(s, np.int32), "pos": np.zeros(s, np.int32), "step": np.zeros(s, np.int32),
-              **{k: np.zeros(s, t) for k, t in PARAMS.items()}}
+              "draft": np.zeros(s, np.int32), **{k: np.zeros(s, t) for k, t in PARAMS.items()}}
         if self.mesh is not None:
             from jaxmodels import sharding
             rules = self.model.options.rules
             return (jax.device_put(cache, sharding.cache_shardings(cache, self.mesh, rules)),
+                    jax.device_put(mcache, sharding.cache_shardings(mcache, self.mesh, rules)),
                     {k: sharding.shard_batch(v, self.mesh, rules) for k, v in st.items()})
         # committed to the device, as the programs' outputs are: the first call then compiles what later calls run
-        return jax.device_put((cache, st), jax.devices()[0])
+        return jax.device_put((cache, mcache, st), jax.devices()[0])
 
-    def _prefill(self, cache, st, docs, *, fresh: bool, start: int = 0):
+    def _prefill(self, cache, mcache, st, docs, *, fresh: bool, start: int = 0):
         """docs: [(slot, tokens, request)] packed into one row (fresh), or one chunk at `start` (not fresh)."""
         total = sum(len(t) for _, t, _ in docs)
         n = next(b for b in self.buckets if b >= total) if fresh else self.buckets[-1]
@@ -257,7 +331,8 @@ class Engine:
         pos = np.zeros((1, n), np.int32)
         dest = np.full((n,), self.slots, np.int32)
         k = self.slots
-        last = np.zeros((k,), np.int32)
+        last = np.full((k,), n, np.int32)  # n: no prompt
+        follow = np.full((k,), -1, np.int32)
         slot_of = np.full((k,), self.slots, np.int32)
         lengths = np.zeros((k,), np.int32)
         params = {name: np.zeros((k,), t) for name, t in PARAMS.items()}
@@ -269,6 +344,8 @@ class Engine:
             pos[0, off:off + m] = np.arange(start, start + m)
             dest[off:off + m] = slot
             last[i], slot_of[i], lengths[i] = off + m - 1, slot, start + m
+            if start + m < len(req.tokens):  # the row holds part of the prompt: the MTP pass pairs its next token
+                follow[i] = req.tokens[start + m]
             for name in PARAMS:
                 params[name][i] = getattr(req, name)
             off += m
@@ -280,8 +357,8 @@ class Engine:
         self.stats["most_prompts_in_a_row"] = max(self.stats["most_prompts_in_a_row"], len(docs))
         self.stats["prefill_tokens"] += total
         self.stats["prefill_padding"] += n - total
-        return prefill_program(self.model.options)(self.graphdef, self.state, cache, st, ids, seg, pos, dest, last, slot_of, lengths,
-                                 params, fresh=fresh)
+        return prefill_program(self.model.options)(self.graphdef, self.state, cache, mcache, st, ids, seg, pos, dest,
+                                                   last, slot_of, lengths, params, follow, fresh=fresh)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
         """Runs every request; yields a `Result` as each finishes (in finish order). Requests are pulled from
@@ -290,7 +367,7 @@ class Engine:
         it = iter(requests)
         exhausted = False
         pending: deque[Request] = deque()
-        cache, st = self._cache if self._cache is not None else self._fresh_state()
+        cache, mcache, st = self._cache if self._cache is not None else self._fresh_state()
         self._cache = None  # donated below: never reused after an error
         free = list(range(self.slots))[::-1]
         live: dict[int, _Slot] = {}
@@ -322,33 +399,35 @@ class Engine:
                     total += m
                     if len(batch[-1][1].tokens) > c:
                         break
-                cache, st, first = self._prefill(cache, st, [(s, list(r.tokens[:c]), r) for s, r in batch], fresh=True)
+                cache, mcache, st, first = self._prefill(cache, mcache, st,
+                                                         [(s, list(r.tokens[:c]), r) for s, r in batch], fresh=True)
                 for i, (slot, req) in enumerate(batch):
                     src, j = first, i
                     for start in range(c, len(req.tokens), c):
-                        cache, st, src = self._prefill(cache, st, [(slot, list(req.tokens[start:start + c]), req)],
-                                                       fresh=False, start=start)
+                        cache, mcache, st, src = self._prefill(cache, mcache, st,
+                                                               [(slot, list(req.tokens[start:start + c]), req)],
+                                                               fresh=False, start=start)
                         j = 0
                     admitted.append((slot, req, src, j))
             for slot, req, src, j in admitted:  # their first tokens are read after the next step is dispatched
-                live[slot] = _Slot(req, min(req.max_new_tokens, self.cache_len - len(req.tokens)), valid_from=step,
-                                   first=(src, j))
+                room = self.cache_len - len(req.tokens) - (1 if self.speculative else 0)  # a step writes 1 or 2
+                live[slot] = _Slot(req, min(req.max_new_tokens, room), valid_from=step, first=(src, j))
             if not live:
                 if exhausted and not pending:
                     break
                 continue
             # One decode step for all slots; then the previous step's tokens, read while this one runs.
             # the highest position this step writes + 1 (host counts lag the device by a step and a first token)
-            need = max(len(s.request.tokens) + len(s.tokens) + 2 for s in live.values())
+            need = max(len(s.request.tokens) + len(s.tokens) for s in live.values()) + (5 if self.speculative else 2)
             read_len = next(n for n in self.read_lens if n >= min(need, self.cache_len))
             sample = any(s.request.temperature > 0 for s in live.values())
-            cache, st, tokens = decode_program(self.model.options)(self.graphdef, self.state, cache, st, read_len=read_len,
-                                                 sample=sample)
+            cache, mcache, st, tokens = decode_program(self.model.options)(self.graphdef, self.state, cache, mcache, st,
+                                                                           read_len=read_len, sample=sample)
             self.stats["decode_steps"] += 1
             prev, inflight = inflight, (step, tokens)
             step += 1
             yield from self._collect(prev, live, free, t0)
-        self._cache = (cache, st)
+        self._cache = (cache, mcache, st)
 
     def _collect(self, prev, live, free, t0):
         """Host bookkeeping while the next step runs: first tokens of newly admitted slots, then the tokens of
@@ -374,7 +453,12 @@ class Engine:
             s = live[slot]
             if pstep < s.valid_from:
                 continue
-            done = self._accept(s, int(toks[slot]))
+            if self.speculative:  # [first, second, accepted]: the second counts only if the draft was accepted
+                done = self._accept(s, int(toks[slot, 0]))
+                if done is None and toks[slot, 2]:
+                    done = self._accept(s, int(toks[slot, 1]))
+            else:
+                done = self._accept(s, int(toks[slot]))
             if done is not None:
                 yield self._result(live.pop(slot), done)
                 free.append(slot)
@@ -409,6 +493,11 @@ class Engine:
             return f"top_p must be in (0, 1] (1 disables it), got {req.top_p!r}"
         if not isinstance(req.top_k, (int, np.integer)) or req.top_k < 0:
             return f"top_k must be an integer >= 0 (0 disables it), got {req.top_k!r}"
+        if self.speculative and req.temperature > 0:
+            return "the speculative engine decodes greedily: give temperature 0, or run an engine without speculative"
+        if n + (1 if self.speculative else 0) >= self.cache_len:
+            return (f"the prompt has {n} tokens, the cache holds {self.cache_len} per request: shorten the prompt "
+                    f"or raise the cache length")
         vocab = self.model.config.vocab_size
         if min(req.tokens) < 0 or max(req.tokens) >= vocab:
             return f"token ids must lie in [0, vocab_size={vocab})"
