@@ -2,7 +2,7 @@
 
   jaxmodels batch --model PATH --input prompts.jsonl --output completions.jsonl [--slots 64] [--mesh data=8]
                   [--max-new-tokens 256] [--temperature 0] [--top-p 1] [--top-k 0] [--cache-len N]
-                  [--on-bad-line skip|fail]
+                  [--on-bad-line skip|fail] [--speculative]
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template), optionally with
 "max_new_tokens", "temperature", "top_p", "top_k", "stop" (strings), "seed" (the flags give the defaults).
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--on-bad-line", choices=("skip", "fail"), default="skip",
                    help="a line that is not a valid request: report it and skip it (default), or stop the job")
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy self-speculative decoding with the checkpoint's DeepSeek-V3 MTP layer (same tokens)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
@@ -162,7 +164,8 @@ def run(args) -> int:
         requests = read_requests(args.input, skip, on_bad, counts)
         with open(args.output, "a", encoding="utf-8") as out:
             for result in batch_generate(model, tok, requests, slots=args.slots,
-                                         cache_len=args.cache_len, defaults=defaults, on_error=on_error):
+                                         cache_len=args.cache_len, defaults=defaults, on_error=on_error,
+                                         speculative=args.speculative):
                 out.write(json.dumps(result, ensure_ascii=False) + "\n")
                 out.flush()
                 progress.update(result)
