@@ -26,7 +26,7 @@ def _number(d, key, kind, default, lo=None, hi=None, lo_open=False):
     ok = isinstance(v, numbers.Integral) if kind is int else isinstance(v, numbers.Real)
     if isinstance(v, bool) or not ok or (lo is not None and (v <= lo if lo_open else v < lo)) or \
             (hi is not None and v > hi):
-        bounds = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "") if lo is not None else ""
+        bounds = "" if lo is None else f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
         raise RequestError(f'"{key}" must be {"an integer" if kind is int else "a number"} {bounds}, got {v!r}')
     return v
 
