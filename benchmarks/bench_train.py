@@ -14,6 +14,8 @@ torch.optim.AdamW(fused=True); its LoRA rows use peft over a bf16 base.
 
   python benchmarks/bench_train.py --compare-hf --out /tmp/bench        # the whole table
   python benchmarks/bench_train.py --rows stablelm-3b/4x1024 --steps 5  # one row, ours only
+  python benchmarks/bench_train.py --rows stablelm-3b/8x1024-remat --remat lean --optimizer-dtype bf16 \
+      --xla-options in_place --compare-hf        # the memory-lean 8x1024 candidate (benchmarks/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ LORA_TARGETS = {"stablelm-3b": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
 
 
 def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: str | None = None,
-                probe: str | None = None, profile: str | None = None) -> dict:
+                probe: str | None = None, profile: str | None = None, optimizer_dtype: str = "float32",
+                xla_options: str = "default") -> dict:
     """probe (diagnostics): "sgd" swaps AdamW for plain SGD (isolates the optimizer's cost), "bf16-master"
     keeps bf16 weights (isolates the float32 master weights' casts). profile: a folder; two more steps run
     under the jax profiler and the device-time breakdown (benchmarks/profile_summary.py) is printed and
@@ -70,6 +73,7 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
 
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import init_model
+    from jaxmodels import sharding
     from jaxmodels.sharding import make_mesh
     from jaxmodels.train import step as steplib
     from jaxmodels.train.config import TrainConfig
@@ -82,9 +86,7 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
     mesh = make_mesh()
     t0 = time.perf_counter()
     model = init_model(cfg, mesh, jnp.bfloat16 if lora or probe == "bf16-master" else jnp.float32, std=0.02)
-    model.compute_dtype = jnp.bfloat16
-    model.remat = remat
-    model.attention_impl = attention
+    model = model.with_options(compute_dtype=jnp.bfloat16, remat=remat, attention=attention)
     trainable = None
     if lora:
         from jaxmodels.layers.linear import LoRAParam
@@ -94,17 +96,18 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
     graphdef, params, frozen, buffers = steplib.split_model(model, *([trainable] if trainable else []))
     # TrainConfig validates a data file path; this script's own file stands in (no data is read).
     tcfg = TrainConfig(model=name, data=os.path.abspath(__file__), out="/tmp", steps=1000, lr=1e-5, warmup=10,
-                       batch_size=b, seq_len=s, lora_rank=lora, remat=remat)
+                       batch_size=b, seq_len=s, lora_rank=lora, remat=remat, optimizer_dtype=optimizer_dtype)
     tx, _ = optimizer(tcfg, 1000)
     if probe == "sgd":
         import optax
         tx = optax.sgd(1e-5)
     state = steplib.init_state(params, buffers, tx)
-    step_fn, _ = steplib.compile_steps(graphdef, tx, steplib.StepOptions(), state, frozen)
+    step_fn, _ = steplib.compile_steps(graphdef, tx, steplib.StepOptions(), state, frozen,
+                                       steplib.XLA_OPTION_SETS[xla_options])
     rng = np.random.default_rng(0)
     ids = rng.integers(10, cfg.vocab_size, (1, b, s)).astype(np.int32)
-    batch = steplib.put_batch({"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
-                               "positions": np.broadcast_to(np.arange(s, dtype=np.int32), ids.shape)}, mesh, True)
+    batch = sharding.shard_batch({"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
+                               "positions": np.broadcast_to(np.arange(s, dtype=np.int32), ids.shape)}, mesh, micro=True)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     times, losses = [], []
@@ -186,7 +189,8 @@ def worker_hf(row: str, steps: int) -> dict:
 
 def run_worker(kind: str, row: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--rows", row, "--steps", str(args.steps),
-           "--attention", args.attention] + (["--remat", args.remat] if args.remat else []) + (
+           "--attention", args.attention, "--optimizer-dtype", args.optimizer_dtype, "--xla-options",
+           args.xla_options] + (["--remat", args.remat] if args.remat else []) + (
                ["--probe", args.probe] if args.probe else []) + (["--profile", args.profile] if args.profile else [])
     t = time.perf_counter()
     result = common.run_worker(cmd, f"{kind} {row}", timeout=args.timeout, out=args.out, echo=True,
@@ -216,15 +220,20 @@ def main():
     p.add_argument("--compare-hf", action="store_true", help="also run transformers on each row")
     p.add_argument("--out", help="directory for results.json and failure logs")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
-    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (model.attention_impl)")
+    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (Options.attention)")
     p.add_argument("--remat", default=None, help="override the rows' jaxmodels remat policy")
+    p.add_argument("--optimizer-dtype", default="float32", choices=["float32", "bf16"],
+                   help="jaxmodels AdamW moments (`jaxmodels train --optimizer-dtype`)")
+    p.add_argument("--xla-options", default="default", choices=["default", "in_place"],
+                   help="XLA options of jaxmodels' step (jaxmodels.train.step.XLA_OPTION_SETS)")
     p.add_argument("--probe", choices=["sgd", "bf16-master"], help="diagnostics (see worker_ours)")
     p.add_argument("--profile", help="folder: profile two extra steps of ours, write the device-time breakdown there")
     p.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     args = p.parse_args()
     rows = [r for r in args.rows.split(",") if r]
     if args.worker:
-        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe, args.profile)
+        result = (worker_ours(rows[0], args.steps, args.attention, args.remat, args.probe, args.profile,
+                              args.optimizer_dtype, args.xla_options)
                   if args.worker == "ours" else worker_hf(rows[0], args.steps))
         print("RESULT " + json.dumps(result), flush=True)
         return

@@ -14,6 +14,9 @@ Needs jax's CUDA plugin of the installed jax's version, without CUDA libraries o
   python benchmarks/count_kernels.py                                # every model, decode at batch 1 and 32
   python benchmarks/count_kernels.py --models stablelm-3b --batches 1 --list   # + each layer's kernels
   python benchmarks/count_kernels.py --batches "" --prefill 1x2048  # the prefill programs
+  python benchmarks/count_kernels.py --train stablelm-3b/8x1024 --remats save_matmuls,lean,full --list-copies
+        # bench_train's training step (float32 master weights + AdamW, bf16 compute, cuDNN attention): kernels,
+        # copies/transposes, and the compiled memory (temp = activations, residuals, workspaces) per remat policy
 The counts come from the installed jax's XLA (the GPU machine may run a newer one).
 """
 
@@ -151,21 +154,14 @@ def program_hlo(name: str, program: str, batch: int, length: int, target: str) -
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.experimental import topologies
 
     from bench_generate import MODELS
-    from jaxmodels.cache import init_cache, set_position
+    from jaxmodels.cache import init_cache
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import abstract_model
-    import jaxmodels.generate  # noqa: F401
-    G = sys.modules["jaxmodels.generate"]  # the module (jaxmodels.generate is the function)
+    from jaxmodels.generate import steps as G
 
-    try:
-        topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(target), topology="1x1x1")
-    except (NotImplementedError, RuntimeError) as e:
-        sys.exit(f"error: jax cannot compile for CUDA here ({e}). Install jax's CUDA plugin of this jax's version "
-                 f"(no GPU or CUDA libraries needed): pip install \"jax-cuda12-plugin=={jax.__version__}\" "
-                 f"\"jax-cuda12-pjrt=={jax.__version__}\"")
+    topo = _topology(target)
     on = jax.sharding.SingleDeviceSharding(topo.devices[0])
 
     def spec(tree):
@@ -174,18 +170,16 @@ def program_hlo(name: str, program: str, batch: int, length: int, target: str) -
     cfg = config_from_hf(MODELS[name])
     model = abstract_model(cfg, jnp.bfloat16)
     graphdef, state = nnx.split(model)
-    options = dict(G.COMPILER_OPTIONS)
     if program == "decode":
-        cache = jax.eval_shape(lambda: set_position(init_cache(cfg, G._stack_sizes(model), batch, length,
-                                                               jnp.bfloat16), length // 2, False))
+        cache = jax.eval_shape(lambda: init_cache(cfg, G._stack_sizes(model), batch, length, jnp.bfloat16))
         ints = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on)
         kv_valid = jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=on)
-        step = jax.jit(G._decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=options)
-        lowered = step.lower(graphdef, spec(state), spec(cache), ints, ints, kv_valid)
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=on)  # the slot written (mid-cache)
+        lowered = G._jitted("decode_step", model.options).lower(graphdef, spec(state), spec(cache), ints, ints,
+                                                                kv_valid, index)
     else:
         ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=on)
-        lowered = jax.jit(G._prefill_impl, static_argnums=(0, 4), compiler_options=options).lower(
-            graphdef, spec(state), ids, ids, length)
+        lowered = G._jitted("prefill", model.options).lower(graphdef, spec(state), ids, ids, length)
     # With dynamic-slice fusion on, XLA (jax 0.10) fails to assign buffers for a compile-only device after its
     # HLO passes have run; the optimised HLO is dumped before that, and it is what this counts.
     with tempfile.TemporaryDirectory() as dump:
@@ -197,6 +191,183 @@ def program_hlo(name: str, program: str, batch: int, length: int, target: str) -
                 raise RuntimeError(f"XLA did not finish its HLO passes for {name} {program}: {e}") from e
             with open(found[0]) as f:
                 return f.read()
+
+
+def _pretend_cuda():
+    """The compile-only process runs on CPU, so attention's "auto" would pick XLA's dense path; the GPU picks
+    cuDNN. Tell attention (and jax's cuDNN module, which asks the default backend) that the device is a Hopper
+    with cuDNN 9.8, so the compiled step is the one the GPU runs. (A compile-only process has no other use for
+    these answers.)"""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    from jaxmodels.layers import attention
+    hopper = (9, 0)
+    attention._cuda_facts = lambda: (hopper, 90800)
+    fa.check_cudnn_version = lambda: 90800
+    fa.check_compute_capability = lambda c: hopper >= tuple(int(x) for x in c.split("."))
+    fa.is_cuda_compute_capability_equal = lambda c: hopper == tuple(int(x) for x in c.split("."))
+
+
+def train_hlo(row: str, remat: str, target: str, optimizer_dtype: str = "float32",
+              attention: str = "cudnn", options: dict | None = None) -> tuple[str, dict]:
+    """(optimised HLO, compiled memory {temp, argument, output, alias} bytes) of bench_train's step for `row`
+    (its model, batch and LoRA rank) with `remat`, compiled for `target`. Weights abstract, nothing allocated."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench_train import CONFIGS, LORA_TARGETS, ROWS
+    from jaxmodels.config import config_from_hf
+    from jaxmodels.model import abstract_model
+    from jaxmodels.train import step as steplib
+    from jaxmodels.train.config import TrainConfig
+    from jaxmodels.train.optim import optimizer
+
+    _pretend_cuda()
+    topo = _topology(target)
+    on = jax.sharding.SingleDeviceSharding(topo.devices[0])
+    name, b, s, _, _, lora = ROWS[row]
+    cfg = config_from_hf(dict(CONFIGS[name], architectures=None))
+    model = abstract_model(cfg, jnp.bfloat16 if lora else jnp.float32)
+    model = model.with_options(compute_dtype=jnp.bfloat16, remat=remat, attention=attention)
+    trainable = []
+    if lora:
+        from jaxmodels.layers.linear import LoRAParam
+        from jaxmodels.train.lora import add_lora
+        add_lora(model, rank=lora, alpha=2 * lora, targets=LORA_TARGETS[name])
+        trainable = [LoRAParam]
+    graphdef, params, frozen, buffers = steplib.split_model(model, *trainable)
+    tcfg = TrainConfig(model=name, data=os.path.abspath(__file__), out="/tmp", steps=1000, batch_size=b, seq_len=s,
+                       lora_rank=lora, remat=remat, optimizer_dtype=optimizer_dtype)
+    tx, _ = optimizer(tcfg, 1000)
+
+    def spec(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), tree)
+
+    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "buffers": buffers,
+             "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    ints = jax.ShapeDtypeStruct((1, b, s), jnp.int32, sharding=on)
+    batch = {"input_ids": ints, "labels": ints, "segment_ids": ints, "positions": ints}
+    options = steplib.COMPILER_OPTIONS if options is None else options
+    step = jax.jit(functools.partial(steplib.train_step, graphdef, tx, steplib.StepOptions()), donate_argnums=(0,),
+                   compiler_options=options)
+    lowered = step.lower(spec(state), spec(frozen), batch)
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            compiled = lowered.compile({**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+        except Exception as e:  # noqa: BLE001 - see program_hlo: count the optimised HLO XLA dumped
+            found = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
+            if not found:
+                raise RuntimeError(f"XLA did not finish its HLO passes for {row}: {e}") from e
+            with open(found[0]) as f:
+                return f.read(), {}
+    mem = compiled.memory_analysis()
+    sizes = {k: getattr(mem, f"{k}_size_in_bytes", 0) for k in ("temp", "argument", "output", "alias")}
+    return compiled.as_text(), sizes
+
+
+def _topology(target: str):
+    import jax
+    from jax.experimental import topologies
+    try:
+        return topologies.get_topology_desc(platform="cuda", target_config=target_config(target), topology="1x1x1")
+    except (NotImplementedError, RuntimeError) as e:
+        sys.exit(f"error: jax cannot compile for CUDA here ({e}). Install jax's CUDA plugin of this jax's version "
+                 f"(no GPU or CUDA libraries needed): pip install \"jax-cuda12-plugin=={jax.__version__}\" "
+                 f"\"jax-cuda12-pjrt=={jax.__version__}\"")
+
+
+_MOVES = ("copy", "transpose")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def _nbytes(shape: str) -> int:
+    """Bytes of an HLO array shape such as `bf16[8,1024,2560]{2,1,0}` (0 for a tuple)."""
+    m = re.match(r"(\w+)\[([\d,]*)\]", shape)
+    if not m:
+        return 0
+    n = 1
+    for d in filter(None, m.group(2).split(",")):
+        n *= int(d)
+    return n * _BYTES.get(m.group(1), 4)
+
+
+def copies(hlo: str) -> list[tuple[int, str, str, int, str]]:
+    """The kernels of a program that only move data, each with how often it runs: (runs, kind, shape, bytes
+    written per run, source op). Kinds: `copy`/`transpose` instructions and fusions whose root is one;
+    "slice copy" / "update copy": XLA's dynamic-slice fusions that hold no library call, i.e. a layer's slice
+    copied out of a stacked buffer (weights, saved residuals) or into one (residuals, per-layer gradients).
+    (A dynamic-slice fusion around a cuBLAS call reads or writes its slice in place: no copy.) Loop bodies count
+    times their trip count."""
+    comps, entry = computations(hlo)
+    roots = {}
+    for name, lines in comps.items():
+        for ins in lines:
+            m = re.match(r"ROOT %?[\w.\-]+ = .*? ([\w\-]+)\(", ins)
+            if m:
+                roots[name] = m.group(1)
+    out = []
+
+    def walk(comp, runs):
+        for ins in comps[comp]:
+            m = re.match(r"(?:ROOT )?%?[\w.\-]+ = (.*?) ([\w\-]+)\(", ins)
+            if not m:
+                continue
+            shape, op = m.group(1), m.group(2)
+            kind, nbytes = None, _nbytes(shape)
+            if op == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins)
+                walk(re.search(r"body=%?([\w.\-]+)", ins).group(1), runs * (int(trip.group(1)) if trip else 1))
+            elif op == "call":
+                walk(re.search(r"to_apply=%?([\w.\-]+)", ins).group(1), runs)
+            elif op in _MOVES:
+                kind = op
+            elif op == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", ins).group(1)
+                body = comps.get(called, [])
+                if '"dynamic_slice_fusion"' in ins and not any(" custom-call(" in b for b in body):
+                    update = [b for b in body if " dynamic-update-slice(" in b]
+                    kind = "update copy" if update else "slice copy"
+                    if update:  # bytes: the update written into the stack, not the stack
+                        operand = re.search(r"dynamic-update-slice\(%?[\w.\-]+, %?([\w.\-]+)", update[0]).group(1)
+                        decl = [b for b in body if re.match(rf"%?{re.escape(operand)} = ", b)]
+                        nbytes = _nbytes(decl[0].split(" = ", 1)[1]) if decl else 0
+                elif roots.get(called) in _MOVES:
+                    kind = f"fusion({roots[called]})"
+            if kind:
+                src = re.search(r'op_name="([^"]+)"', ins)
+                out.append((runs, kind, shape, nbytes, src.group(1) if src else ""))
+
+    walk(entry, 1)
+    return out
+
+
+def train_report(row: str, remats: list[str], target: str, list_copies: bool, optimizer_dtype: str,
+                 xla_options: str = "default") -> list[dict]:
+    from jaxmodels.train.step import XLA_OPTION_SETS
+    rows = []
+    for remat in remats:
+        hlo, mem = train_hlo(row, remat, target, optimizer_dtype, options=XLA_OPTION_SETS[xla_options])
+        comps, entry = computations(hlo)
+        moves = copies(hlo)
+        runs, moved = collections.Counter(), collections.Counter()
+        for n, kind, shape, nbytes, _ in moves:
+            runs[kind] += n
+            moved[kind] += n * nbytes
+        r = {"row": row, "remat": remat, "optimizer_dtype": optimizer_dtype, "xla_options": xla_options,
+             "kernels": total(kernel_tree(comps, entry)), "copies": sum(runs.values()),
+             "copied_gb": sum(moved.values()) / 1e9, "copy_kinds": dict(runs),
+             **{k + "_gb": v / 1e9 for k, v in mem.items()}}
+        rows.append(r)
+        memory = (f"temp {r['temp_gb']:.2f} GB, arguments {r['argument_gb']:.2f} GB" if mem else
+                  "no memory figures (XLA's buffer assignment fails for a compile-only device with these options)")
+        print(f"[{row} remat {remat}, {xla_options}] {r['kernels']} kernels, {r['copies']} copies per step moving "
+              f"{r['copied_gb']:.1f} GB ({dict(runs)}), {memory}", flush=True)
+        if list_copies:
+            for n, kind, shape, nbytes, src in sorted(moves, key=lambda m: -m[0] * m[3]):
+                print(f"  x{n:<4d} {kind:28s} {nbytes / 1e6:9.1f} MB  {shape[:48]:48s} {src[-90:]}")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -228,7 +399,27 @@ def main():
     ap.add_argument("--prefill", default="", help="comma-separated BATCHxPROMPT prefill programs, e.g. 1x2048")
     ap.add_argument("--target", default="h100", choices=sorted(TARGETS))
     ap.add_argument("--list", action="store_true", help="print each layer loop's kernels with their source ops")
+    ap.add_argument("--train", default="", help="comma-separated bench_train rows: count their training step instead")
+    ap.add_argument("--remats", default="save_matmuls", help="with --train: comma-separated remat policies")
+    ap.add_argument("--optimizer-dtype", default="float32", help="with --train: AdamW's moments (float32, bf16)")
+    ap.add_argument("--list-copies", action="store_true", help="with --train: every copy and its source")
+    ap.add_argument("--xla-options", default="default", choices=("default", "in_place"),
+                    help="with --train: the step's XLA options (jaxmodels.train.step.XLA_OPTION_SETS)")
     args = ap.parse_args()
+    if args.train:
+        rows = [r for row in args.train.split(",") for r in
+                train_report(row, args.remats.split(","), args.target, args.list_copies, args.optimizer_dtype,
+                             args.xla_options)]
+        print(f"\nTraining step compiled for a compile-only {args.target} (XLA of the installed jax):\n")
+        print("| row | remat | moments | XLA options | kernels | copies run | GB copied | temp GB | arguments GB | "
+              "temp + arguments GB |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            mem = (f"{r['temp_gb']:.2f} | {r['argument_gb']:.2f} | {r['temp_gb'] + r['argument_gb']:.2f}"
+                   if "temp_gb" in r else "- | - | -")
+            print(f"| {r['row']} | {r['remat']} | {r['optimizer_dtype']} | {r['xla_options']} | {r['kernels']} | "
+                  f"{r['copies']} | {r['copied_gb']:.1f} | {mem} |")
+        return
     models = args.models.split(",")
     for m in models:
         if m not in MODELS:

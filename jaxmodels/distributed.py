@@ -14,7 +14,7 @@ program over the global mesh; each holds only its own devices' shards. What this
   `dcn` axes' collectives cross it. Each mesh axis is ici x dcn devices long.
 * `batch_shard(sharding, shape, dim)`: which rows of a global batch this process's devices hold, as Grain
   `ShardOptions`, so the data pipeline reads only those rows; `jax.make_array_from_process_local_data`
-  assembles the global array from every process's share (`jaxmodels.train.step.put_batch`).
+  assembles the global array from every process's share (`jaxmodels.sharding.shard_batch(..., rows=)`).
 """
 
 from __future__ import annotations

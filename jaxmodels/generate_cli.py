@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+from jaxmodels.tokenizer import continuation  # noqa: F401  (re-exported: tests and scripts use it here)
 from jaxmodels.units import DTYPES
 
 TINY_RANDOM = "tiny-random"
@@ -97,14 +98,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text `new_ids` adds after the prompt: decode(prompt + new) minus decode(prompt), as transformers'
-    pipelines cut it (a word-level tokenizer's joining space or a character split across the boundary comes
-    out right, which decode(new) alone would get wrong)."""
-    head, full = tok.decode(prompt_ids), tok.decode(list(prompt_ids) + list(new_ids))
-    return full[len(head):] if full.startswith(head) else tok.decode(new_ids)
-
-
 class _Printer:
     """Streams one row's continuation: decodes the prompt and the tokens so far and prints what is new. A
     byte-level token can end inside a multi-byte character (decoded as U+FFFD): that text waits for the
@@ -147,8 +140,8 @@ def _fast_compile_for_the_embedded_model(args) -> None:
 
 def run(args) -> int:
     _fast_compile_for_the_embedded_model(args)
-    from jaxmodels.convert.keymap import CheckpointError
     from jaxmodels.config import ConfigError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.generate import GenerationError, generate
     from jaxmodels.tokenizer import TokenizerError
 

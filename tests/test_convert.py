@@ -20,14 +20,15 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import jaxmodels.convert.hf
+import jaxmodels.convert.export
+import jaxmodels.convert.loader
 import jaxmodels
 from jaxmodels.convert.fp8 import dequantize_fp8
 from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint
 from jaxmodels.units import parse_size
 from jaxmodels.convert.keymap import CheckpointError
 from jaxmodels.config import ConfigError
-from tiny import HEAD_CLASSES, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
+from tiny import HEAD_CLASSES, add_word_tokenizer, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
 
 TOL = 1e-4  # float32 parity, relative to max |logit|
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -339,13 +340,13 @@ def test_loading_in_small_pieces_is_bit_exact(ckpts, fp8_checkpoints, monkeypatc
         def close(self):
             pass
 
-    hf = jaxmodels.convert.hf
-    monkeypatch.setattr(hf, "tqdm", Bar)
+    loader = jaxmodels.convert.loader
+    monkeypatch.setattr(loader, "tqdm", Bar)
     # (FP8 weights are dequantised whole for every piece that cuts them: larger pieces keep this quick)
-    monkeypatch.setattr(hf, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
-    monkeypatch.setattr(hf, "LOAD_WINDOW_BYTES", 20000)
-    monkeypatch.setattr(hf, "TASK_BYTES", 1000)
-    monkeypatch.setattr(hf, "LOAD_THREADS", 3)
+    monkeypatch.setattr(loader, "PIECE_BYTES", 60000 if family == "fp8" else 3000)
+    monkeypatch.setattr(loader, "LOAD_WINDOW_BYTES", 20000)
+    monkeypatch.setattr(loader, "TASK_BYTES", 1000)
+    monkeypatch.setattr(loader, "LOAD_THREADS", 3)
     pieces = load(path)
     assert_same_params(whole, pieces)
     (bar,) = bars
@@ -359,7 +360,7 @@ def test_blocked_host_transpose_equals_numpy(perm):
     along the destination's last axis, block edges not dividing it included."""
     x = np.arange(5 * 7 * 300, dtype=np.float32).reshape(5, 7, 300)
     dst = np.empty(x.transpose(perm).shape, x.dtype)
-    jaxmodels.convert.hf._transpose_into(dst, x, perm, block=64)
+    jaxmodels.convert.loader._transpose_into(dst, x, perm, block=64)
     np.testing.assert_array_equal(dst, x.transpose(perm))
 
 
@@ -563,7 +564,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
 
     other, _ = make_checkpoint(tmp_path / "other", "stablelm", seed=1)
     other_model = load(other)
-    real_save, calls = jaxmodels.convert.hf.save_file, []
+    real_save, calls = jaxmodels.convert.export.save_file, []
 
     def failing_save(tensors, filename, metadata=None):
         calls.append(filename)
@@ -571,7 +572,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
             raise OSError("disk full (simulated)")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", failing_save)
+    monkeypatch.setattr(jaxmodels.convert.export, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         jaxmodels.save_pretrained(other_model, out, max_shard_size="20KB", progress=False)
     assert len(calls) == 2
@@ -579,10 +580,51 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, ckpts, monkeypatch
     assert_same_params(load(out), model)
 
     # After the failure, a successful single-file save replaces the sharded one (stale shards removed).
-    monkeypatch.setattr(jaxmodels.convert.hf, "save_file", real_save)
+    monkeypatch.setattr(jaxmodels.convert.export, "save_file", real_save)
     jaxmodels.save_pretrained(other_model, out, progress=False)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert_same_params(load(out), other_model)
+
+
+def test_atomic_directory_modes_and_failures(tmp_path):
+    """The one atomic writer: files come out with the mode open() gives (safetensors' writer alone makes
+    them 0600), a failure leaves neither the new folder nor its staging folder, a path under a file is
+    refused before anything is written, and stale files go only once the new ones are in."""
+    from safetensors.numpy import save_file
+
+    from jaxmodels.convert.files import atomic_directory
+
+    out = tmp_path / "out"
+    with atomic_directory(out) as stage:
+        save_file({"x": np.zeros(3, np.float32)}, stage.path("a.safetensors"))
+        (tmp_path / "unused").write_text("")
+        with open(stage.path("config.json"), "w") as f:
+            f.write("{}")
+        stage.commit(["a.safetensors", "config.json"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sorted(os.listdir(out)) == ["a.safetensors", "config.json"]
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {
+        "a.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
+
+    with pytest.raises(OSError, match="simulated"):
+        with atomic_directory(tmp_path / "new") as stage:
+            open(stage.path("b"), "w").close()
+            raise OSError("simulated")
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="is a file"):
+        with atomic_directory(tmp_path / "file"):
+            pass
+    with pytest.raises(OSError, match="is under the file"):
+        with atomic_directory(tmp_path / "file" / "sub" / "out"):
+            pass
+
+    with atomic_directory(out) as stage:
+        open(stage.path("b.safetensors"), "w").close()
+        stage.commit(["b.safetensors"], stale=lambda name: name.endswith(".safetensors"))
+    assert sorted(os.listdir(out)) == ["b.safetensors", "config.json"]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -624,12 +666,21 @@ def test_cli_convert_fp8_to_bf16(tmp_path, fp8_checkpoints, batch):
 
 
 def test_cli_convert_f32_is_lossless(tmp_path, ckpts, capsys):
+    """Tensor for tensor, with the source's tokenizer files (so the result generates), files 0644."""
     from jaxmodels.cli import main
+    from jaxmodels.tokenizer import Tokenizer
 
-    src, _ = ckpts["deepseek_v2"]
+    src = shutil.copytree(ckpts["deepseek_v2"][0], tmp_path / "src")
+    add_word_tokenizer(src)
     out = tmp_path / "f32"
-    assert main(["convert", "--model", src, "--out", os.fspath(out), "--dtype", "f32"]) == 0
+    assert main(["convert", "--model", os.fspath(src), "--out", os.fspath(out), "--dtype", "f32"]) == 0
     assert "wrote" in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert Tokenizer.from_checkpoint(os.fspath(out)).encode("the cat") == Tokenizer.from_checkpoint(src).encode("the cat")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {f: 0o666 & ~umask for f in os.listdir(out)}
     theirs, ours = read_tensors(src), read_tensors(out)
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
@@ -637,8 +688,11 @@ def test_cli_convert_f32_is_lossless(tmp_path, ckpts, capsys):
     # Errors are reported as one clear line and exit code 1, not a traceback.
     assert main(["convert", "--model", os.fspath(tmp_path / "nope"), "--out", os.fspath(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["convert", "--model", src, "--out", src]) == 1
+    assert main(["convert", "--model", os.fspath(src), "--out", os.fspath(src)]) == 1
     assert "--out" in capsys.readouterr().err
+    assert main(["convert", "--model", os.fspath(src), "--out", os.fspath(src / "config.json" / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is under the file" in err and len(err.splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------------------------- on a mesh
@@ -659,6 +713,7 @@ for path in sys.argv[3:]:
 """
 
 
+@pytest.mark.slow  # a subprocess with several devices
 def test_fp8_mtp_and_fused_experts_on_a_mesh(tmp_path, fp8_checkpoints, ckpts):
     """Loading straight onto a 4-device mesh (each device reads its own slices) gives the same
     parameters for an FP8 checkpoint with an MTP layer and for fused expert tensors."""
@@ -687,6 +742,7 @@ def test_zero_width_shared_experts_on_a_mesh(tmp_path, batch):
     assert err < TOL, err
 
 
+@pytest.mark.slow  # a subprocess
 def test_hub_id_resolves_from_the_local_hub_cache(tmp_path, ckpts, batch):
     """A hub id goes through huggingface_hub: offline, a snapshot already in the hub cache loads, and an
     id that is not cached fails with a message naming it (no network is used: HF_HUB_OFFLINE=1)."""

@@ -97,3 +97,10 @@ def test_target_configs_name_hopper():
     for target in ck.TARGETS:
         text = ck.target_config(target)
         assert "cuda_compute_capability { major: 9 minor: 0 }" in text and "core_count: 132" in text
+
+
+def test_copies_counts_data_movement_with_trip_counts():
+    """--train's copy listing: the loop body's `copy` runs 7 times and writes 16 bytes each; fusions and library
+    calls that compute are not copies."""
+    moves = ck.copies(HLO)
+    assert [(n, kind, nbytes) for n, kind, _, nbytes, _ in moves] == [(7, "copy", 16)]

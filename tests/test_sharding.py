@@ -88,7 +88,7 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
     plain = jaxmodels.from_pretrained(path, progress=False)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     mesh = sharding.make_mesh()
     model = jaxmodels.from_pretrained(path, progress=False, mesh=mesh)
-    assert model.model.mesh is mesh
+    assert model.options.mesh is mesh
     out = model(sharding.shard_batch(ids, mesh), attention_mask=sharding.shard_batch(mask, mesh))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
     # shard_model / init_model put an existing or a fresh model on the mesh by the same table.
@@ -101,6 +101,7 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
 # 8 simulated devices
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess with several devices
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "stablelm"])
 def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
     path, _ = make_checkpoint(tmp_path, family)
@@ -139,6 +140,31 @@ def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
         assert r["override_rules"]["params"]["bad"] == []
 
 
+@pytest.mark.slow
+def test_mtp_loss_and_speculative_decoding_on_a_mesh_equal_one_device(tmp_path):
+    """The MTP forward runs on the model's mesh like every layer: its loss terms and speculative decoding on 8
+    devices equal one device's, and its MoE takes the expert-parallel path (a shard_map in the MTP program;
+    none on one device)."""
+    from test_convert import read_tensors, write_checkpoint
+    from test_mtp import mtp_tensors
+
+    path, _ = make_checkpoint(tmp_path, "deepseek_v3")
+    tensors = read_tensors(path)
+    path = write_checkpoint(path, tmp_path / "with-mtp", {**tensors, **mtp_tensors(tensors)})
+    out = tmp_path / "mtp.json"
+    run_worker("mtp", path, out)
+    r = json.loads(out.read_text())
+    one = r["one"]
+    assert r["devices"] == 8 and one["shard_maps"] == 0
+    assert np.asarray(one["terms"])[:, 1].min() > 0  # targets were counted
+    assert one["speculative"] == r["plain"]  # speculative greedy == plain greedy
+    for label, m in r["meshes"].items():
+        assert m["shard_maps"] >= 1, label  # the MTP layer's MoE is expert-parallel on the mesh
+        np.testing.assert_allclose(m["terms"], one["terms"], rtol=1e-5, err_msg=label)
+        assert m["speculative"] == one["speculative"] and m["accepted"] == one["accepted"], label
+
+
+@pytest.mark.slow  # a subprocess with several devices
 def test_loading_onto_a_mesh_keeps_host_memory_near_one_tensor(tmp_path):
     out = tmp_path / "memory.json"
     run_worker("memory", out)
@@ -189,13 +215,14 @@ def test_lazy_slices_follow_the_key_map_transforms(tmp_path, monkeypatch):
     a transform the lazy view cannot follow falls back to the whole tensor, with the same result."""
     from safetensors.numpy import save_file
 
-    from jaxmodels.convert import hf
+    from jaxmodels.convert import loader
     from jaxmodels.convert.keymap import Placement, _transpose
+    from jaxmodels.convert.reader import Checkpoint
 
     rng = np.random.default_rng(0)
     fused = rng.standard_normal((4, 2 * 6, 10)).astype(np.float32)  # [E, 2 * inter, hidden]
     save_file({"fused": fused, "plain": fused[0]}, str(tmp_path / "model.safetensors"))
-    ckpt = hf.Checkpoint(str(tmp_path))
+    ckpt = Checkpoint(str(tmp_path))
     cases = [
         (Placement(("p",), (), lambda x: _transpose(x[:, :6])), "fused", True),  # gate half, [E, hidden, inter]
         (Placement(("p",), (), lambda x: _transpose(x[:, 6:])), "fused", True),  # up half
@@ -204,13 +231,21 @@ def test_lazy_slices_follow_the_key_map_transforms(tmp_path, monkeypatch):
         (Placement(("p",), (), lambda x: np.flip(x, 0)), "plain", False),  # not lazily expressible: falls back
     ]
     whole_reads = []
-    real_read = hf._read
-    monkeypatch.setattr(hf, "_read", lambda c, k: whole_reads.append(k) or real_read(c, k))
+    real_read = loader.read_tensor
+    monkeypatch.setattr(loader, "read_tensor", lambda c, k: whole_reads.append(k) or real_read(c, k))
+
+    def read_block(key, pl, box):
+        """The loader's own path for one piece: plan it, fill its host buffer, apply its device-side layout."""
+        piece = loader._make_piece(ckpt, [(key, pl)], box, 0, 4)
+        buf = np.empty(piece.host_shape, np.float32)
+        loader._fill(ckpt, buf, piece.parts)
+        return buf.transpose(piece.axes) if piece.axes is not None else buf
+
     for pl, key, lazy in cases:
         full = pl.transform(ckpt.get(key)) if pl.transform else ckpt.get(key)
         whole_reads.clear()
-        for index in [tuple(slice(0, n) for n in full.shape),
-                      tuple(slice(n // 2, n) for n in full.shape),
-                      tuple(slice(1, max(2, n - 1)) for n in full.shape)]:
-            np.testing.assert_array_equal(hf._read_block(ckpt, key, pl, index), full[index])
+        for box in [tuple((0, n) for n in full.shape), tuple((n // 2, n) for n in full.shape),
+                    tuple((1, max(2, n - 1)) for n in full.shape)]:
+            index = tuple(slice(a, b) for a, b in box)
+            np.testing.assert_array_equal(read_block(key, pl, box), full[index])
         assert (whole_reads == []) == lazy, (key, whole_reads)  # lazy cases never read the whole tensor

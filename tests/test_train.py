@@ -27,8 +27,9 @@ from flax import nnx
 
 import jaxmodels
 from jaxmodels import cli
-from jaxmodels.model import segment_positions
+from jaxmodels.inputs import segment_positions
 from jaxmodels.train import TrainConfig, Trainer
+from jaxmodels.train.config import TrainError
 from jaxmodels.train import step as steplib
 from jaxmodels.train.data import TrainData
 from jaxmodels.train.loss import balance_loss, shift_labels, token_cross_entropy
@@ -159,7 +160,7 @@ def test_grad_accum_equals_one_big_batch(ws, family):
 
 def test_remat_policies_give_the_same_loss_and_gradients(ws):
     batch = micro(rows(ws, "stablelm", 2), 1)
-    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls")}
+    results = {r: one_step(ws["ckpt"]["stablelm"], batch, remat=r)[1:] for r in ("none", "full", "save_matmuls", "lean")}
     ref_state, ref_m = results["none"]
     for r, (state, m) in results.items():
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-6, err_msg=r)
@@ -205,6 +206,43 @@ def test_decay_mask_and_weight_decay(ws):
     for k, u in flat(updates).items():
         w = flat(params)[k]
         np.testing.assert_allclose(u, -0.05 * w if mask[k] else 0 * w, rtol=1e-6, atol=1e-8, err_msg=k)
+
+
+def test_bf16_optimizer_moments(ws, tmp_path):
+    """--optimizer-dtype bf16: both Adam moments are stored in bf16, a few steps' losses stay close to float32
+    moments' (and are not the same run), and a run saved and resumed with them equals the uninterrupted one."""
+    kw = dict(schedule="constant", warmup=0, save_every=2, lr=1e-3)
+    ref = Trainer(config(ws, tmp_path / "f32", steps=4, **kw))
+    ref.run()
+    full = Trainer(config(ws, tmp_path / "bf16", steps=4, optimizer_dtype="bf16", **kw))
+    adam = [s for s in jax.tree.leaves(full.state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1
+    for moment in (adam[0].mu, adam[0].nu):
+        dtypes = {x.dtype for x in jax.tree.leaves(moment)}
+        assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(full.state["params"])} == {jnp.dtype(jnp.float32)}
+    full.run()
+    adam = [s for s in jax.tree.leaves(full.state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert {x.dtype for x in jax.tree.leaves((adam[0].mu, adam[0].nu))} == {jnp.dtype(jnp.bfloat16)}  # kept
+    f32, bf16 = metrics_lines(tmp_path / "f32"), metrics_lines(tmp_path / "bf16")
+    assert f32[0]["loss"] == bf16[0]["loss"]  # the same first forward pass
+    np.testing.assert_allclose([m["loss"] for m in bf16], [m["loss"] for m in f32], rtol=1e-2)
+    assert [m["loss"] for m in bf16] != [m["loss"] for m in f32]  # the moments were rounded
+
+    Trainer(config(ws, tmp_path / "half", steps=2, optimizer_dtype="bf16", **kw)).run()
+    resumed = Trainer(config(ws, tmp_path / "half", steps=4, optimizer_dtype="bf16", resume=True, **kw))
+    assert resumed.step_count == 2
+    resumed.run()
+    np.testing.assert_allclose([m["loss"] for m in metrics_lines(tmp_path / "half")], [m["loss"] for m in bf16],
+                               rtol=1e-6)
+    assert_trees_close(final_params(tmp_path / "half", None)[1], final_params(tmp_path / "bf16", None)[1],
+                       rtol=1e-6, atol=1e-7)
+    with pytest.raises(TrainError, match="--optimizer-dtype"):  # resuming with other moments is refused
+        Trainer(config(ws, tmp_path / "half", steps=6, resume=True, **kw))
+    with pytest.raises(TrainError, match="--optimizer-dtype 'fp16'"):
+        config(ws, tmp_path / "x", optimizer_dtype="fp16")
 
 
 def test_schedules(ws):
@@ -574,6 +612,54 @@ def test_cli_errors(ws, v3run, tmp_path, capsys):
         assert message in err, (args, err)
         assert "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
         assert err.startswith(f"jaxmodels {args[0]}: error:"), err
+
+
+def test_default_lora_targets_export_as_a_peft_adapter(ws, tmp_path, capsys, caplog):
+    """A DeepSeek LoRA run with the default targets exports with --adapter-only, and peft on the transformers
+    base gives the trained model's logits; a run that names the dense MLP is told so at train start and gets
+    a CLI remedy (not a Python one) from export, before any weights are loaded."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    out = tmp_path / "lora"
+    trainer = Trainer(config(ws, out, family="deepseek_v3", steps=2, lora_rank=4, param_dtype="float32"))
+    trainer.run()
+    dest = tmp_path / "adapter"
+    assert cli.main(["export", str(out), str(dest), "--adapter-only"]) == 0, capsys.readouterr().err
+    base = transformers.AutoModelForCausalLM.from_pretrained(ws["ckpt"]["deepseek_v3"], dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, str(dest)).eval()
+    ids = np.random.default_rng(0).integers(1, 96, (2, SEQ))
+    ours = np.asarray(trainer.model()(jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+    mlp = tmp_path / "mlp"
+    with caplog.at_level("WARNING", logger="jaxmodels.train"):
+        Trainer(config(ws, mlp, family="deepseek_v3", steps=1, lora_rank=4,
+                       lora_targets=("o_proj", "gate_proj", "up_proj", "down_proj"))).run()
+    assert any("cannot be exported with --adapter-only" in r.message for r in caplog.records)
+    capsys.readouterr()
+    assert cli.main(["export", str(mlp), str(tmp_path / "no"), "--adapter-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export without --adapter-only" in err and "merge_lora" not in err, err
+    assert not (tmp_path / "no").exists()
+
+
+def test_export_checks_the_output_path_before_loading(ws, v3run, tmp_path, capsys, monkeypatch):
+    """An output path under a file or in a folder that refuses new entries is one line, before any weights
+    are read."""
+    from jaxmodels.train import export
+
+    _, run_dir = v3run
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(export, "load_run", lambda *a, **k: pytest.fail("loaded weights before checking --out"))
+    for out, message in ((afile / "out", "is under the file"), (afile, "is a file"),
+                         ("/proc/jaxmodels-test/out", "cannot create anything in")):
+        assert cli.main(["export", run_dir, str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------------

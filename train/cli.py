@@ -4,7 +4,7 @@
                   [--steps N | --epochs E] [--batch-size B] [--seq-len L] [--lr 2e-5] [--warmup 100]
                   [--schedule cosine|linear|constant] [--weight-decay 0.1] [--clip 1.0] [--grad-accum K]
                   [--lora-rank R --lora-alpha A --lora-targets q_b_proj,kv_b_proj,o_proj,...]
-                  [--mesh fsdp=8,expert=2] [--dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
+                  [--mesh fsdp=8,expert=2] [--dtype bf16] [--optimizer-dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
                   [--log-every N] [--seed S] [--resume] [--mtp-loss-weight 0.1] [--init-from-config]
                   [--coordinator HOST:PORT --num-processes N --process-id I | --distributed] [--dcn-mesh data=2]
 
@@ -23,8 +23,8 @@ from jaxmodels.units import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from jaxmodels.model import REMAT_POLICIES
-    from jaxmodels.train.config import SCHEDULES
+    from jaxmodels.options import REMAT_NAMES
+    from jaxmodels.train.config import OPTIMIZER_DTYPES, SCHEDULES
 
     p.add_argument("--model", required=True, help="checkpoint directory (or hub id, when online)")
     p.add_argument("--data", required=True, help="training JSONL file")
@@ -44,13 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha / rank; default 2 x rank)")
     p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_b_proj,kv_b_proj,o_proj "
-                                          "(default: all attention and MLP projections; 'experts' adds the routed "
-                                          "experts)")
+                                          "(default: every attention projection, on StableLM every MLP projection "
+                                          "too; 'experts' adds DeepSeek's routed experts)")
     p.add_argument("--mesh", help="mesh axes, e.g. fsdp=8,expert=2 (default: every device on fsdp)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), default=None,
                    help="master-weight dtype (default float32; LoRA's frozen base bf16)")
-    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="save_matmuls",
+    p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="float32",
+                   help="AdamW's moments: float32, or bf16 (half the optimizer state's memory; computed in float32)")
+    p.add_argument("--remat", choices=sorted(REMAT_NAMES), default="save_matmuls",
                    help="what the backward pass recomputes inside each layer (memory for speed)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
@@ -90,7 +92,8 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         schedule=args.schedule, weight_decay=args.weight_decay, clip=args.clip or None, grad_accum=args.grad_accum,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=None if not args.lora_targets else tuple(t.strip() for t in args.lora_targets.split(",") if t),
-        mesh=args.mesh, dcn_mesh=args.dcn_mesh, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+        mesh=args.mesh, dcn_mesh=args.dcn_mesh, dtype=args.dtype, param_dtype=args.param_dtype,
+        optimizer_dtype=args.optimizer_dtype, remat=args.remat,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
         eval_batches=args.eval_batches, seed=args.seed, resume=args.resume,
         init_from_config=args.init_from_config, bias_update_rate=args.bias_update_rate,
@@ -100,7 +103,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
 def run(args) -> int:
     from jaxmodels import distributed
     from jaxmodels.config import ConfigError
-    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.sharding import ShardingError
     from jaxmodels.tokenizer import TokenizerError
     from jaxmodels.train.config import TrainError

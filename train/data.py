@@ -35,8 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxmodels.tokenizer import Tokenizer, TokenizerError
-
-IGNORE = -100  # label of a position the loss skips (transformers' ignore_index)
+from jaxmodels.train.loss import IGNORE  # label of a position the loss skips (transformers' ignore_index)
 
 TASKS = ("causal_lm", "sequence_classification", "token_classification")  # the model heads' names
 

@@ -28,14 +28,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxmodels import distributed, sharding
-from jaxmodels.config import ConfigError, DeepseekConfig
+from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.linear import LoRAParam
 from jaxmodels.layers.mtp import num_mtp_layers
 from jaxmodels.train import step as steplib
 from jaxmodels.train.checkpoint import Checkpoints
 from jaxmodels.train.config import TrainConfig, TrainError, check_out_dir
 from jaxmodels.train.data import DataError, TrainData
-from jaxmodels.train.lora import add_lora, lora_config
+from jaxmodels.train.lora import add_lora, default_targets, lora_config, peft_unwritable
 from jaxmodels.train.metrics import MetricsLog, flops_per_token, peak_flops
 from jaxmodels.train.optim import optimizer
 from jaxmodels.units import DTYPES
@@ -94,7 +94,7 @@ class Trainer:
         elif model is None:
             model = from_pretrained(self.model_path, param_dtype, mesh=self.mesh, progress=progress)
         else:
-            sharding.shard_model(model, self.mesh)
+            model = sharding.shard_model(model, self.mesh)
         mcfg = model.config
         if cfg.seq_len > mcfg.max_position_embeddings:
             raise TrainError(f"--seq-len {cfg.seq_len} is above the model's max_position_embeddings "
@@ -103,14 +103,17 @@ class Trainer:
         if cfg.mtp_loss_weight and not num_mtp_layers(model):
             raise TrainError(f"--mtp-loss-weight {cfg.mtp_loss_weight}: {self.model_path} has no multi-token-"
                              "prediction layer (num_nextn_predict_layers with MTP weights); drop the flag")
-        model.compute_dtype = DTYPES[cfg.dtype.lower()]
-        model.remat = cfg.remat
+        model = model.with_options(compute_dtype=DTYPES[cfg.dtype.lower()], remat=cfg.remat)
         self.task = "causal_lm" if model.head in ("causal_lm", "base") else model.head
         if cfg.lora:
-            targets = cfg.lora_targets or default_lora_targets(mcfg)
+            targets = cfg.lora_targets or default_targets(mcfg)
+            if peft_unwritable(mcfg, targets):
+                log.warning("--lora-targets %s: DeepSeek adapters on the dense / shared-expert MLP cannot be exported "
+                            "with --adapter-only (peft reads those names as the routed experts); `jaxmodels export "
+                            "RUN OUT` writes the merged model", ",".join(peft_unwritable(mcfg, targets)))
             add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank, targets=targets,
                      seed=cfg.seed)
-            sharding.shard_model(model, self.mesh)
+            model = sharding.shard_model(model, self.mesh)
         self.lora = lora_config(model) if cfg.lora else None
 
         # ---- data ----
@@ -147,7 +150,7 @@ class Trainer:
         self.identity = {"model": os.path.abspath(self.model_path) if os.path.isdir(self.model_path) else cfg.model,
                          "model_fingerprint": model_fingerprint(self.model_path) if os.path.isdir(self.model_path)
                          else None, "data_fingerprint": self.data.fingerprint, "lora": self.lora,
-                         "task": self.task}
+                         "task": self.task, "optimizer_dtype": jnp.dtype(DTYPES[cfg.optimizer_dtype.lower()]).name}
         self.flops_per_token = flops_per_token(model, cfg.seq_len, lora=cfg.lora)
         self.peak = peak_flops()
         if cfg.resume:
@@ -170,8 +173,8 @@ class Trainer:
         k, b = self.config.grad_accum, self.config.batch_size
         parts = [self.data.batch(self.position + i, b, self.shard) for i in range(k)]
         self.position += k
-        return steplib.put_batch({n: np.stack([p[n] for p in parts]) for n in parts[0]}, self.mesh, micro=True,
-                                 rows=b)
+        return sharding.shard_batch({n: np.stack([p[n] for p in parts]) for n in parts[0]}, self.mesh, micro=True,
+                                    rows=b)
 
     def step(self) -> dict:
         """One optimizer step; returns its metrics (host floats; `expert_load` [moe layers, experts])."""
@@ -212,7 +215,7 @@ class Trainer:
         n = min(n, self.config.eval_batches or n)
         total, count, correct, mtp = 0.0, 0, 0, 0.0
         for i in range(n):
-            batch = steplib.put_batch(self.eval_data.batch(i, b, self.eval_shard), self.mesh, micro=False, rows=b)
+            batch = sharding.shard_batch(self.eval_data.batch(i, b, self.eval_shard), self.mesh, rows=b)
             out = distributed.to_host(self._eval_fn(self.state, self.frozen, batch))
             total, count, correct = total + float(out["loss_sum"]), count + int(out["tokens"]), \
                 correct + int(out["correct"])
@@ -237,11 +240,13 @@ class Trainer:
         for key, what in (("model_fingerprint", "model (config.json / weight files)"),
                           ("data_fingerprint", "training data (file, tokenizer or --seq-len)"),
                           ("lora", "LoRA setting (--lora-rank/--lora-alpha/--lora-targets)"), ("task", "task"),
+                          ("optimizer_dtype", "--optimizer-dtype"),
                           ("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"), ("seed", "--seed")):
             ours = self.identity.get(key, getattr(self.config, key, None))
-            if _norm(meta.get(key)) != _norm(ours):
+            theirs = meta.get(key, "float32" if key == "optimizer_dtype" else None)  # (saved before the flag)
+            if _norm(theirs) != _norm(ours):
                 raise TrainError(f"--resume: the checkpoint in {self.config.out} was trained with a different {what} "
-                                 f"({meta.get(key)!r} there, {ours!r} now); resume with the same settings or "
+                                 f"({theirs!r} there, {ours!r} now); resume with the same settings or "
                                  "start a new --out")
         restored = self.checkpoints.restore(step, self.state)
         self.state = dict(self.state, **restored, step=jnp.asarray(step, jnp.int32))
@@ -295,21 +300,13 @@ def init_from_config(path: str, dtype, mesh, *, seed: int = 0, mtp: bool = False
     mtp: build the config's multi-token-prediction layers too (num_nextn_predict_layers; only when their loss
     trains them, so an export never ships an untrained MTP layer)."""
     from jaxmodels.config import load_config
-    from jaxmodels.convert.keymap import mtp_layers
     from jaxmodels.model import init_model
 
     mcfg = load_config(path)
     if any(n.endswith(".safetensors") for n in os.listdir(path)):
         log.warning("--init-from-config: ignoring the weights in %s (training from a fresh initialisation)", path)
-    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=len(mtp_layers(mcfg)) if mtp else 0)
-
-
-def default_lora_targets(cfg) -> tuple[str, ...]:
-    """Every attention projection and every dense/shared MLP projection (not the routed experts)."""
-    if isinstance(cfg, DeepseekConfig):
-        attn = ("q_proj",) if cfg.q_lora_rank is None else ("q_a_proj", "q_b_proj")
-        return attn + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    depths = getattr(mcfg, "num_nextn_predict_layers", 0) or 0
+    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=depths if mtp else 0)
 
 
 def _has_routing_bias(cfg) -> bool:
@@ -342,4 +339,4 @@ def _norm(v):
     return json.loads(json.dumps(v))
 
 
-__all__ = ["Trainer", "train", "build_mesh", "init_from_config", "default_lora_targets", "ConfigError"]
+__all__ = ["Trainer", "train", "build_mesh", "init_from_config"]

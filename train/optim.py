@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmodels.train.config import TrainConfig
+from jaxmodels.units import DTYPES
 
 
 def schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -39,12 +40,36 @@ def decay_mask(params) -> object:
 
 
 def optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (float32 moments) behind global-norm clipping, with the schedule; returns (tx, schedule)."""
+    """AdamW behind global-norm clipping, with the schedule; returns (tx, schedule). The moments are stored
+    in `cfg.optimizer_dtype` (float32, or bf16: half the optimizer state's memory); either way each step
+    computes them in float32 (the gradient is float32) and rounds once, when it stores them."""
     sched = schedule(cfg, total_steps)
+    dtype = DTYPES[cfg.optimizer_dtype.lower()]
     parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip else []
-    parts.append(optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8,
-                             weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.float32))
+    parts.append(moments_in(optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                                        mask=decay_mask, mu_dtype=dtype), dtype))
     return optax.chain(*parts), sched
+
+
+def moments_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`tx` with Adam's second moment `nu` created in `dtype` too (optax's `mu_dtype` covers only the first).
+
+    optax's Adam update casts the new `nu` back to the dtype of the state it was given (`cast_like`), so a
+    `nu` created in bf16 stays bf16, while the update itself runs in the gradient's float32. (Rounding to
+    nearest: with b2 = 0.999 a bf16 `nu` moves only when a squared gradient is a few times its value, so it
+    decays slower than in float32 and Adam's steps come out slightly smaller, never larger.)"""
+    if jnp.dtype(dtype) == jnp.float32:
+        return tx
+
+    def is_adam(s):
+        return isinstance(s, optax.ScaleByAdamState)
+
+    def init(params):
+        state = tx.init(params)
+        return jax.tree.map(lambda s: s._replace(nu=optax.tree.cast(s.nu, dtype)) if is_adam(s) else s, state,
+                            is_leaf=is_adam)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
 def update_routing_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
