@@ -127,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxmodels.config import ConfigError
-    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.train.config import TrainError
 
     try:

@@ -32,7 +32,6 @@ from safetensors.numpy import save_file
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.convert.files import atomic_directory
-from jaxmodels.convert.keymap import stack_offset
 from jaxmodels.layers.linear import Linear, LoRAParam
 from jaxmodels.layers.moe import Experts
 
@@ -229,10 +228,9 @@ def _peft_entries(model):
     """Yields (peft key, LoRAParam, index) for every adapter slice: index (layer,) of a Linear adapter,
     (layer, expert) of a routed-expert adapter, whose keys are the hub's per-expert module names
     (`mlp.experts.{e}.gate_proj`), the layout peft converts onto transformers 5's fused experts."""
-    cfg = model.config
     for path, node in _lora_modules(model):
         stack, rest = path[1], ".".join(path[3:])
-        offset = stack_offset(cfg, stack)
+        offset = getattr(model.model, stack).offset  # checkpoint index of the stack's first layer
         if isinstance(node, Linear):
             for i in range(node.lora_a.shape[0]):
                 prefix = f"{_PEFT_PREFIX}model.layers.{offset + i}.{rest}"

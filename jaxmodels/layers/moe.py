@@ -24,6 +24,7 @@ from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.linear import ACTIVATIONS, gated, lora_delta, param
 from jaxmodels.layers.mlp import MLP
+from jaxmodels.options import GROUPED_MATMUL_IMPLS, Options
 
 
 class Buffer(nnx.Variable):
@@ -79,21 +80,20 @@ def _keep_top_groups(scores, group_scores, cfg: DeepseekConfig, fill):
     return jnp.where(expert_mask, scores, fill)
 
 
-# Decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than experts) read
-# only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul, which reads
-# every expert's weights whether or not a token picked it. Static (trace time);
-# benchmarks/bench_generate.py measures the crossover.
-GATHER_MAX_SLOTS: int | None = None
-# "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen expert's
-# weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched matvecs.
-GATHER_FORM = "reduce"
-# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
-# backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
-# 256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
-# case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
-# jax.lax.ragged_dot. `grouped_matmul(..., impl=)` overrides it per call.
-GROUPED_MATMUL = "auto"
-_IMPLS = ("auto", "auto-xla-drhs", "xla")
+# Static choices come from the model's options (jaxmodels.options.Options, read at trace time):
+# * gather_max_slots: decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than
+#   experts) read only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul,
+#   which reads every expert's weights whether or not a token picked it; benchmarks/bench_generate.py measures
+#   the crossover.
+# * gather_form: "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen
+#   expert's weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched
+#   matvecs.
+# * grouped_matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
+#   backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
+#   256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
+#   case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
+#   jax.lax.ragged_dot.
+_IMPLS = GROUPED_MATMUL_IMPLS
 
 
 @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -104,13 +104,14 @@ def combine_slots(y: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
-def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
+def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str, form: str = "reduce"):
     """Expert compute for a few tokens: each token-slot multiplies by its own expert's weights, so a decode
-    step reads k experts per token and never the others. Returns float32 [tokens, hidden]."""
+    step reads k experts per token and never the others. form: Options.gather_form. Returns float32
+    [tokens, hidden]."""
     t, k = ids.shape
     flat = ids.reshape(-1)  # [slots]
     xs = jnp.repeat(x, k, axis=0)  # [slots, hidden]
-    if GATHER_FORM == "einsum":
+    if form == "einsum":
         gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, flat, axis=0))  # [slots, inter]
         up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, flat, axis=0))  # [slots, inter]
         y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
@@ -274,17 +275,16 @@ def _grouped_matmul_vjp(fwd, dlhs, drhs):
     return gmm
 
 
-def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None):
+def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto"):
     """Multiplies each group of rows by its group's matrix, with jax.lax.ragged_dot's meaning.
 
     lhs [m, k] (rows sorted by group), rhs [groups, k, n], group_sizes [groups] int32 -> [m, n]: rows
     [start_g, start_g + group_sizes[g]) are multiplied by rhs[g]; rows beyond sum(group_sizes) come out zero
     and get zero gradient (local_experts relies on both). Differentiable on every path.
     impl: "auto" (Mosaic-GPU kernels on Hopper, forward and backward, where the shapes allow; XLA
-    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot);
-    None: GROUPED_MATMUL.
+    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot): the
+    model's Options.grouped_matmul.
     """
-    impl = GROUPED_MATMUL if impl is None else impl
     fwd, d_lhs, d_rhs = _mosaic_gpu_ok(lhs, rhs, impl)
     if not fwd:
         return jax.lax.ragged_dot(lhs, rhs, group_sizes)
@@ -292,12 +292,12 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None):
                                _mosaic_drhs if d_rhs else _xla_drhs)(lhs, rhs, group_sizes)
 
 
-def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
+def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0, options: Options = Options()):
     """Dropless compute of the token-slots whose expert lies in [first, first + E_local), the experts whose
     weights are given; other slots contribute zero. x [tokens, hidden]; ids/weights [tokens, k]; gate/up
     [E_local, hidden, inter], down [E_local, inter, hidden] -> float32 [tokens, hidden].
 
-    Decode-sized calls (fewer slots than experts, or GATHER_MAX_SLOTS) read only the chosen experts'
+    Decode-sized calls (fewer slots than experts, or options.gather_max_slots) read only the chosen experts'
     weights; larger ones sort the slots by expert (foreign slots last) and run one grouped matmul per
     projection over the local experts, which leaves rows beyond the local groups at zero.
     """
@@ -305,19 +305,21 @@ def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
     e_local = gate_w.shape[0]
     local_ids = ids - first
     mine = (local_ids >= 0) & (local_ids < e_local)  # [t, k]
-    if t * k <= (e_local - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS):
+    max_slots = e_local - 1 if options.gather_max_slots is None else options.gather_max_slots
+    if t * k <= max_slots:
         # A foreign slot reads local expert 0 with weight 0 instead of streaming every expert.
         return gathered_experts(x, jnp.where(mine, local_ids, 0), jnp.where(mine, weights, 0.0),
-                                gate_w, up_w, down_w, act)
+                                gate_w, up_w, down_w, act, options.gather_form)
     key = jnp.where(mine, local_ids, e_local).reshape(-1)  # [t * k]; foreign slots sort last
     order = jnp.argsort(key, stable=True).astype(jnp.int32)  # sorted position -> slot
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # slot -> sorted position
     # Every token once per slot, then the slots in expert order: [t * k, hidden], grouped by expert.
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)
     group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
-    h = gated(grouped_matmul(x_sorted, gate_w, group_sizes), grouped_matmul(x_sorted, up_w, group_sizes),
+    impl = options.grouped_matmul
+    h = gated(grouped_matmul(x_sorted, gate_w, group_sizes, impl), grouped_matmul(x_sorted, up_w, group_sizes, impl),
               act)  # [t * k, inter]
-    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]; foreign slots' rows are zero
+    y_sorted = grouped_matmul(h, down_w, group_sizes, impl)  # [t * k, hidden]; foreign slots' rows are zero
     y = permute_rows(y_sorted, inverse, order).reshape(t, k, -1)  # back to slot order
     return combine_slots(y, weights)
 
@@ -342,12 +344,12 @@ def _permute_rows_bwd(res, dy):
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
+def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str, options: Options = Options()):
     """Dropless expert compute on one device. gate/up [E, hidden, inter], down [E, inter, hidden]."""
-    return local_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
+    return local_experts(x, ids, weights, gate_w, up_w, down_w, act, options=options).astype(x.dtype)
 
 
-def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules):
+def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, options: Options):
     """`grouped_experts` with the experts split over the mesh (expert parallelism), still dropless.
 
     Scheme: all-gather tokens, compute local experts, reduce-scatter. Inside `jax.shard_map` each device
@@ -364,6 +366,7 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
     all-to-all that the CPU backend lacks. The all-gather / reduce-scatter moves tokens x hidden per
     device in each direction, independent of routing, keeps static shapes, and never drops a token.
     """
+    mesh, rules = options.mesh, options.rules
     # Size-1 mesh axes are left out of the specs, so no value "varies" over them and no collective runs
     # over them (jax versions differ on how they treat a size-1 axis in shard_map's replication check).
     def spec(axes, shape):
@@ -384,7 +387,7 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
             ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
         first = jax.lax.axis_index(exp_axes) * gate_w.shape[0] if exp_axes else 0
-        out = local_experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
+        out = local_experts(x, ids, weights, gate_w, up_w, down_w, act, first, options)  # [t, hidden] f32, partial
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
@@ -464,26 +467,26 @@ class MoE(nnx.Module):
         else:
             self.shared_experts = None
 
-    def __call__(self, x, valid=None):
-        """x [b, s, hidden]; valid [b, s] bool (tokens that count in the routing statistics; None = all).
-        Returns (y [b, s, hidden], router_stats {"load", "score"} [b, experts])."""
-        cfg = self.cfg
+    def __call__(self, x, inputs):
+        """x [b, s, hidden]; inputs: the forward inputs (jaxmodels.inputs.Inputs): its `valid` tokens count in
+        the routing statistics, its options choose the kernels and the mesh. Returns (y [b, s, hidden],
+        router_stats {"load", "score"} [b, experts])."""
+        cfg, options = self.cfg, inputs.options
         b, s, d = x.shape
         with jax.named_scope("moe"):
             flat = x.reshape(b * s, d)
             bias = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
             with jax.named_scope("router"):
                 weights, ids, scores = route(cfg, self.gate.logits(flat), bias)
-                valid = jnp.ones((b, s), bool) if valid is None else valid
-                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), valid, cfg.n_routed_experts)
+                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), inputs.valid,
+                                     cfg.n_routed_experts)
             with jax.named_scope("experts"):
                 # Weights are cast to the activations' dtype where they are used (bf16 compute, float32 master).
                 experts = tuple(w.astype(x.dtype) for w in self.experts.weights())
-                mesh, rules = sharding.current()
-                if mesh is None:
-                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act)
+                if options.mesh is None:
+                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act, options)
                 else:
-                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, mesh, rules)
+                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, options)
             y = y.reshape(b, s, d)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
