@@ -24,7 +24,6 @@ Typical use::
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping
 
 import jax
@@ -84,13 +83,11 @@ class ShardingError(ValueError):
 
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` once when the environment describes a multi-process run
-    (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects: SLURM, Open MPI, TPU pods via their env)."""
-    if jax.distributed.is_initialized():
-        return
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or (env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1) \
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
+    (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects: SLURM, Open MPI, TPU pods via their env).
+    See `jaxmodels.distributed` for the flags and the mesh across slices."""
+    from jaxmodels import distributed
+
+    distributed.maybe_initialize()
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
@@ -248,9 +245,17 @@ def state_shardings(state, mesh: Mesh, rules=None):
     return jax.tree.map(lambda v: v.replace(value=param_sharding(v, mesh, rules)), state, is_leaf=_is_var)
 
 
+def _put(x, target: NamedSharding):
+    # A value held by this process alone (e.g. LoRA adapters just initialised, the same on every process)
+    # cannot be device_put onto a mesh spanning other processes; its host copy can.
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not target.is_fully_addressable:
+        x = np.asarray(x)
+    return jax.device_put(x, target)
+
+
 def shard_state(state, mesh: Mesh, rules=None):
     """Moves every variable of an nnx State onto the mesh by the table."""
-    return jax.tree.map(lambda v: v.replace(value=jax.device_put(v.get_value(), param_sharding(v, mesh, rules))),
+    return jax.tree.map(lambda v: v.replace(value=_put(v.get_value(), param_sharding(v, mesh, rules))),
                         state, is_leaf=_is_var)
 
 
@@ -291,14 +296,24 @@ def batch_sharding(mesh: Mesh, shape, rules=None, *, micro: bool = False) -> Nam
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 
 
-def shard_batch(x, mesh: Mesh, rules=None, *, micro: bool = False):
-    """A host array [batch, ...] (or a pytree of them, e.g. a training batch dict), the same full batch on
-    every process, as global arrays on the mesh (see batch_sharding). Each process transfers only the rows
-    its devices hold, so this works unchanged on multi-host runs."""
+def shard_batch(x, mesh: Mesh, rules=None, *, micro: bool = False, rows: int | None = None):
+    """Host arrays [batch, ...] (or a pytree of them, e.g. a training batch dict) as global arrays on the mesh
+    (see batch_sharding).
+
+    rows=None: every process holds the same full batch and transfers only the rows its devices hold.
+    rows=N: the global batch has N rows and each process holds only its own share of them (multi-host
+    training reads just those: `train.step.process_shard`); the global array is assembled from every
+    process's share (`jax.make_array_from_process_local_data`).
+    """
+    dim = 1 if micro else 0
+
     def one(a):
         a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, batch_sharding(mesh, a.shape, rules, micro=micro),
-                                            lambda idx: a[idx])
+        if rows is None:
+            return jax.make_array_from_callback(a.shape, batch_sharding(mesh, a.shape, rules, micro=micro),
+                                                lambda idx: a[idx])
+        shape = a.shape[:dim] + (rows,) + a.shape[dim + 1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, shape, rules, micro=micro), a, shape)
 
     return jax.tree.map(one, x)
 

@@ -101,6 +101,7 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
                        "pad_token": "[PAD]", "unk_token": "[UNK]", "chat_template": TEMPLATE}, f)
 
 
+@pytest.mark.slow  # a subprocess
 def test_tiny_random_model_runs_offline(capsys):
     """`--model tiny-random`: a random DeepSeek-V3 built in memory with the byte tokenizer (no files)."""
     from jaxmodels.generate_cli import TINY_RANDOM, tiny_random_model

@@ -337,3 +337,20 @@ def test_gpu_bf16_generation_follows_transformers(tmp_path, family, pad):
     transformers' float32 forward: bf16 alone is 2-5.5% off on the CPU (XLA paths, these shapes and rows), a wrong
     mask, position or cache slot tens of percent."""
     assert bf16_prefill_and_decode_error(tmp_path, family, pad) < 0.12
+
+
+@pytest.mark.parametrize("family", ["stablelm", "deepseek_v3"])
+def test_dynamic_rope_generates_past_max_position_embeddings(tmp_path, family):
+    """rope_type dynamic (NTK growth) defines positions past max_position_embeddings: generation goes there,
+    token for token as transformers' greedy generate; every other rope type refuses (test_clear_errors)."""
+    overrides = {"stablelm": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 2.0,
+                                                   "partial_rotary_factor": 0.5}, max_position_embeddings=16),
+                 "deepseek_v3": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+                                     max_position_embeddings=16)}[family]
+    path, hf = make_checkpoint(tmp_path, family, **overrides)
+    model = jaxmodels.from_pretrained(path, progress=False)
+    ids = np.random.default_rng(6).integers(3, hf.config.vocab_size, (1, 10))
+    ours = jaxmodels.generate(model, ids, max_new_tokens=22, eos_token_id=[], pad_token_id=0)  # positions 0..31
+    ref = hf_generate(hf, ids, np.ones_like(ids), 22, None)
+    assert ours.shape == ref.shape == (1, 32)
+    np.testing.assert_array_equal(ours, ref)

@@ -66,7 +66,7 @@ XLA_KERNELS = (moe._xla_fwd, moe._xla_dlhs, moe._xla_drhs)
 
 
 @pytest.mark.parametrize("group_sizes", GROUP_SIZES)
-@pytest.mark.parametrize("impl", [None, "xla"])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
 def test_xla_path_matches_dense(group_sizes, impl):
     lhs, rhs, gs, cot = inputs(group_sizes)
     got = value_and_grads(lambda a, b, g: moe.grouped_matmul(a, b, g, impl=impl), lhs, rhs, gs, cot)

@@ -101,6 +101,7 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
 # 8 simulated devices
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess with several devices
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "stablelm"])
 def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
     path, _ = make_checkpoint(tmp_path, family)
@@ -163,6 +164,7 @@ def test_mtp_loss_and_speculative_decoding_on_a_mesh_equal_one_device(tmp_path):
         assert m["speculative"] == one["speculative"] and m["accepted"] == one["accepted"], label
 
 
+@pytest.mark.slow  # a subprocess with several devices
 def test_loading_onto_a_mesh_keeps_host_memory_near_one_tensor(tmp_path):
     out = tmp_path / "memory.json"
     run_worker("memory", out)

@@ -45,6 +45,9 @@ class TrainConfig:
     lora_alpha: float | None = None  # default: 2 * rank
     lora_targets: tuple[str, ...] | None = None  # default: lora.default_targets
     mesh: str | None = None  # e.g. "fsdp=8,expert=2"; default: all devices on fsdp
+    # Multi-slice / multi-node: mesh axis sizes across slices (TPU) or nodes (GPU), e.g. "data=2"; `mesh` then
+    # describes one slice / node (see jaxmodels.distributed.make_mesh).
+    dcn_mesh: str | None = None
     dtype: str = "bf16"  # compute dtype
     param_dtype: str | None = None  # master weights: float32 (full fine-tune) / bf16 (the frozen LoRA base)
     optimizer_dtype: str = "float32"  # AdamW's moments: float32, or bf16 (half the optimizer state's memory)
@@ -130,7 +133,7 @@ def check_out_dir(out: str) -> None:
     """--out must be creatable and writable: fail now, not at the first checkpoint."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per process: hosts may share --out
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxmodels import sharding
+from jaxmodels import distributed, sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.mtp import num_mtp_layers
 from jaxmodels.train.loss import (IGNORE, balance_loss, classification_loss, mtp_loss_terms, mtp_targets, shift_labels,
@@ -216,6 +216,14 @@ def eval_step(graphdef, opts: StepOptions, state: dict, frozen, batch: dict):
 # ----------------------------------------------------------------------------------------------------
 # Placement
 # ----------------------------------------------------------------------------------------------------
+
+def process_shard(mesh, rows: int, micro: bool):
+    """The Grain `ShardOptions` of the rows of a `rows`-row batch that this process's devices hold (shard 0
+    of 1 on one process); `TrainData.batch(..., shard=)` reads just those, `sharding.shard_batch(..., rows=)`
+    places them."""
+    shape = (1, rows) if micro else (rows,)
+    return distributed.batch_shard(sharding.batch_sharding(mesh, shape, micro=micro), shape, len(shape) - 1)
+
 
 def check_batch_fits_mesh(rows: int, mesh) -> None:
     """The rows of a micro-batch must split evenly over the mesh's batch axes."""
