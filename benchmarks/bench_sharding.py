@@ -83,7 +83,7 @@ def random_model(cfg, mesh, dtype, rules=None):
         leaves.append((path, var.replace(value=f(jax.random.fold_in(key, i)))))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     if mesh is not None:
-        sharding.attach_mesh(model, mesh, rules)
+        model = model.with_options(mesh=mesh, **({} if rules is None else {"rules": rules}))
     return model
 
 

@@ -87,15 +87,16 @@ def plain_mode(mode: str):
     """Runs generate's plain greedy loop in `mode` (one-token or the default paired) for a model with MTP."""
     import jax
 
-    G = sys.modules["jaxmodels.generate"]
-    has_mtp = G._has_mtp
+    from jaxmodels.generate import steps
+
+    has_mtp = steps._has_mtp
     if mode == "one-token":
-        G._has_mtp = lambda m: False
+        steps._has_mtp = lambda m: False
     jax.clear_caches()  # read at trace time
     try:
         yield
     finally:
-        G._has_mtp = has_mtp
+        steps._has_mtp = has_mtp
         jax.clear_caches()
 
 

@@ -73,6 +73,7 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
 
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import init_model
+    from jaxmodels import sharding
     from jaxmodels.sharding import make_mesh
     from jaxmodels.train import step as steplib
     from jaxmodels.train.config import TrainConfig
@@ -85,9 +86,7 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
     mesh = make_mesh()
     t0 = time.perf_counter()
     model = init_model(cfg, mesh, jnp.bfloat16 if lora or probe == "bf16-master" else jnp.float32, std=0.02)
-    model.compute_dtype = jnp.bfloat16
-    model.remat = remat
-    model.attention_impl = attention
+    model = model.with_options(compute_dtype=jnp.bfloat16, remat=remat, attention=attention)
     trainable = None
     if lora:
         from jaxmodels.layers.linear import LoRAParam
@@ -107,8 +106,8 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
                                        steplib.XLA_OPTION_SETS[xla_options])
     rng = np.random.default_rng(0)
     ids = rng.integers(10, cfg.vocab_size, (1, b, s)).astype(np.int32)
-    batch = steplib.put_batch({"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
-                               "positions": np.broadcast_to(np.arange(s, dtype=np.int32), ids.shape)}, mesh, True)
+    batch = sharding.shard_batch({"input_ids": ids, "labels": ids, "segment_ids": np.ones_like(ids),
+                               "positions": np.broadcast_to(np.arange(s, dtype=np.int32), ids.shape)}, mesh, micro=True)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     times, losses = [], []
@@ -221,7 +220,7 @@ def main():
     p.add_argument("--compare-hf", action="store_true", help="also run transformers on each row")
     p.add_argument("--out", help="directory for results.json and failure logs")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
-    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (model.attention_impl)")
+    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (Options.attention)")
     p.add_argument("--remat", default=None, help="override the rows' jaxmodels remat policy")
     p.add_argument("--optimizer-dtype", default="float32", choices=["float32", "bf16"],
                    help="jaxmodels AdamW moments (`jaxmodels train --optimizer-dtype`)")

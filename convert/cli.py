@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         out = convert_checkpoint(args.model, args.out, dtype, max_shard_size=max_shard_size,
                                  mtp=False if args.no_mtp else None,
                                  progress=not args.quiet)
-    except (FileNotFoundError, CheckpointError, ConfigError, ValueError) as e:
+    except (OSError, CheckpointError, ConfigError, ValueError) as e:  # OSError: a path (missing, unwritable)
         print(f"jaxmodels convert: error: {e}", file=sys.stderr)
         return 1
     files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from jaxmodels.config import BaseConfig, load_config
-from jaxmodels.convert.files import atomic_directory
+from jaxmodels.convert.files import atomic_directory, check_writable_dir
 from jaxmodels.convert.hub import resolve_checkpoint
 from jaxmodels.convert.keymap import CheckpointError, Placement, export_keys, mtp_shared_exports
 from jaxmodels.convert.reader import INDEX_FILE, SINGLE_FILE, Checkpoint, default_dtype, read_tensor
@@ -63,10 +64,29 @@ class _HostSlices:
         return self._host[index[1:]]
 
 
+# The files beside the weights that make a checkpoint directory usable by tokenizers / transformers' generate.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def tokenizer_files(src_dir: str) -> list[str]:
+    """The TOKENIZER_FILES present in checkpoint directory `src_dir`."""
+    return [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, name))]
+
+
+def copy_tokenizer_files(src_dir: str, out_dir: str) -> list[str]:
+    """Copies the tokenizer files of `src_dir` into `out_dir`; returns their names."""
+    names = tokenizer_files(src_dir)
+    for name in names:
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    return names
+
+
 def _write_checkpoint(out_dir: str, entries: list, config: dict[str, Any], max_shard_size: int | str,
-                      progress: bool) -> int:
+                      progress: bool, tokenizer_from: str | None = None) -> int:
     """Writes `entries` [(hf_key, nbytes, fetch)] (fetch() -> the tensor in HF layout, called once, in
-    order) as safetensors shards plus config.json (and the index when sharded). Returns the file count.
+    order) as safetensors shards plus config.json (and the index when sharded), with the tokenizer files of
+    `tokenizer_from` when given. Returns the file count.
 
     Shards are filled in order up to `max_shard_size` (a tensor larger than that gets a shard of its own).
     Everything is written to a temporary directory inside out_dir and moved into place only once complete,
@@ -98,12 +118,13 @@ def _write_checkpoint(out_dir: str, entries: list, config: dict[str, Any], max_s
                 del tensors
             with open(stage.path("config.json"), "w") as f:
                 json.dump(config, f, indent=2)
+            extra = copy_tokenizer_files(tokenizer_from, stage.tmp) if tokenizer_from else []
             if sharded:
                 with open(stage.path(INDEX_FILE), "w") as f:
                     total = int(sum(n for _, n, _ in entries))
                     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
             # config and index last; then the previous checkpoint's files the new one does not overwrite go.
-            stage.commit(names + ["config.json"] + ([INDEX_FILE] if sharded else []),
+            stage.commit(names + extra + ["config.json"] + ([INDEX_FILE] if sharded else []),
                          stale=lambda old: old.endswith(".safetensors") or old == INDEX_FILE)
     finally:
         bar.close()
@@ -168,9 +189,10 @@ def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard
     the model: the checkpoint is validated exactly as `from_pretrained` validates it (every name, shape,
     FP8 scale; MTP layers kept unless mtp=False), then streamed tensor by tensor into new shards, so host memory stays
     near one shard whatever the model size. The result is what `save_pretrained(from_pretrained(...))`
-    writes, tensor for tensor. Returns out_dir."""
+    writes, tensor for tensor, plus the source's tokenizer files (TOKENIZER_FILES). Returns out_dir."""
     path = resolve_checkpoint(os.fspath(name_or_path))
     out_dir = os.fspath(out_dir)
+    check_writable_dir(out_dir)  # before any work
     cfg = load_config(path)
     dtype = default_dtype(cfg) if dtype is None else dtype
     ckpt = Checkpoint(path)
@@ -203,5 +225,5 @@ def convert_checkpoint(name_or_path: str, out_dir: str, dtype=None, *, max_shard
         entries.append((hf_key, math.prod(var.shape) * np.dtype(var.dtype).itemsize, fetch))
     head = model_class(cfg).head
     _write_checkpoint(out_dir, entries, export_config(cfg, head, abstract.model.embed_tokens.weight.dtype),
-                      max_shard_size, progress)
+                      max_shard_size, progress, tokenizer_from=path)
     return out_dir

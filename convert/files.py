@@ -18,6 +18,33 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+class OutputPathError(OSError):
+    """An output directory that cannot be written (under a file, a file itself, no permission); the message
+    names the path and the fix."""
+
+
+def check_writable_dir(path: str, what: str = "output directory") -> None:
+    """Fails now, with one line naming the cause, if `path` cannot become a directory we write into: a file is
+    in the way (the path itself or one of its parents), or the nearest existing folder refuses a new entry.
+    Creates nothing (a probe folder is made and removed)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        existing = path
+    else:
+        if os.path.lexists(path):
+            raise OutputPathError(f"{what} {path!r} is a file; choose a directory path")
+        existing = os.path.dirname(path)
+        while not os.path.isdir(existing):
+            if os.path.lexists(existing):
+                raise OutputPathError(f"{what} {path!r} is under the file {existing!r}; choose a directory path")
+            existing = os.path.dirname(existing)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".jaxmodels-probe-", dir=existing))
+    except OSError as e:
+        raise OutputPathError(f"{what} {path!r}: cannot create anything in {existing!r} ({e.strerror}); choose a "
+                              "writable location") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str, *, prefix: str = ".jaxmodels-") -> Iterator["Staging"]:
     """Stages files in a temporary folder inside `out_dir` and moves them in only when the block completes.
@@ -33,8 +60,7 @@ def atomic_directory(out_dir: str, *, prefix: str = ".jaxmodels-") -> Iterator["
     commit, out_dir holds what it held before; a failure removes the staging folder, and out_dir too when
     this call created it and it is still empty."""
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NotADirectoryError(f"{out_dir!r} is a file; pass a directory to write into")
+    check_writable_dir(out_dir)
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = Staging(out_dir, tempfile.mkdtemp(prefix=prefix, dir=out_dir))

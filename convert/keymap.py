@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from jaxmodels.config import BaseConfig, DeepseekConfig
+from jaxmodels.config import BaseConfig
+from jaxmodels.model import stack_layout
 
 
 class CheckpointError(ValueError):
@@ -58,18 +59,16 @@ def _split_gate_up(x):
 
 
 def layer_stack(cfg: BaseConfig, layer: int) -> tuple[str, int]:
-    """Global layer index -> (stack attribute, index inside the stack)."""
-    if isinstance(cfg, DeepseekConfig):
-        if layer < cfg.num_dense_layers:
-            return "dense_layers", layer
-        return "moe_layers", layer - cfg.num_dense_layers
-    return "layers", layer
+    """Global (main) layer index -> (stack attribute, index inside the stack), by the decoder's layout."""
+    for name, (offset, n) in stack_layout(cfg).items():
+        if offset <= layer < offset + n:
+            return name, layer - offset
+    raise CheckpointError(f"layer {layer} is beyond num_hidden_layers={cfg.num_hidden_layers}")
 
 
 def stack_offset(cfg: BaseConfig, stack: str) -> int:
-    if stack == "mtp_layers":
-        return cfg.num_hidden_layers
-    return cfg.num_dense_layers if stack == "moe_layers" else 0
+    """Checkpoint index of the first layer of stack `stack` (the decoder's layout)."""
+    return stack_layout(cfg, max(1, len(mtp_layers(cfg))))[stack][0]
 
 
 def mtp_layers(cfg: BaseConfig) -> range:

@@ -43,18 +43,15 @@ def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 # dispatches the device-side work of the pieces before (layout transposes, writes into the block) and
 # the next pieces are being read. Host memory stays near LOAD_WINDOW_BYTES (buffers being filled or in
 # transfer), whatever the model size.
-#
-# Measured on H100 / H200 hosts (benchmarks/RESULTS.md, 2026-11-23 21:3x-22:0x UTC): with 1 GB pieces the first
-# load in a process took 2.6-4.3 s for stablelm-3b (5.6 GB), a second one 0.6 s: the first 1 GB transfers
-# took ~0.9 s each, and the device-side programs, compiled one after the other on first use, 0.3-1.3 s
-# each. 32 MB pieces and the programs compiled in parallel up front (`_Programs`) load it in 1.2-1.4 s.
+# Small pieces and the device programs compiled in parallel up front (`_Programs`) make a first load in a
+# process about as fast as a second (benchmarks/RESULTS.md, "Loading" and "Figures moved out of the code").
 LOAD_WINDOW_BYTES = 2 << 30
 PIECE_BYTES = 32 << 20
 TASK_BYTES = 64 << 20  # one worker's share of a piece (a piece is filled by several threads at once)
 LOAD_THREADS = min(8, os.cpu_count() or 1)
 COMPILE_THREADS = min(8, os.cpu_count() or 1)
-# The loader's programs only move data: on GPUs, LLVM's cheapest settings compile them ~30% faster and they
-# run as fast (measured on an H200; other backends keep their defaults).
+# The loader's programs only move data: on GPUs, LLVM's cheapest settings compile them faster and they run as
+# fast (RESULTS.md, "Figures moved out of the code"; other backends keep their defaults).
 LOADER_GPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FORGIVE_AFTER_S = 2.0  # a sent buffer not freed by then stops counting against the window (_Pipeline.forgive)
 
@@ -325,11 +322,10 @@ def _write_piece(buf, piece, offsets, axes):
 
 class _Programs:
     """The load's device-side programs (layout transposes, block buffers, piece writes), compiled on a thread
-    pool while the files are being read. Each distinct shape is its own XLA program, and XLA:GPU took
-    0.3-1.3 s to compile one (an H100/H200 host; the transposing writes of expert pieces the longest):
-    compiled one after the other on first use, as plain `jit` calls would, they cost a model with a dozen
-    distinct shapes seconds of its load. Several compile at once (4 transposes: 1.64 s one after the other,
-    0.37 s on 4 threads)."""
+    pool while the files are being read. Each distinct shape is its own XLA program, and XLA:GPU takes up to
+    a second or so to compile one: compiled one after the other on first use, as plain `jit` calls would,
+    they cost a model with a dozen distinct shapes seconds of its load; several compile at once (RESULTS.md,
+    "Figures moved out of the code")."""
 
     def __init__(self, threads: int):
         self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="jaxmodels-compile")
@@ -471,8 +467,8 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
 
 
 
-def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = True, progress: bool = True,
-                    rules=None, mtp: bool | None = None):
+def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, progress: bool = True, rules=None,
+                    mtp: bool | None = None, options=None):
     """Loads a Hugging Face checkpoint as a jaxmodels model (family from model_type, head from architectures).
 
     dtype: parameter dtype (default: the checkpoint's config `dtype`/`torch_dtype`, else float32).
@@ -481,6 +477,8 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     rules: overrides of the logical-axis -> mesh-axis table (jaxmodels.sharding.RULES), with `mesh`.
     mtp: DeepSeek-V3 multi-token-prediction layers (jaxmodels.layers.mtp; needed for speculative decoding and
         the MTP loss) — None (default): load those the checkpoint holds; False: skip them; True: require them.
+    options: the model's static choices (jaxmodels.options.Options or a dict of its fields: attention kernel,
+        remat, compute dtype, scan, ...); `mesh` and `rules`, when given, are set in them.
     """
     path = resolve_checkpoint(name_or_path)
     cfg = load_config(path)
@@ -491,10 +489,8 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
         from jaxmodels.sharding import param_sharding
         sharding_fn = lambda name, var: param_sharding(var, mesh, rules)  # noqa: E731
     graphdef, state = load_state(path, cfg, dtype, sharding_fn=sharding_fn, progress=progress, mtp=mtp)
-    model = nnx.merge(graphdef, state)
-    model.scan = scan
-    if mesh is not None:
-        from jaxmodels.sharding import attach_mesh
-        attach_mesh(model, mesh, rules)
-    return model
+    placement = {} if mesh is None else {"mesh": mesh}
+    if rules is not None:
+        placement["rules"] = rules
+    return nnx.merge(graphdef, state).with_options(options, **placement)
 

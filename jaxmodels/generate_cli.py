@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+from jaxmodels.tokenizer import continuation  # noqa: F401  (re-exported: tests and scripts use it here)
 from jaxmodels.units import DTYPES
 
 TINY_RANDOM = "tiny-random"
@@ -95,14 +96,6 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         prompts = ["def fib(n):"]
     return prompts
-
-
-def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text `new_ids` adds after the prompt: decode(prompt + new) minus decode(prompt), as transformers'
-    pipelines cut it (a word-level tokenizer's joining space or a character split across the boundary comes
-    out right, which decode(new) alone would get wrong)."""
-    head, full = tok.decode(prompt_ids), tok.decode(list(prompt_ids) + list(new_ids))
-    return full[len(head):] if full.startswith(head) else tok.decode(new_ids)
 
 
 class _Printer:

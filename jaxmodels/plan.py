@@ -21,28 +21,57 @@ from flax import nnx
 
 from jaxmodels import sharding
 from jaxmodels.units import DTYPES, human_bytes, parse_size
-from jaxmodels.config import (BaseConfig, ConfigError, DeepseekV2Config, DeepseekV3Config, StableLmConfig,
-                              load_config)
+from jaxmodels.config import BaseConfig, ConfigError, config_from_hf, load_config
 
-# Named shapes that need no files (the published configs' shape fields; rope details do not change bytes).
-PRESETS: dict[str, BaseConfig] = {
-    "deepseek-v3": DeepseekV3Config(),  # transformers' defaults are DeepSeek-V3 (671B with the MTP layer)
-    "deepseek-v2": DeepseekV2Config(
-        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, n_routed_experts=160,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=1536,
-        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="group_limited_greedy", n_group=8,
-        topk_group=3, routed_scaling_factor=16.0, max_position_embeddings=163840),
-    "deepseek-v2-lite": DeepseekV2Config(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
-        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy",
-        max_position_embeddings=163840),
-    "stablelm-2-1.6b": StableLmConfig(
-        vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
-        num_key_value_heads=32, use_qkv_bias=True, max_position_embeddings=4096),
+# The real-size models this project names (`jaxmodels plan --model NAME`, the benchmarks): the published
+# checkpoints' config.json fields, so that they need no files. The one list; PRESETS holds them as configs.
+PRESET_CONFIGS: dict[str, dict] = {
+    "deepseek-v3": dict(  # 671B; the MTP layer is not part of the planned model
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+        num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+        topk_group=4, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+        v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=163840,
+        num_nextn_predict_layers=1,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=1.0, mscale_all_dim=1.0), rope_theta=10000, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1,
+    ),
+    "deepseek-v2": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, intermediate_size=12288,
+        moe_intermediate_size=1536, num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+        n_routed_experts=160, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+        q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
+        max_position_embeddings=163840,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707), rope_theta=10000,
+    ),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        scoring_func="softmax", max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
+                          mscale=0.707, mscale_all_dim=0.707), rope_theta=10000, bos_token_id=100000,
+        eos_token_id=100001,
+    ),
+    "stablelm-3b": dict(  # stablelm-3b-4e1t
+        model_type="stablelm", vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, rope_theta=10000,
+        max_position_embeddings=4096, layer_norm_eps=1e-5, use_qkv_bias=False, qk_layernorm=False,
+        use_parallel_residual=False, hidden_act="silu", tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    ),
+    "stablelm-2-1.6b": dict(
+        model_type="stablelm", vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25, use_qkv_bias=True,
+        max_position_embeddings=4096,
+    ),
 }
+PRESETS: dict[str, BaseConfig] = {name: config_from_hf(raw) for name, raw in PRESET_CONFIGS.items()}
+
 
 def resolve_model(name_or_path: str) -> BaseConfig:
     """A preset name, a checkpoint directory holding config.json, or a config.json path."""

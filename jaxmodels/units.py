@@ -16,15 +16,6 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_dtype(name: str, what: str = "dtype"):
-    """'bf16' / 'bfloat16' / 'fp32' ... -> jnp dtype; a clear ValueError naming `what` otherwise."""
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"{what}={name!r} is not a dtype jaxmodels supports; use one of "
-                         f"{sorted(DTYPES)}") from None
-
-
 def parse_size(size: int | str, what: str = "size") -> int:
     """Bytes from an int or a string as transformers reads `max_shard_size`: '5GB' = 5e9, '5GiB' = 5 * 2**30."""
     if isinstance(size, int) and not isinstance(size, bool):

@@ -72,12 +72,11 @@ def test_prompt_file_runs_one_batch(checkpoint, capsys, tmp_path):
     prompts = ["the dog ran", "birds sang over green hills", "a red ball"]
     file = tmp_path / "prompts.txt"
     file.write_text("\n".join(prompts) + "\n\n")
-    import jaxmodels.generate  # noqa: F401
-    G = sys.modules["jaxmodels.generate"]
-    before = G.TRACE_COUNT["generate"]
+    from jaxmodels.generate import steps
+    before = steps.generate_program()._cache_size()
     rc, out, err = cli(capsys, "--model", checkpoint, "--prompt-file", str(file), "--max-new-tokens", "4")
     assert rc == 0, err
-    assert G.TRACE_COUNT["generate"] <= before + 1  # one batched program, not one per prompt
+    assert steps.generate_program()._cache_size() <= before + 1  # one batched program, not one per prompt
     want = expected(checkpoint, prompts, 4)
     assert out == "".join(f"=== [{i}] {p}\n{w}\n" for i, (p, w) in enumerate(zip(prompts, want)))
 
@@ -102,6 +101,7 @@ def test_clear_errors(checkpoint, capsys, tmp_path):
                        "pad_token": "[PAD]", "unk_token": "[UNK]", "chat_template": TEMPLATE}, f)
 
 
+@pytest.mark.slow  # a subprocess
 def test_tiny_random_model_runs_offline(capsys):
     """`--model tiny-random`: a random DeepSeek-V3 built in memory with the byte tokenizer (no files)."""
     from jaxmodels.generate_cli import TINY_RANDOM, tiny_random_model

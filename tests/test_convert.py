@@ -28,7 +28,7 @@ from jaxmodels.convert.hf import INDEX_FILE, convert_checkpoint
 from jaxmodels.units import parse_size
 from jaxmodels.convert.keymap import CheckpointError
 from jaxmodels.config import ConfigError
-from tiny import HEAD_CLASSES, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
+from tiny import HEAD_CLASSES, add_word_tokenizer, hf_logits, make_checkpoint, make_hf_model, max_rel_err, random_batch
 
 TOL = 1e-4  # float32 parity, relative to max |logit|
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -614,8 +614,11 @@ def test_atomic_directory_modes_and_failures(tmp_path):
     assert not (tmp_path / "new").exists()
 
     (tmp_path / "file").write_text("")
-    with pytest.raises(NotADirectoryError, match="is a file"):
+    with pytest.raises(OSError, match="is a file"):
         with atomic_directory(tmp_path / "file"):
+            pass
+    with pytest.raises(OSError, match="is under the file"):
+        with atomic_directory(tmp_path / "file" / "sub" / "out"):
             pass
 
     with atomic_directory(out) as stage:
@@ -663,12 +666,21 @@ def test_cli_convert_fp8_to_bf16(tmp_path, fp8_checkpoints, batch):
 
 
 def test_cli_convert_f32_is_lossless(tmp_path, ckpts, capsys):
+    """Tensor for tensor, with the source's tokenizer files (so the result generates), files 0644."""
     from jaxmodels.cli import main
+    from jaxmodels.tokenizer import Tokenizer
 
-    src, _ = ckpts["deepseek_v2"]
+    src = shutil.copytree(ckpts["deepseek_v2"][0], tmp_path / "src")
+    add_word_tokenizer(src)
     out = tmp_path / "f32"
-    assert main(["convert", "--model", src, "--out", os.fspath(out), "--dtype", "f32"]) == 0
+    assert main(["convert", "--model", os.fspath(src), "--out", os.fspath(out), "--dtype", "f32"]) == 0
     assert "wrote" in capsys.readouterr().out
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert Tokenizer.from_checkpoint(os.fspath(out)).encode("the cat") == Tokenizer.from_checkpoint(src).encode("the cat")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)} == {f: 0o666 & ~umask for f in os.listdir(out)}
     theirs, ours = read_tensors(src), read_tensors(out)
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
@@ -676,8 +688,11 @@ def test_cli_convert_f32_is_lossless(tmp_path, ckpts, capsys):
     # Errors are reported as one clear line and exit code 1, not a traceback.
     assert main(["convert", "--model", os.fspath(tmp_path / "nope"), "--out", os.fspath(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert main(["convert", "--model", src, "--out", src]) == 1
+    assert main(["convert", "--model", os.fspath(src), "--out", os.fspath(src)]) == 1
     assert "--out" in capsys.readouterr().err
+    assert main(["convert", "--model", os.fspath(src), "--out", os.fspath(src / "config.json" / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is under the file" in err and len(err.splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------------------------- on a mesh
@@ -698,6 +713,7 @@ for path in sys.argv[3:]:
 """
 
 
+@pytest.mark.slow  # a subprocess with several devices
 def test_fp8_mtp_and_fused_experts_on_a_mesh(tmp_path, fp8_checkpoints, ckpts):
     """Loading straight onto a 4-device mesh (each device reads its own slices) gives the same
     parameters for an FP8 checkpoint with an MTP layer and for fused expert tensors."""
@@ -726,6 +742,7 @@ def test_zero_width_shared_experts_on_a_mesh(tmp_path, batch):
     assert err < TOL, err
 
 
+@pytest.mark.slow  # a subprocess
 def test_hub_id_resolves_from_the_local_hub_cache(tmp_path, ckpts, batch):
     """A hub id goes through huggingface_hub: offline, a snapshot already in the hub cache loads, and an
     id that is not cached fails with a message naming it (no network is used: HF_HUB_OFFLINE=1)."""

@@ -148,7 +148,7 @@ def test_cached_decode_and_greedy_of_lora_model(tiny, family):
         err = max_rel_err(step_logits, ref[:, ids.shape[1] - 1 + step])
         assert err < TOL, (step, err)
         if step < future.shape[1]:
-            step_logits, cache = decode_step(model, cache, future[:, step], pos, kv_valid)
+            step_logits, cache = decode_step(model, cache, future[:, step], pos, kv_valid, ids.shape[1] + step)
             pos = pos + 1
     merged = add_lora(load(t["path"]), rank=RANK, alpha=ALPHA, targets=ALL_TARGETS[family])
     nnx.update(merged, nnx.state(model, LoRAParam))

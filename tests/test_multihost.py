@@ -8,6 +8,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxmodels
 from mesh_batch import batch
@@ -23,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess with several devices
 def test_two_process_sharded_forward_equals_single_device(tmp_path):
     path, _ = make_checkpoint(tmp_path, "deepseek_v3")
     out = str(tmp_path / "logits.npy")

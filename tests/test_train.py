@@ -27,7 +27,7 @@ from flax import nnx
 
 import jaxmodels
 from jaxmodels import cli
-from jaxmodels.model import segment_positions
+from jaxmodels.inputs import segment_positions
 from jaxmodels.train import TrainConfig, Trainer
 from jaxmodels.train.config import TrainError
 from jaxmodels.train import step as steplib
@@ -612,6 +612,54 @@ def test_cli_errors(ws, v3run, tmp_path, capsys):
         assert message in err, (args, err)
         assert "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
         assert err.startswith(f"jaxmodels {args[0]}: error:"), err
+
+
+def test_default_lora_targets_export_as_a_peft_adapter(ws, tmp_path, capsys, caplog):
+    """A DeepSeek LoRA run with the default targets exports with --adapter-only, and peft on the transformers
+    base gives the trained model's logits; a run that names the dense MLP is told so at train start and gets
+    a CLI remedy (not a Python one) from export, before any weights are loaded."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    out = tmp_path / "lora"
+    trainer = Trainer(config(ws, out, family="deepseek_v3", steps=2, lora_rank=4, param_dtype="float32"))
+    trainer.run()
+    dest = tmp_path / "adapter"
+    assert cli.main(["export", str(out), str(dest), "--adapter-only"]) == 0, capsys.readouterr().err
+    base = transformers.AutoModelForCausalLM.from_pretrained(ws["ckpt"]["deepseek_v3"], dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, str(dest)).eval()
+    ids = np.random.default_rng(0).integers(1, 96, (2, SEQ))
+    ours = np.asarray(trainer.model()(jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+    mlp = tmp_path / "mlp"
+    with caplog.at_level("WARNING", logger="jaxmodels.train"):
+        Trainer(config(ws, mlp, family="deepseek_v3", steps=1, lora_rank=4,
+                       lora_targets=("o_proj", "gate_proj", "up_proj", "down_proj"))).run()
+    assert any("cannot be exported with --adapter-only" in r.message for r in caplog.records)
+    capsys.readouterr()
+    assert cli.main(["export", str(mlp), str(tmp_path / "no"), "--adapter-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export without --adapter-only" in err and "merge_lora" not in err, err
+    assert not (tmp_path / "no").exists()
+
+
+def test_export_checks_the_output_path_before_loading(ws, v3run, tmp_path, capsys, monkeypatch):
+    """An output path under a file or in a folder that refuses new entries is one line, before any weights
+    are read."""
+    from jaxmodels.train import export
+
+    _, run_dir = v3run
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(export, "load_run", lambda *a, **k: pytest.fail("loaded weights before checking --out"))
+    for out, message in ((afile / "out", "is under the file"), (afile, "is a file"),
+                         ("/proc/jaxmodels-test/out", "cannot create anything in")):
+        assert cli.main(["export", run_dir, str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------------

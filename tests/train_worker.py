@@ -26,6 +26,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxmodels  # noqa: E402
+from jaxmodels import sharding  # noqa: E402
 from jaxmodels.train import step as steplib  # noqa: E402
 
 MESHES = {"fsdp=2,expert=2,tensor=2": dict(fsdp=2, expert=2, tensor=2), "fsdp=8": dict(fsdp=8)}
@@ -40,14 +41,13 @@ def one_step(path, batch, *, mesh=None, opts=steplib.StepOptions(), tx=None, com
     ({name: [micro-batches, rows, seq]}) with `tx` (default SGD with lr 1: new params = params - grads).
     Returns (state before, state after, metrics) on the host."""
     model = jaxmodels.from_pretrained(path, jnp.float32, mesh=mesh, progress=False)
-    model.compute_dtype = compute_dtype
-    model.remat = remat
+    model = model.with_options(compute_dtype=compute_dtype, remat=remat)
     graphdef, params, frozen, buffers = steplib.split_model(model)
     tx = tx or optax.sgd(1.0)
     state = steplib.init_state(params, buffers, tx, mesh)
     before = jax.device_get(state)
     if mesh is not None:
-        batch = steplib.put_batch(batch, mesh, micro=True)
+        batch = sharding.shard_batch(batch, mesh, micro=True)
     new, metrics = jax.jit(functools.partial(steplib.train_step, graphdef, tx, opts))(state, frozen, batch)
     return before, jax.device_get(new), jax.device_get(metrics)
 

@@ -33,7 +33,11 @@ class Checkpoints:
         self.directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                cleanup_tmp_directories=not read_only,
-                                               enable_async_checkpointing=True)
+                                               enable_async_checkpointing=True,
+                                               # Multi-host: every process writes its own arrays' shards;
+                                               # process 0 writes the metadata and commits the step.
+                                               multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                                   primary_host=0))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:

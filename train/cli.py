@@ -6,10 +6,12 @@
                   [--lora-rank R --lora-alpha A --lora-targets q_b_proj,kv_b_proj,o_proj,...]
                   [--mesh fsdp=8,expert=2] [--dtype bf16] [--optimizer-dtype bf16] [--remat POLICY] [--save-every N] [--keep K]
                   [--log-every N] [--seed S] [--resume] [--mtp-loss-weight 0.1] [--init-from-config]
+                  [--coordinator HOST:PORT --num-processes N --process-id I | --distributed] [--dcn-mesh data=2]
 
 Records: {"text"} | {"prompt", "completion"} | {"messages"} (chat template; loss on assistant turns) for
 language models; {"text", "label"} / {"text", "labels"} for the classification heads. See README
-"Fine-tuning".
+"Fine-tuning", and "Training on several hosts" for the multi-process flags (run the same command on every
+host; jaxmodels.distributed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jaxmodels.units import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from jaxmodels.model import REMAT_POLICIES
+    from jaxmodels.options import REMAT_NAMES
     from jaxmodels.train.config import OPTIMIZER_DTYPES, SCHEDULES
 
     p.add_argument("--model", required=True, help="checkpoint directory (or hub id, when online)")
@@ -42,15 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of all weights")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha (scale alpha / rank; default 2 x rank)")
     p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_b_proj,kv_b_proj,o_proj "
-                                          "(default: all attention and MLP projections; 'experts' adds the routed "
-                                          "experts)")
+                                          "(default: every attention projection, on StableLM every MLP projection "
+                                          "too; 'experts' adds DeepSeek's routed experts)")
     p.add_argument("--mesh", help="mesh axes, e.g. fsdp=8,expert=2 (default: every device on fsdp)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="compute dtype")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), default=None,
                    help="master-weight dtype (default float32; LoRA's frozen base bf16)")
     p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="float32",
                    help="AdamW's moments: float32, or bf16 (half the optimizer state's memory; computed in float32)")
-    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="save_matmuls",
+    p.add_argument("--remat", choices=sorted(REMAT_NAMES), default="save_matmuls",
                    help="what the backward pass recomputes inside each layer (memory for speed)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
@@ -69,6 +71,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp-loss-weight", type=float, default=0.0,
                    help="DeepSeek-V3 multi-token prediction: add this x the mean MTP cross-entropy (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    pod = p.add_argument_group("several hosts (one process per host, the same command on each)")
+    pod.add_argument("--coordinator", help="HOST:PORT of process 0, the same on every process (default: "
+                                           "$JAX_COORDINATOR_ADDRESS)")
+    pod.add_argument("--num-processes", help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    pod.add_argument("--process-id", help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
+    pod.add_argument("--distributed", action="store_true",
+                     help="multi-process run on a cluster jax detects (Cloud TPU pod, SLURM, Open MPI, GKE): "
+                          "coordinator and process ids from the environment")
+    pod.add_argument("--dcn-mesh", help="mesh axes across TPU slices / GPU nodes, e.g. data=2 (--mesh is then one "
+                                        "slice's or node's)")
 
 
 def config_from_args(args) -> "TrainConfig":  # noqa: F821
@@ -80,8 +92,8 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         schedule=args.schedule, weight_decay=args.weight_decay, clip=args.clip or None, grad_accum=args.grad_accum,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_targets=None if not args.lora_targets else tuple(t.strip() for t in args.lora_targets.split(",") if t),
-        mesh=args.mesh, dtype=args.dtype, param_dtype=args.param_dtype, optimizer_dtype=args.optimizer_dtype,
-        remat=args.remat,
+        mesh=args.mesh, dcn_mesh=args.dcn_mesh, dtype=args.dtype, param_dtype=args.param_dtype,
+        optimizer_dtype=args.optimizer_dtype, remat=args.remat,
         save_every=args.save_every, keep=args.keep, log_every=args.log_every, eval_every=args.eval_every,
         eval_batches=args.eval_batches, seed=args.seed, resume=args.resume,
         init_from_config=args.init_from_config, bias_update_rate=args.bias_update_rate,
@@ -89,22 +101,29 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
 
 
 def run(args) -> int:
+    from jaxmodels import distributed
     from jaxmodels.config import ConfigError
-    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.sharding import ShardingError
     from jaxmodels.tokenizer import TokenizerError
     from jaxmodels.train.config import TrainError
     from jaxmodels.train.loop import train
 
     try:
-        trainer = train(config_from_args(args))
-    except (TrainError, ConfigError, CheckpointError, ShardingError, TokenizerError, FileNotFoundError) as e:
+        config = config_from_args(args)
+        # Before anything touches a device: jax.distributed must know every process first.
+        distributed.initialize(distributed.parse_options(args.coordinator, args.num_processes, args.process_id,
+                                                         args.distributed))
+        trainer = train(config)
+    except (TrainError, ConfigError, CheckpointError, ShardingError, TokenizerError, FileNotFoundError,
+            distributed.DistributedError) as e:
         print(f"jaxmodels train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jaxmodels train: interrupted; the last complete checkpoint is kept (continue with --resume)",
               file=sys.stderr)
         return 130
-    print(f"trained {trainer.step_count} steps; checkpoints in {trainer.checkpoints.directory}, metrics in "
-          f"{trainer.metrics_log.path}")
+    if trainer.primary:
+        print(f"trained {trainer.step_count} steps; checkpoints in {trainer.checkpoints.directory}, metrics in "
+              f"{trainer.metrics_log.path}")
     return 0

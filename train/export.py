@@ -11,25 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 
-
-def load_run(run_dir: str, step: int | None = None):
-    """(model with the trained weights of `step` (latest by default), the step, the base checkpoint path)."""
-    from flax import nnx
-
-    from jaxmodels.convert.hf import from_pretrained
+def read_run(run_dir: str, step: int | None = None):
+    """(the run's train_config.json, its Checkpoints (read only), the step (latest by default), that step's
+    meta), from the run directory's small files only: what an export can check before loading weights."""
     from jaxmodels.train.checkpoint import Checkpoints
     from jaxmodels.train.config import TrainError
-    from jaxmodels.layers.linear import LoRAParam
     from jaxmodels.train.loop import CONFIG_FILE
-    from jaxmodels.train.lora import add_lora
-    from jaxmodels.train.step import split_model
-    from jaxmodels.units import DTYPES
 
     if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         raise TrainError(f"{run_dir} is not a training run directory (no {CONFIG_FILE}); pass the --out of a "
@@ -37,28 +27,47 @@ def load_run(run_dir: str, step: int | None = None):
     with open(os.path.join(run_dir, CONFIG_FILE)) as f:
         run_cfg = json.load(f)
     ckpts = Checkpoints(run_dir, read_only=True)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise TrainError(f"{run_dir} has no complete checkpoint yet; train (or --resume) until one is saved")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise TrainError(f"{run_dir} has no checkpoint of step {step}; it has steps {steps}")
-    meta = ckpts.read_meta(step)
-    base = meta["model"]
-    lora = meta.get("lora")
-    param_dtype = run_cfg.get("param_dtype") or ("bf16" if lora else "float32")
-    if run_cfg.get("init_from_config"):  # trained from scratch: the base directory holds no weights
-        from jaxmodels.train.loop import build_mesh, init_from_config
-        model = init_from_config(base, DTYPES[param_dtype.lower()], build_mesh(None),
-                                 mtp=bool(run_cfg.get("mtp_loss_weight")))
-    else:
-        model = from_pretrained(base, DTYPES[param_dtype.lower()], progress=False)
-    if lora:
-        add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
-    _, params, _, buffers = split_model(model, LoRAParam if lora else nnx.Param)
-    restored = ckpts.restore(step, {"params": params, "buffers": buffers}, items=("params", "buffers"))
-    nnx.update(model, restored["params"], restored["buffers"])
-    ckpts.close()
+    try:
+        steps = ckpts.all_steps()
+        if not steps:
+            raise TrainError(f"{run_dir} has no complete checkpoint yet; train (or --resume) until one is saved")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise TrainError(f"{run_dir} has no checkpoint of step {step}; it has steps {steps}")
+        meta = ckpts.read_meta(step)
+    except BaseException:
+        ckpts.close()
+        raise
+    return run_cfg, ckpts, step, meta
+
+
+def load_run(run_dir: str, step: int | None = None):
+    """(model with the trained weights of `step` (latest by default), the step, the base checkpoint path)."""
+    from flax import nnx
+
+    from jaxmodels.convert.hf import from_pretrained
+    from jaxmodels.layers.linear import LoRAParam
+    from jaxmodels.train.lora import add_lora
+    from jaxmodels.train.step import split_model
+    from jaxmodels.units import DTYPES
+
+    run_cfg, ckpts, step, meta = read_run(run_dir, step)
+    try:
+        base = meta["model"]
+        lora = meta.get("lora")
+        param_dtype = DTYPES[(run_cfg.get("param_dtype") or ("bf16" if lora else "float32")).lower()]
+        if run_cfg.get("init_from_config"):  # trained from scratch: the base directory holds no weights
+            from jaxmodels.train.loop import build_mesh, init_from_config
+            model = init_from_config(base, param_dtype, build_mesh(None), mtp=bool(run_cfg.get("mtp_loss_weight")))
+        else:
+            model = from_pretrained(base, param_dtype, progress=False)
+        if lora:
+            add_lora(model, rank=lora["rank"], alpha=lora["alpha"], targets=lora["targets"])
+        _, params, _, buffers = split_model(model, LoRAParam if lora else nnx.Param)
+        restored = ckpts.restore(step, {"params": params, "buffers": buffers}, items=("params", "buffers"))
+        nnx.update(model, restored["params"], restored["buffers"])
+    finally:
+        ckpts.close()
     return model, step, base
 
 
@@ -66,24 +75,35 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, adapter_o
                progress: bool = True) -> str:
     """Writes checkpoint `step` of a run as an HF checkpoint (LoRA merged) or, with adapter_only, as a PEFT
     adapter. Returns out_dir."""
+    from jaxmodels.config import load_config
+    from jaxmodels.convert.export import copy_tokenizer_files
+    from jaxmodels.convert.files import check_writable_dir
     from jaxmodels.convert.hf import save_pretrained
     from jaxmodels.train.config import TrainError
-    from jaxmodels.train.lora import has_lora, merge_lora, save_adapter
+    from jaxmodels.train.lora import has_lora, merge_lora, peft_unwritable, save_adapter
+
+    # Everything that can be checked from the run's small files and the output path, before loading weights.
+    _, ckpts, step, meta = read_run(run_dir, step)
+    ckpts.close()
+    lora = meta.get("lora")
+    if adapter_only and not lora:
+        raise TrainError(f"--adapter-only: the run in {run_dir} trained all weights, not LoRA adapters; export "
+                         "without --adapter-only")
+    if adapter_only and peft_unwritable(load_config(meta["model"]), lora["targets"]):
+        raise TrainError(f"--adapter-only: the run adapted DeepSeek's dense / shared-expert MLP "
+                         f"({','.join(peft_unwritable(load_config(meta['model']), lora['targets']))}), which a PEFT "
+                         "adapter cannot hold (peft reads those names as the routed experts); export without "
+                         "--adapter-only to write the merged model")
+    check_writable_dir(out_dir, "the export's output directory")
 
     model, step, base = load_run(run_dir, step)
     if adapter_only:
-        if not has_lora(model):
-            raise TrainError(f"--adapter-only: the run in {run_dir} trained all weights, not LoRA adapters; export "
-                             "without --adapter-only")
         save_adapter(model, out_dir, base_model_name_or_path=base)
         return out_dir
     if has_lora(model):
         model = merge_lora(model)
     save_pretrained(model, out_dir, progress=progress)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(base, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(out_dir, name))
+    copy_tokenizer_files(base, out_dir)
     return out_dir
 
 
@@ -96,12 +116,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxmodels.config import ConfigError
-    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.train.config import TrainError
 
     try:
         out = export_run(args.run, args.out, step=args.step, adapter_only=args.adapter_only)
-    except (TrainError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (TrainError, ConfigError, CheckpointError, OSError, ValueError) as e:  # OSError: the output path
         print(f"jaxmodels export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

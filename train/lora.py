@@ -32,7 +32,6 @@ from safetensors.numpy import save_file
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.convert.files import atomic_directory
-from jaxmodels.convert.keymap import stack_offset
 from jaxmodels.layers.linear import Linear, LoRAParam
 from jaxmodels.layers.moe import Experts
 
@@ -47,6 +46,27 @@ _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "base": "CAUSAL_LM", "sequence_classifi
                "token_classification": "TOKEN_CLS"}
 _PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+def default_targets(cfg) -> tuple[str, ...]:
+    """What `jaxmodels train --lora-rank R` adapts without --lora-targets: every attention projection, and on
+    StableLM every MLP projection too. DeepSeek's dense / shared-expert MLP is left out because it could not
+    be exported as a PEFT adapter (`peft_unwritable`); name it in --lora-targets to adapt it anyway (the
+    merged export still works)."""
+    if isinstance(cfg, DeepseekConfig):
+        attn = ("q_proj",) if cfg.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        return attn + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    return STABLELM_TARGETS
+
+
+def peft_unwritable(cfg, targets) -> list[str]:
+    """The targets a PEFT adapter cannot hold: on DeepSeek, peft (>= 0.19 with transformers 5) reads the names
+    gate_proj / up_proj / down_proj as the routed experts (the v4 hub modules `mlp.experts.{e}.gate_proj`,
+    which transformers 5 fuses) and drops them for every other MLP, so adapters on the dense / shared-expert
+    MLPs cannot be expressed."""
+    if not isinstance(cfg, DeepseekConfig):
+        return []
+    return sorted(t for t in targets if t in _MLP_NAMES)
 
 
 class LoRAError(ValueError):
@@ -207,10 +227,9 @@ def _peft_entries(model):
     """Yields (peft key, LoRAParam, index) for every adapter slice: index (layer,) of a Linear adapter,
     (layer, expert) of a routed-expert adapter, whose keys are the hub's per-expert module names
     (`mlp.experts.{e}.gate_proj`), the layout peft converts onto transformers 5's fused experts."""
-    cfg = model.config
     for path, node in _lora_modules(model):
         stack, rest = path[1], ".".join(path[3:])
-        offset = stack_offset(cfg, stack)
+        offset = getattr(model.model, stack).offset  # checkpoint index of the stack's first layer
         if isinstance(node, Linear):
             for i in range(node.lora_a.shape[0]):
                 prefix = f"{_PEFT_PREFIX}model.layers.{offset + i}.{rest}"
@@ -227,13 +246,11 @@ def _peft_entries(model):
 
 
 def _peft_target_modules(model, targets: list[str]) -> list[str]:
-    """PEFT's target_modules for our targets. On DeepSeek, peft (>= 0.19 with transformers 5) reads the names
-    gate_proj / up_proj / down_proj as the routed experts (the v4 hub modules `mlp.experts.{e}.gate_proj`,
-    which transformers 5 fuses) and drops them for every other MLP, so `experts` is written as those three
-    names and adapters on the dense / shared-expert MLPs cannot be expressed."""
+    """PEFT's target_modules for our targets; DeepSeek's `experts` is written as gate/up/down_proj (see
+    peft_unwritable)."""
     if not isinstance(model.config, DeepseekConfig):
         return sorted(targets)
-    mlp = [t for t in targets if t in _MLP_NAMES]
+    mlp = peft_unwritable(model.config, targets)
     if mlp:
         raise LoRAError(
             f"DeepSeek adapters on the dense / shared-expert MLP ({mlp}) cannot be written as a PEFT adapter: with "

@@ -29,7 +29,7 @@ def export_trained(run_dir: str, out_dir: str) -> None:
     """`jaxmodels export RUN OUT` (train.export.export_run) for a from-scratch run, tolerating one known
     trainer bug: train/step.py's `_set_bias` applies the main MoE layers' balancing update ([moe layers,
     experts]) to every routing bias, so the MTP layer's bias ([1, experts]) is broadcast to [moe layers,
-    experts] after the first step. The MTP forward reads row `depth` of it (jaxmodels.layers.mtp._layer), so
+    experts] after the first step. The MTP forward reads row `depth` of it (LayerStack.layer), so
     that row is what was trained with; it is exported. step.py now updates only the main stack's bias, so
     new runs export with `jaxmodels export` directly; this keeps the shipped run (trained before the fix)
     reproducible."""
@@ -39,7 +39,7 @@ def export_trained(run_dir: str, out_dir: str) -> None:
 
     from jaxmodels.convert.hf import save_pretrained
     from jaxmodels.train.checkpoint import Checkpoints
-    from jaxmodels.train.export import TOKENIZER_FILES
+    from jaxmodels.convert.export import copy_tokenizer_files
     from jaxmodels.train.loop import CONFIG_FILE, build_mesh, init_from_config
     from jaxmodels.train.step import split_model
 
@@ -68,9 +68,7 @@ def export_trained(run_dir: str, out_dir: str) -> None:
     nnx.update(model, restored["params"], fixed)
     ckpts.close()
     save_pretrained(model, out_dir, progress=False)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(base, name)):
-            shutil.copy2(os.path.join(base, name), out_dir)
+    copy_tokenizer_files(base, out_dir)
     print(f"exported step {step} of {run_dir}")
 
 
@@ -82,7 +80,6 @@ def main(argv=None) -> int:
     from evaluate import heldout_metrics
     from jaxmodels.convert.hf import convert_checkpoint
     from jaxmodels.tokenizer import Tokenizer
-    from jaxmodels.train.export import TOKENIZER_FILES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="the `jaxmodels train` run directory")
@@ -100,9 +97,7 @@ def main(argv=None) -> int:
         convert_checkpoint(os.path.join(tmp, "f32"), os.path.join(tmp, "bf16"), jnp.bfloat16, progress=False)
         for name in os.listdir(os.path.join(tmp, "bf16")):
             shutil.copy2(os.path.join(tmp, "bf16", name), args.out)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tmp, "f32", name)) and not os.path.exists(os.path.join(args.out, name)):
-                shutil.copy2(os.path.join(tmp, "f32", name), args.out)
+        # (convert_checkpoint carries the tokenizer files over from f32/)
     with open(os.path.join(args.out, "config.json")) as f:
         cfg = json.load(f)
     with open(os.path.join(args.out, "generation_config.json"), "w") as f:

@@ -25,6 +25,7 @@ from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.linear import ACTIVATIONS, gated, lora_delta, param
 from jaxmodels.layers.mlp import MLP
+from jaxmodels.options import GROUPED_MATMUL_IMPLS, Options
 
 
 class Buffer(nnx.Variable):
@@ -80,21 +81,20 @@ def _keep_top_groups(scores, group_scores, cfg: DeepseekConfig, fill):
     return jnp.where(expert_mask, scores, fill)
 
 
-# Decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than experts) read
-# only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul, which reads
-# every expert's weights whether or not a token picked it. Static (trace time);
-# benchmarks/bench_generate.py measures the crossover.
-GATHER_MAX_SLOTS: int | None = None
-# "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen expert's
-# weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched matvecs.
-GATHER_FORM = "reduce"
-# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
-# backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
-# 256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
-# case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
-# jax.lax.ragged_dot. `grouped_matmul(..., impl=)` overrides it per call.
-GROUPED_MATMUL = "auto"
-_IMPLS = ("auto", "auto-xla-drhs", "xla")
+# Static choices come from the model's options (jaxmodels.options.Options, read at trace time):
+# * gather_max_slots: decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than
+#   experts) read only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul,
+#   which reads every expert's weights whether or not a token picked it; benchmarks/bench_generate.py measures
+#   the crossover.
+# * gather_form: "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen
+#   expert's weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched
+#   matvecs.
+# * grouped_matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
+#   backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
+#   256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
+#   case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
+#   jax.lax.ragged_dot.
+_IMPLS = GROUPED_MATMUL_IMPLS
 
 
 @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -105,14 +105,14 @@ def combine_slots(y: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
-def gathered_experts(x, ids, weights, gate_up_w, down_w, act: str):
+def gathered_experts(x, ids, weights, gate_up_w, down_w, act: str, form: str = "reduce"):
     """Expert compute for a few tokens: each token-slot multiplies by its own expert's weights, so a decode
     step reads k experts per token and never the others. gate_up_w [E, 2, inter, hidden], down_w
-    [E, inter, hidden]. Returns float32 [tokens, hidden]."""
+    [E, inter, hidden]; form: Options.gather_form. Returns float32 [tokens, hidden]."""
     t, k = ids.shape
     flat = ids.reshape(-1)  # [slots]
     xs = jnp.repeat(x, k, axis=0)  # [slots, hidden]
-    if GATHER_FORM == "einsum":
+    if form == "einsum":
         gate_up = jnp.einsum("sd,sjid->sji", xs, jnp.take(gate_up_w, flat, axis=0))  # [slots, 2, inter]
         h = ACTIVATIONS[act](gate_up[:, 0]) * gate_up[:, 1]  # [slots, inter]
         y = jnp.einsum("si,sid->sd", h, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
@@ -131,16 +131,15 @@ def gathered_experts(x, ids, weights, gate_up_w, down_w, act: str):
 _BLOCK_K = 64
 _FWD_TILES = dict(block_m=128, block_k=_BLOCK_K, max_concurrent_steps=4)
 # The forward kernel walks its (row tile, column tile) grid in bands of `grid_block_n` column tiles, so a row
-# tile of lhs is reused from L2 across the band. H200 (jax 0.11.2, bench_grouped_matmul.py --sweep, 2048 tokens
-# at DeepSeek-V3's 256 experts, top-8): a band of 8 took gate/up 3.99 -> 3.37 ms, down 4.83 -> 4.69 ms. The
-# first of these bands that divides the column tiles is used (jax's own autotuner requires that); else 1.
+# tile of lhs is reused from L2 across the band (bands of 8 are faster: RESULTS.md, "Grouped matmul: bands of
+# 8 column tiles"). The first of these bands that divides the column tiles is used (jax's own autotuner requires
+# that); else 1.
 _GRID_BANDS = (8,)
 
 
 def _forward_tiles(n: int) -> dict:
-    """The forward kernel's tile arguments for an output width n (a multiple of 128). (Pipelining 5 loads
-    instead of 4 took V3's gate/up kernel 3.58 -> 3.22 ms alone on an H200 but the V3-3l prefill 1x2048 from
-    63.3k to 61.9k tok/s; 6 loads: 56.0k. A band of 16: 61.1k. So 4 loads and bands of 8.)"""
+    """The forward kernel's tile arguments for an output width n (a multiple of 128). 4 pipelined loads and
+    bands of 8 gave the fastest whole prefill (RESULTS.md, "Figures moved out of the code")."""
     band = next((w for w in _GRID_BANDS if (n // 128) % w == 0), 1)
     return dict(_FWD_TILES, block_n=128, grid_block_n=band)
 
@@ -191,7 +190,7 @@ def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None, transpose_rhs: bool = False
     if device.platform != "gpu" or getattr(device, "compute_capability", "") != "9.0":
         return no
     k, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else (rhs.shape[1], rhs.shape[2])
-    # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (H100, bench_grouped_matmul.py).
+    # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (bench_grouped_matmul.py).
     fwd = k % _BLOCK_K == 0 and n % 128 == 0
     if not fwd:
         return no
@@ -308,7 +307,7 @@ def _grouped_matmul_vjp(fwd, dlhs, drhs):
     return gmm
 
 
-def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None, transpose_rhs: bool = False):
+def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", transpose_rhs: bool = False):
     """Multiplies each group of rows by its group's matrix, with jax.lax.ragged_dot's meaning.
 
     lhs [m, k] (rows sorted by group), rhs [groups, k, n], group_sizes [groups] int32 -> [m, n]: rows
@@ -317,10 +316,9 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None, transpose_rhs
     transpose_rhs: rhs is stored [groups, n, k] (each group's matrix [out, in], as transformers stores
     weights) and row r of group g gives lhs[r] @ rhs[g].T; no transposed copy of rhs is made.
     impl: "auto" (Mosaic-GPU kernels on Hopper, forward and backward, where the shapes allow; XLA
-    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot);
-    None: GROUPED_MATMUL.
+    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot): the
+    model's Options.grouped_matmul.
     """
-    impl = GROUPED_MATMUL if impl is None else impl
     fwd, d_lhs, d_rhs = _mosaic_gpu_ok(lhs, rhs, impl, transpose_rhs=transpose_rhs)
     xla = _XLA_KERNELS[transpose_rhs]
     if not fwd:
@@ -331,13 +329,13 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None, transpose_rhs
                                mosaic[2] if d_rhs else xla[2])(lhs, rhs, group_sizes)
 
 
-def local_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0):
+def local_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, options: Options = Options()):
     """Dropless compute of the token-slots whose expert lies in [first, first + E_local), the experts whose
     weights are given; other slots contribute zero. x [tokens, hidden]; ids/weights [tokens, k]; gate_up
     [E_local, 2, inter, hidden] (gate and up fused, [out, in] each), down [E_local, inter, hidden] -> float32
     [tokens, hidden].
 
-    Decode-sized calls (fewer slots than experts, or GATHER_MAX_SLOTS) read only the chosen experts'
+    Decode-sized calls (fewer slots than experts, or options.gather_max_slots) read only the chosen experts'
     weights; larger ones sort the slots by expert (foreign slots last) and run two grouped matmuls over the
     local experts (gate and up as one, then down), which leave rows beyond the local groups at zero.
     """
@@ -345,21 +343,23 @@ def local_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0):
     e_local, _, inter, hidden = gate_up_w.shape
     local_ids = ids - first
     mine = (local_ids >= 0) & (local_ids < e_local)  # [t, k]
-    if t * k <= (e_local - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS):
+    max_slots = e_local - 1 if options.gather_max_slots is None else options.gather_max_slots
+    if t * k <= max_slots:
         # A foreign slot reads local expert 0 with weight 0 instead of streaming every expert.
         return gathered_experts(x, jnp.where(mine, local_ids, 0), jnp.where(mine, weights, 0.0),
-                                gate_up_w, down_w, act)
+                                gate_up_w, down_w, act, options.gather_form)
     key = jnp.where(mine, local_ids, e_local).reshape(-1)  # [t * k]; foreign slots sort last
     order = jnp.argsort(key, stable=True).astype(jnp.int32)  # sorted position -> slot
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # slot -> sorted position
     # Every token once per slot, then the slots in expert order: [t * k, hidden], grouped by expert.
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)
     group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
+    impl = options.grouped_matmul
     # One grouped matmul for gate and up: [E, 2, inter, hidden] is [E, 2 * inter, hidden] ([out, in]) in place.
-    gate_up = grouped_matmul(x_sorted, gate_up_w.reshape(e_local, 2 * inter, hidden), group_sizes,
+    gate_up = grouped_matmul(x_sorted, gate_up_w.reshape(e_local, 2 * inter, hidden), group_sizes, impl,
                              transpose_rhs=True)  # [t * k, 2 * inter]: gate, then up
     h = gated(gate_up[:, :inter], gate_up[:, inter:], act)  # [t * k, inter]
-    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]; foreign slots' rows are zero
+    y_sorted = grouped_matmul(h, down_w, group_sizes, impl)  # [t * k, hidden]; foreign slots' rows are zero
     y = permute_rows(y_sorted, inverse, order).reshape(t, k, -1)  # back to slot order
     return combine_slots(y, weights)
 
@@ -367,8 +367,8 @@ def local_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0):
 @jax.custom_vjp
 def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
     """x[perm] for a permutation perm of x's rows (inverse: its inverse), whose gradient is again a gather,
-    dy[inverse], instead of the scatter-add jax would differentiate a general gather into (scatters with
-    colliding-index semantics were ~5 ms per MoE layer of a V2-Lite training step on an H100)."""
+    dy[inverse], instead of the scatter-add jax would differentiate a general gather into (a scatter with
+    colliding-index semantics is slow on GPUs: RESULTS.md, "Figures moved out of the code")."""
     return jnp.take(x, perm, axis=0)
 
 
@@ -384,12 +384,12 @@ def _permute_rows_bwd(res, dy):
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-def grouped_experts(x, ids, weights, gate_up_w, down_w, act: str):
+def grouped_experts(x, ids, weights, gate_up_w, down_w, act: str, options: Options = Options()):
     """Dropless expert compute on one device. gate_up [E, 2, inter, hidden], down [E, inter, hidden]."""
-    return local_experts(x, ids, weights, gate_up_w, down_w, act).astype(x.dtype)
+    return local_experts(x, ids, weights, gate_up_w, down_w, act, options=options).astype(x.dtype)
 
 
-def expert_parallel(x, ids, weights, gate_up_w, down_w, act: str, mesh, rules):
+def expert_parallel(x, ids, weights, gate_up_w, down_w, act: str, options: Options):
     """`grouped_experts` with the experts split over the mesh (expert parallelism), still dropless.
 
     Scheme: all-gather tokens, compute local experts, reduce-scatter. Inside `jax.shard_map` each device
@@ -406,6 +406,7 @@ def expert_parallel(x, ids, weights, gate_up_w, down_w, act: str, mesh, rules):
     all-to-all that the CPU backend lacks. The all-gather / reduce-scatter moves tokens x hidden per
     device in each direction, independent of routing, keeps static shapes, and never drops a token.
     """
+    mesh, rules = options.mesh, options.rules
     # Size-1 mesh axes are left out of the specs, so no value "varies" over them and no collective runs
     # over them (jax versions differ on how they treat a size-1 axis in shard_map's replication check).
     def spec(axes, shape):
@@ -426,7 +427,7 @@ def expert_parallel(x, ids, weights, gate_up_w, down_w, act: str, mesh, rules):
             ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
         first = jax.lax.axis_index(exp_axes) * gate_up_w.shape[0] if exp_axes else 0
-        out = local_experts(x, ids, weights, gate_up_w, down_w, act, first)  # [t, hidden] f32, partial
+        out = local_experts(x, ids, weights, gate_up_w, down_w, act, first, options)  # [t, hidden] f32, partial
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
@@ -526,26 +527,26 @@ class MoE(nnx.Module):
         else:
             self.shared_experts = None
 
-    def __call__(self, x, valid=None):
-        """x [b, s, hidden]; valid [b, s] bool (tokens that count in the routing statistics; None = all).
-        Returns (y [b, s, hidden], router_stats {"load", "score"} [b, experts])."""
-        cfg = self.cfg
+    def __call__(self, x, inputs):
+        """x [b, s, hidden]; inputs: the forward inputs (jaxmodels.inputs.Inputs): its `valid` tokens count in
+        the routing statistics, its options choose the kernels and the mesh. Returns (y [b, s, hidden],
+        router_stats {"load", "score"} [b, experts])."""
+        cfg, options = self.cfg, inputs.options
         b, s, d = x.shape
         with jax.named_scope("moe"):
             flat = x.reshape(b * s, d)
             bias = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
             with jax.named_scope("router"):
                 weights, ids, scores = route(cfg, self.gate.logits(flat), bias)
-                valid = jnp.ones((b, s), bool) if valid is None else valid
-                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), valid, cfg.n_routed_experts)
+                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), inputs.valid,
+                                     cfg.n_routed_experts)
             with jax.named_scope("experts"):
                 # Weights are cast to the activations' dtype where they are used (bf16 compute, float32 master).
                 experts = tuple(w.astype(x.dtype) for w in self.experts.weights())
-                mesh, rules = sharding.current()
-                if mesh is None:
-                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act)
+                if options.mesh is None:
+                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act, options)
                 else:
-                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, mesh, rules)
+                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, options)
             y = y.reshape(b, s, d)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)
