@@ -116,7 +116,7 @@ def worker(name: str, out_dir: str | None) -> None:
     jax.block_until_ready(nnx.state(model))
     res["init_s"] = time.perf_counter() - t
     res["weights_memory"] = memory(devices)
-    gate = model.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+    gate = model.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
     res["experts_per_device"] = int(gate.addressable_shards[0].data.shape[1])
     save()
 

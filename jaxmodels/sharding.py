@@ -245,9 +245,17 @@ def state_shardings(state, mesh: Mesh, rules=None):
     return jax.tree.map(lambda v: v.replace(value=param_sharding(v, mesh, rules)), state, is_leaf=_is_var)
 
 
+def _put(x, target: NamedSharding):
+    # A value held by this process alone (e.g. LoRA adapters just initialised, the same on every process)
+    # cannot be device_put onto a mesh spanning other processes; its host copy can.
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not target.is_fully_addressable:
+        x = np.asarray(x)
+    return jax.device_put(x, target)
+
+
 def shard_state(state, mesh: Mesh, rules=None):
     """Moves every variable of an nnx State onto the mesh by the table."""
-    return jax.tree.map(lambda v: v.replace(value=jax.device_put(v.get_value(), param_sharding(v, mesh, rules))),
+    return jax.tree.map(lambda v: v.replace(value=_put(v.get_value(), param_sharding(v, mesh, rules))),
                         state, is_leaf=_is_var)
 
 

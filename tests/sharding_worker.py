@@ -192,7 +192,7 @@ def memory(out: str) -> None:
         peak = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
         results[label + "_peak"] = peak
-        gate = loaded.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+        gate = loaded.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
         results[label + "_expert_shard"] = list(gate.addressable_shards[0].data.shape)
         del loaded, gate
     with open(out, "w") as fh:
@@ -209,7 +209,7 @@ def multihost(proc: int, port: int, ckpt: str, out: str) -> None:
     f, state = forward_fn(model)
     logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
     full = multihost_utils.process_allgather(logits, tiled=True)
-    gate = model.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+    gate = model.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
     info = {"process_count": jax.process_count(), "local_devices": jax.local_device_count(),
             "global_devices": jax.device_count(), "addressable_expert_shards": len(gate.addressable_shards),
             "expert_shard": list(gate.addressable_shards[0].data.shape)}

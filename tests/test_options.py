@@ -71,17 +71,18 @@ def test_flipping_an_option_compiles_a_new_program_that_reflects_it():
 
 
 def test_generate_compiles_per_compiler_options():
-    import sys
+    from jaxmodels.generate import steps
 
-    import jaxmodels.generate  # noqa: F401
-    G = sys.modules["jaxmodels.generate"]
     model = tiny_model("stablelm")
-    default = G._jitted("generate", model.options)
-    assert G._jitted("generate", model.with_options(scan=False).options) is default  # same compiler options
-    assert G._jitted("generate", model.with_options(compiler_options={}).options) is not default
+    default = steps.generate_program(model.options)
+    assert steps.generate_program(model.with_options(scan=False).options) is default  # same compiler options
+    other = model.with_options(compiler_options={})
+    assert steps.generate_program(other.options) is not default
     ids = np.asarray([[5, 6, 7]], np.int32)
+    before = steps.generate_program(other.options)._cache_size()
     np.testing.assert_array_equal(jaxmodels.generate(model, ids, max_new_tokens=3),
-                                  jaxmodels.generate(model.with_options(compiler_options={}), ids, max_new_tokens=3))
+                                  jaxmodels.generate(other, ids, max_new_tokens=3))
+    assert steps.generate_program(other.options)._cache_size() == before + 1  # the other options' own program
 
 
 def test_init_model_and_options_carry_the_mesh():

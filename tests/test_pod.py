@@ -181,8 +181,10 @@ def _free_port() -> int:
 def _launch(devices: int, report: str, stop_at: int, argv: list[str]) -> subprocess.Popen:
     os.makedirs(report, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
+    # Less LLVM optimisation of the CPU programs (the same for every run compared): ~25% less compile time.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     log = open(os.path.join(report, f"log-{len(os.listdir(report))}.txt"), "w")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "pod_worker.py"), str(devices), report, str(stop_at),
                              *argv], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -93,8 +93,8 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
     # shard_model / init_model put an existing or a fresh model on the mesh by the same table.
     fresh = jaxmodels.init_model(model.config, mesh, seed=1)
-    w = fresh.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
-    assert w.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    w = fresh.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
+    assert w.sharding.spec == P(None, "expert", None, "tensor", "fsdp")  # [layers, E, gate/up, inter, hidden]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_loading_onto_a_mesh_keeps_host_memory_near_one_tensor(tmp_path):
     bound = r["host_block_bytes"] + 3 * r["largest_tensor_bytes"]
     assert r["checkpoint_bytes"] > 20 * bound, r  # the test is meaningful: the checkpoint dwarfs the bound
     assert r["mesh_peak"] < bound, r
-    assert r["mesh_expert_shard"] == [3, 8, 128, 512], r  # 3 MoE layers; 16 experts / 2; 256 / 2; 1024 / 2
+    assert r["mesh_expert_shard"] == [3, 8, 2, 512, 128], r  # 3 MoE layers; 16 experts / 2; gate, up; 1024 / 2; 256 / 2
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -71,8 +73,21 @@ class Trainer:
     """Everything a run needs, built once; `step()` advances it, `run()` runs it to the end."""
 
     def __init__(self, config: TrainConfig, *, model=None):
+        created = not os.path.isdir(config.out)
+        check_out_dir(config.out)
+        self.checkpoints = None
+        try:
+            self._build(config, model)
+        except BaseException:  # (KeyboardInterrupt too) no Orbax thread left running, no empty folders left
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+            _remove_if_empty(os.path.join(config.out, "checkpoints"))
+            if created:
+                _remove_if_empty(config.out)
+            raise
+
+    def _build(self, config: TrainConfig, model) -> None:
         self.config = cfg = config
-        check_out_dir(cfg.out)
         self.mesh = build_mesh(cfg.mesh, cfg.dcn_mesh)
         self.primary = distributed.is_primary()  # writes the run's files; every process writes its shards
         progress = cfg.progress and self.primary
@@ -251,46 +266,103 @@ class Trainer:
         restored = self.checkpoints.restore(step, self.state)
         self.state = dict(self.state, **restored, step=jnp.asarray(step, jnp.int32))
         self.position = int(meta["data_position"])
-        log.info("resumed %s from step %d", self.config.out, step)
+        if self.primary:
+            print(f"resumed from step {step} ({self.config.out})", file=sys.stderr)
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Trains to `steps`, logging every --log-every, evaluating every --eval-every, saving every
-        --save-every and at the end. Returns the last logged metrics."""
+        --save-every and at the end. Returns the last logged metrics.
+
+        Ctrl-C (SIGINT, in the main thread) stops the run after the step in progress, never inside it (an
+        interrupt raised inside XLA's compile of the first step crashed the process), and raises Interrupted
+        naming the last complete checkpoint, if any."""
         cfg = self.config
         last = {}
         bar = tqdm(total=self.total_steps, initial=self.step_count, desc="training", unit="step",
                    disable=not (cfg.progress and self.primary), dynamic_ncols=True)
+        stop = _StopOnInterrupt()
         try:
-            while self.step_count < self.total_steps:
-                m = self.step()
-                s = m["step"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                if not math.isfinite(m["loss"]):
-                    raise TrainError(f"the loss became {m['loss']} at step {s}; lower --lr or raise --warmup (the "
-                                     "last checkpoint is untouched)")
-                record = None
-                if s % cfg.log_every == 0 or s == self.total_steps:
-                    record = m
-                if self.eval_data is not None and (s % cfg.eval_every == 0 or s == self.total_steps):
-                    record = dict(record or {"step": s}, **self.evaluate())
-                if record is not None:
-                    self.metrics_log.write(record)
-                    last = record
-                if s % cfg.save_every == 0 or s == self.total_steps:
-                    self.save()
+            with stop:
+                while self.step_count < self.total_steps and not stop.requested:
+                    m = self.step()
+                    s = m["step"]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    if not math.isfinite(m["loss"]):
+                        raise TrainError(f"the loss became {m['loss']} at step {s}; lower --lr or raise --warmup "
+                                         "(the last checkpoint is untouched)")
+                    record = None
+                    if s % cfg.log_every == 0 or s == self.total_steps:
+                        record = m
+                    if self.eval_data is not None and (s % cfg.eval_every == 0 or s == self.total_steps):
+                        record = dict(record or {"step": s}, **self.evaluate())
+                    if record is not None:
+                        self.metrics_log.write(record)
+                        last = record
+                    if s % cfg.save_every == 0 or s == self.total_steps:
+                        self.save()
         finally:
             bar.close()
             self.checkpoints.wait()
             self.metrics_log.close()
+        if stop.requested:
+            raise Interrupted(self.step_count, self.checkpoints.latest_step())
         return last
+
+    def close(self) -> None:
+        """Waits for the last save and stops Orbax's background threads (before the interpreter exits:
+        a manager left open can print a traceback from its cleanup thread at exit)."""
+        self.checkpoints.close()
+        _remove_if_empty(self.checkpoints.directory)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run between steps: `step` reached, `saved` the last complete checkpoint (None: none)."""
+
+    def __init__(self, step: int, saved: int | None):
+        super().__init__(step, saved)
+        self.step, self.saved = step, saved
+
+
+class _StopOnInterrupt:
+    """Within the block, the first SIGINT only sets `requested` (the loop stops after the current step); a
+    second one interrupts at once. Outside the main thread (where Python allows no signal handler) it does
+    nothing."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+        print("\nstopping after the current step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)  # only succeeds on an empty folder
+    except OSError:
+        pass
 
 
 def train(config: TrainConfig) -> Trainer:
     """Runs a whole fine-tuning job (`jaxmodels train`); returns the finished Trainer."""
     trainer = Trainer(config)
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
     return trainer
 
 
@@ -339,4 +411,4 @@ def _norm(v):
     return json.loads(json.dumps(v))
 
 
-__all__ = ["Trainer", "train", "build_mesh", "init_from_config"]
+__all__ = ["Trainer", "Interrupted", "train", "build_mesh", "init_from_config"]
