@@ -5,9 +5,9 @@ the models' real shapes, checks it against XLA in float32 (same bf16 inputs) and
 forward+backward (`jax.block_until_ready`, warm-ups, median of reps). Variants:
 
   xla              einsums + float32 masked softmax over the dense mask (the reference)
-  cudnn            dense mask as cuDNN's additive bias, no segment ids (what prefill gets today)
-  cudnn+seg        the same bias plus cuDNN's causal mask (skips blocks above the diagonal): what
-                   dot_product_attention does when segment_ids are passed
+  cudnn            dense mask as cuDNN's additive bias, no causal hint
+  cudnn+seg        the segment mask as a bias plus cuDNN's causal mask (skips blocks above the diagonal): what
+                   dot_product_attention's "cudnn" does (it reads the forward inputs' segment ids)
   cudnn_packed     cuDNN's packed layout from segment ids (runs -> offsets/lengths), no bias, M = seq
   cudnn_packed_m8  the same with at most 8 runs per row (M = 8): what a bounded M would cost/gain
 
@@ -73,7 +73,7 @@ def make_case(name):
 
 
 def _causal(am):
-    from jaxmodels.model import causal_mask
+    from jaxmodels.layers.attention import causal_mask
     return causal_mask(am, am.shape[0], am.shape[1])
 
 
@@ -82,10 +82,14 @@ def variant_fn(variant, mask, seg, scale):
 
     if variant == "cudnn_packed_m8":
         return lambda q, k, v: A._cudnn_packed_attention(q, k, v, seg, scale, max_segments=8)
+    if variant == "cudnn":  # the dense bias alone (no causal hint)
+        return lambda q, k, v: A._cudnn_attention(q, k, v, mask, scale, causal=False)
+    import jax.numpy as jnp
+
+    from jaxmodels.inputs import Inputs
     impl = {"cudnn+seg": "cudnn"}.get(variant, variant)
-    use_seg = variant in ("cudnn+seg", "cudnn_packed")
-    return lambda q, k, v: A.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                                   segment_ids=seg if use_seg else None, implementation=impl)
+    inputs = Inputs(positions=jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape), segment_ids=seg)
+    return lambda q, k, v: A.dot_product_attention(q, k, v, inputs, scale=scale, implementation=impl)
 
 
 def timed(fn, args, reps):

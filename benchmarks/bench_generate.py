@@ -216,17 +216,15 @@ def worker_ours(name: str, args) -> dict:
     import numpy as np
     from flax import nnx
 
-    import jaxmodels.layers.moe as moe
     from jaxmodels.config import config_from_hf
-    from jaxmodels.generate import bucket, set_compiler_options, steps
-    if args.xla_options:  # replaces generate's COMPILER_OPTIONS (e.g. '{}' for XLA's defaults)
-        set_compiler_options(json.loads(args.xla_options))
-
+    from jaxmodels.generate import bucket, steps
     cfg = config_from_hf(MODELS[name])
     t0 = time.perf_counter()
     model = random_state(cfg, jnp.bfloat16)
-    model.scan = not args.no_scan
-    model.attention_impl = args.attention  # prefill attention kernel ("auto": the shipped choice)
+    # prefill attention kernel ("auto": the shipped choice); --xla-options replaces generate's compiler options
+    # (jaxmodels.options.GENERATE_COMPILER_OPTIONS; e.g. '{}' for XLA's defaults)
+    model = model.with_options(scan=not args.no_scan, attention=args.attention,
+                               **({"compiler_options": json.loads(args.xla_options)} if args.xla_options else {}))
     graphdef, state = nnx.split(model)
     jax.block_until_ready(state)
     res = {"device": jax.devices()[0].device_kind, "init_s": time.perf_counter() - t0, "prefill": {},
@@ -242,19 +240,20 @@ def worker_ours(name: str, args) -> dict:
         ids = rng.integers(10, cfg.vocab_size, (b, p)).astype(np.int32)
         mask = np.ones_like(ids)
         t = time.perf_counter()
-        jax.block_until_ready(steps.prefill_program()(graphdef, state, ids, mask, p))
+        jax.block_until_ready(steps.prefill_program(model.options)(graphdef, state, ids, mask, p))
         res["compile_s"][f"prefill {b}x{p}"] = time.perf_counter() - t
         ts = []
         for _ in range(args.reps):
             t = time.perf_counter()
-            jax.block_until_ready(steps.prefill_program()(graphdef, state, ids, mask, p))
+            jax.block_until_ready(steps.prefill_program(model.options)(graphdef, state, ids, mask, p))
             ts.append(time.perf_counter() - t)
         res["prefill"][f"{b}x{p}"] = b * p / median(ts)
         print(f"[ours {name}] prefill {b}x{p}: {b * p / median(ts):.0f} tok/s "
               f"(first call {res['compile_s'][f'prefill {b}x{p}']:.0f}s)", flush=True)
         if args.profile:
             from profile_summary import profile
-            profile(lambda: steps.prefill_program()(graphdef, state, ids, mask, p), 2, f"{name} prefill {b}x{p}",
+            profile(lambda: steps.prefill_program(model.options)(graphdef, state, ids, mask, p), 2,
+                    f"{name} prefill {b}x{p}",
                     os.path.join(args.out, f"profile_{name}_prefill_{b}x{p}.md") if args.out else None)
 
     def decode_rate(b, tag=""):
@@ -263,10 +262,10 @@ def worker_ours(name: str, args) -> dict:
         cache_len = bucket(bucket(PROMPT) + NEW)
 
         def run(n):
-            out, done = steps.generate_program()(state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0),
-                                                 np.int32(0), np.asarray([-1], np.int32), np.int32(0),
-                                                 graphdef=graphdef, cache_len=cache_len, do_sample=False, top_k=0,
-                                                 stream=False)
+            out, done = steps.generate_program(model.options)(
+                state, ids, mask, np.int32(n), np.float32(1.0), np.float32(1.0), np.int32(0),
+                np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef, cache_len=cache_len, do_sample=False,
+                top_k=0, stream=False)
             jax.block_until_ready(out)
             assert int(done) == n, (int(done), n)
 
@@ -298,27 +297,27 @@ def worker_ours(name: str, args) -> dict:
         # Variants: without dynamic-slice fusion (weights copied out of the layer stack), the gather
         # as an explicit copy + einsum, gather at batch 32 instead of the grouped matmul.
         res["explore"] = {}
-        set_compiler_options({})
-        jax.clear_caches()
+        shipped = model
+
+        def use(**changes):  # another Options: a new graphdef, so the programs compile anew
+            nonlocal model, graphdef, state
+            model = shipped.with_options(**changes)
+            graphdef, state = nnx.split(model)
+
+        use(compiler_options={})
         res["explore"]["no_dsf b1"] = decode_rate(1, tag=" no_dsf")
-        set_compiler_options(None)
         if cfg.model_type.startswith("deepseek"):
-            moe.GATHER_FORM = "einsum"
-            jax.clear_caches()  # module switches are read at trace time: force a retrace
+            use(gather_form="einsum")
             for b in (1, 8):
                 res["explore"][f"einsum_gather b{b}"] = decode_rate(b, tag=" einsum_gather")
-            moe.GATHER_FORM = "reduce"
-            moe.GATHER_MAX_SLOTS = 1 << 30
-            jax.clear_caches()
+            use(gather_max_slots=1 << 30)
             res["explore"]["gather b32"] = decode_rate(32, tag=" gather")
-            moe.GATHER_MAX_SLOTS = None
-            jax.clear_caches()
+        use()
         if args.out:
             ids = np.ones((1, PROMPT), np.int32)
-            lowered = steps.generate_program().lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1),
-                                                     np.int32(0), np.asarray([-1], np.int32), np.int32(0),
-                                                     graphdef=graphdef, cache_len=256, do_sample=False, top_k=0,
-                                                     stream=False)
+            lowered = steps.generate_program(model.options).lower(
+                state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0), np.asarray([-1], np.int32),
+                np.int32(0), graphdef=graphdef, cache_len=256, do_sample=False, top_k=0, stream=False)
             with open(os.path.join(args.out, f"hlo_{name}_b1.txt"), "w") as f:
                 f.write(lowered.compile().as_text())
     return res
@@ -479,9 +478,9 @@ def main():
     ap.add_argument("--prefill", default=",".join(f"{b}x{p}" for b, p in PREFILL),
                     help="comma-separated prefill shapes BATCHxLENGTH")
     ap.add_argument("--xla-options", help="JSON dict of XLA compiler options for our programs instead of "
-                    "jaxmodels.generate.COMPILER_OPTIONS, e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
+                    "jaxmodels.options.GENERATE_COMPILER_OPTIONS (Options.compiler_options), e.g. '{\"xla_gpu_enable_dynamic_slice_fusion\": true}'")
     ap.add_argument("--no-scan", action="store_true",
-                    help="ours: layers unrolled in the program (model.scan = False) instead of a scan over the stack")
+                    help="ours: layers unrolled in the program (Options(scan=False)) instead of a scan over the stack")
     ap.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS,
                     help="ours: the prefill attention implementation (jaxmodels.layers.attention), for A/B runs")
     ap.add_argument("--explore", action="store_true", help="also time MoE decode variants (gather forms, no dynamic-slice fusion)")

@@ -32,6 +32,12 @@ and prints them fastest first (what `jaxmodels.layers.moe` ships is marked):
 
   python benchmarks/bench_grouped_matmul.py --sweep --shapes v3,v3-down
   python benchmarks/bench_grouped_matmul.py --sweep --shapes v3 --grid max_concurrent_steps=4,5 --grid grid_block_n=8,16
+  python benchmarks/bench_grouped_matmul.py --sweep --shapes v3-gate-up,v3-down --grid block_m=64,128,192 --grid grid_block_n=1,8
+
+The kernel's grid is static: cdiv(rows, block_m) + experts - 1 row tiles, each a full pass over the contraction
+that reads its expert's weight columns, whether the tile holds 1 row of the expert or block_m. At 64 rows per
+expert (V3 prefill 1x2048) smaller tiles therefore read the weights more often (block_m 64: 511 row tiles, 128:
+383, 192: 340; 256 experts at least), which is why block_m 64 measured slower.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ SHAPES = {  # name: (experts, in, out, top_k, tokens): gate/up projections, and 
     "v3": (256, 7168, 2048, 8, 2048),
     "v2-lite-down": (64, 1408, 2048, 6, 2048),
     "v3-down": (256, 2048, 7168, 8, 2048),
+    # gate and up fused into one product (Experts.gate_up_proj; the model runs it with transpose_rhs)
+    "v2-lite-gate-up": (64, 2048, 2816, 6, 2048),
+    "v3-gate-up": (256, 7168, 4096, 8, 2048),
 }
 # --sweep: the Mosaic-GPU forward kernel's tiles, all in one process (no XLA flags involved), fastest first.
 SWEEP = dict(block_m=(128,), block_n=(128, 256), block_k=(64, 128), max_concurrent_steps=(2, 4),

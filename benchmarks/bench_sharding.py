@@ -83,7 +83,7 @@ def random_model(cfg, mesh, dtype, rules=None):
         leaves.append((path, var.replace(value=f(jax.random.fold_in(key, i)))))
     model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
     if mesh is not None:
-        sharding.attach_mesh(model, mesh, rules)
+        model = model.with_options(mesh=mesh, **({} if rules is None else {"rules": rules}))
     return model
 
 
@@ -116,7 +116,7 @@ def worker(name: str, out_dir: str | None) -> None:
     jax.block_until_ready(nnx.state(model))
     res["init_s"] = time.perf_counter() - t
     res["weights_memory"] = memory(devices)
-    gate = model.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+    gate = model.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
     res["experts_per_device"] = int(gate.addressable_shards[0].data.shape[1])
     save()
 

@@ -86,9 +86,7 @@ def worker_ours(row: str, steps: int, attention: str = "auto", remat_override: s
     mesh = make_mesh()
     t0 = time.perf_counter()
     model = init_model(cfg, mesh, jnp.bfloat16 if lora or probe == "bf16-master" else jnp.float32, std=0.02)
-    model.compute_dtype = jnp.bfloat16
-    model.remat = remat
-    model.attention_impl = attention
+    model = model.with_options(compute_dtype=jnp.bfloat16, remat=remat, attention=attention)
     trainable = None
     if lora:
         from jaxmodels.layers.linear import LoRAParam
@@ -222,7 +220,7 @@ def main():
     p.add_argument("--compare-hf", action="store_true", help="also run transformers on each row")
     p.add_argument("--out", help="directory for results.json and failure logs")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker")
-    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (model.attention_impl)")
+    p.add_argument("--attention", default="auto", help="jaxmodels attention implementation (Options.attention)")
     p.add_argument("--remat", default=None, help="override the rows' jaxmodels remat policy")
     p.add_argument("--optimizer-dtype", default="float32", choices=["float32", "bf16"],
                    help="jaxmodels AdamW moments (`jaxmodels train --optimizer-dtype`)")

@@ -156,7 +156,7 @@ def program_hlo(name: str, program: str, batch: int, length: int, target: str) -
     from flax import nnx
 
     from bench_generate import MODELS
-    from jaxmodels.cache import init_cache, set_position
+    from jaxmodels.cache import init_cache
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import abstract_model
     from jaxmodels.generate import steps as G
@@ -170,18 +170,16 @@ def program_hlo(name: str, program: str, batch: int, length: int, target: str) -
     cfg = config_from_hf(MODELS[name])
     model = abstract_model(cfg, jnp.bfloat16)
     graphdef, state = nnx.split(model)
-    options = dict(G.COMPILER_OPTIONS)
     if program == "decode":
-        cache = jax.eval_shape(lambda: set_position(init_cache(cfg, G._stack_sizes(model), batch, length,
-                                                               jnp.bfloat16), length // 2, False))
+        cache = jax.eval_shape(lambda: init_cache(cfg, G._stack_sizes(model), batch, length, jnp.bfloat16))
         ints = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=on)
         kv_valid = jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=on)
-        step = jax.jit(G._decode_impl, static_argnums=(0,), donate_argnums=(2,), compiler_options=options)
-        lowered = step.lower(graphdef, spec(state), spec(cache), ints, ints, kv_valid)
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=on)  # the slot written (mid-cache)
+        lowered = G._jitted("decode_step", model.options).lower(graphdef, spec(state), spec(cache), ints, ints,
+                                                                kv_valid, index)
     else:
         ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=on)
-        lowered = jax.jit(G._prefill_impl, static_argnums=(0, 4), compiler_options=options).lower(
-            graphdef, spec(state), ids, ids, length)
+        lowered = G._jitted("prefill", model.options).lower(graphdef, spec(state), ids, ids, length)
     # With dynamic-slice fusion on, XLA (jax 0.10) fails to assign buffers for a compile-only device after its
     # HLO passes have run; the optimised HLO is dumped before that, and it is what this counts.
     with tempfile.TemporaryDirectory() as dump:
@@ -232,9 +230,7 @@ def train_hlo(row: str, remat: str, target: str, optimizer_dtype: str = "float32
     name, b, s, _, _, lora = ROWS[row]
     cfg = config_from_hf(dict(CONFIGS[name], architectures=None))
     model = abstract_model(cfg, jnp.bfloat16 if lora else jnp.float32)
-    model.compute_dtype = jnp.bfloat16
-    model.remat = remat
-    model.attention_impl = attention
+    model = model.with_options(compute_dtype=jnp.bfloat16, remat=remat, attention=attention)
     trainable = []
     if lora:
         from jaxmodels.layers.linear import LoRAParam

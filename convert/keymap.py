@@ -3,9 +3,11 @@
 jaxmodels keeps transformers' parameter names, so the map lists only the exceptions:
 * `model.layers.{i}.*` -> a layer stack with a leading `layers` axis (DeepSeek: `dense_layers` for
   i < first_k_dense_replace, `moe_layers` after; StableLM: `layers`);
-* routed experts are stacked on an `experts` axis and stored [E, in, out] for `ragged_dot`, from the
-  hub's per-expert keys (`mlp.experts.{e}.gate_proj.weight`, [out, in]) or transformers' fused
-  tensors (`mlp.experts.gate_up_proj` [E, 2*inter, hidden], `mlp.experts.down_proj` [E, hidden, inter]);
+* routed experts are stacked on an `experts` axis: gate and up fused as `gate_up_proj` [E, 2, inter, hidden]
+  (each [out, in], as the checkpoint stores it: no transpose), down as `down_proj` [E, inter, hidden] ([in, out]
+  for `ragged_dot`), from the hub's per-expert keys (`mlp.experts.{e}.gate_proj.weight`, [out, in]) or
+  transformers' fused tensors (`mlp.experts.gate_up_proj` [E, 2*inter, hidden], gate rows first,
+  `mlp.experts.down_proj` [E, hidden, inter]);
 * StableLM's per-head q/k norms `self_attn.q_layernorm.norms.{h}.weight` stack on a heads axis;
 * DeepSeek-V3's multi-token-prediction layers `model.layers.{num_hidden_layers + d}.*` -> the stack
   `model.mtp_layers` (index d), when the model was built with them; their `embed_tokens` and
@@ -21,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from jaxmodels.config import BaseConfig, DeepseekConfig
+from jaxmodels.config import BaseConfig
+from jaxmodels.model import stack_layout
 
 
 class CheckpointError(ValueError):
@@ -47,19 +50,25 @@ def _transpose(x):
     return np.swapaxes(x, -1, -2)
 
 
+_GATE_UP = ("gate_proj", "up_proj")  # the order of `gate_up_proj`'s second axis
+
+
+def _split_gate_up(x):
+    """transformers' fused [E, 2 * inter, hidden] (gate rows, then up rows) as [E, 2, inter, hidden]."""
+    return x.reshape(x.shape[0], 2, x.shape[1] // 2, x.shape[2])
+
+
 def layer_stack(cfg: BaseConfig, layer: int) -> tuple[str, int]:
-    """Global layer index -> (stack attribute, index inside the stack)."""
-    if isinstance(cfg, DeepseekConfig):
-        if layer < cfg.num_dense_layers:
-            return "dense_layers", layer
-        return "moe_layers", layer - cfg.num_dense_layers
-    return "layers", layer
+    """Global (main) layer index -> (stack attribute, index inside the stack), by the decoder's layout."""
+    for name, (offset, n) in stack_layout(cfg).items():
+        if offset <= layer < offset + n:
+            return name, layer - offset
+    raise CheckpointError(f"layer {layer} is beyond num_hidden_layers={cfg.num_hidden_layers}")
 
 
 def stack_offset(cfg: BaseConfig, stack: str) -> int:
-    if stack == "mtp_layers":
-        return cfg.num_hidden_layers
-    return cfg.num_dense_layers if stack == "moe_layers" else 0
+    """Checkpoint index of the first layer of stack `stack` (the decoder's layout)."""
+    return stack_layout(cfg, max(1, len(mtp_layers(cfg))))[stack][0]
 
 
 def mtp_layers(cfg: BaseConfig) -> range:
@@ -123,11 +132,12 @@ def place(cfg: BaseConfig, key: str, num_mtp: int = 0) -> list[Placement] | None
         stack, i = layer_stack(cfg, layer)
     base = ("model", stack, "layers")
     if (e := _EXPERT.match(rest)):
-        return [Placement(base + ("mlp", "experts", e.group(2)), (i, int(e.group(1))), _transpose)]
-    if rest == "mlp.experts.gate_up_proj":
-        inter = cfg.moe_intermediate_size
-        return [Placement(base + ("mlp", "experts", "gate_proj"), (i,), lambda x: _transpose(x[:, :inter])),
-                Placement(base + ("mlp", "experts", "up_proj"), (i,), lambda x: _transpose(x[:, inter:]))]
+        expert, proj = int(e.group(1)), e.group(2)
+        if proj == "down_proj":
+            return [Placement(base + ("mlp", "experts", "down_proj"), (i, expert), _transpose)]
+        return [Placement(base + ("mlp", "experts", "gate_up_proj"), (i, expert, _GATE_UP.index(proj)))]
+    if rest == "mlp.experts.gate_up_proj":  # [E, 2 * inter, hidden] -> [E, 2, inter, hidden] (a view)
+        return [Placement(base + ("mlp", "experts", "gate_up_proj"), (i,), _split_gate_up)]
     if rest == "mlp.experts.down_proj":
         return [Placement(base + ("mlp", "experts", "down_proj"), (i,), _transpose)]
     if (h := _HEAD_NORM.match(rest)):
@@ -147,7 +157,11 @@ def export_keys(cfg: BaseConfig, path: tuple[str, ...], shape: tuple[int, ...]):
     offset = stack_offset(cfg, stack)
     for i in range(shape[0]):
         prefix = f"model.layers.{offset + i}."
-        if rest[:2] == ("mlp", "experts"):
+        if rest[:2] == ("mlp", "experts") and rest[2] == "gate_up_proj":
+            for e in range(shape[1]):
+                for j, proj in enumerate(_GATE_UP):
+                    yield f"{prefix}mlp.experts.{e}.{proj}.weight", (i, e, j), None
+        elif rest[:2] == ("mlp", "experts"):
             for e in range(shape[1]):
                 yield f"{prefix}mlp.experts.{e}.{rest[2]}.weight", (i, e), _transpose
         elif rest[:2] in (("self_attn", "q_layernorm"), ("self_attn", "k_layernorm")):

@@ -467,8 +467,8 @@ def load_state(path: str, cfg: BaseConfig, dtype=jnp.float32, *, sharding_fn=Non
 
 
 
-def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = True, progress: bool = True,
-                    rules=None, mtp: bool | None = None):
+def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, progress: bool = True, rules=None,
+                    mtp: bool | None = None, options=None):
     """Loads a Hugging Face checkpoint as a jaxmodels model (family from model_type, head from architectures).
 
     dtype: parameter dtype (default: the checkpoint's config `dtype`/`torch_dtype`, else float32).
@@ -477,6 +477,8 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
     rules: overrides of the logical-axis -> mesh-axis table (jaxmodels.sharding.RULES), with `mesh`.
     mtp: DeepSeek-V3 multi-token-prediction layers (jaxmodels.layers.mtp; needed for speculative decoding and
         the MTP loss) — None (default): load those the checkpoint holds; False: skip them; True: require them.
+    options: the model's static choices (jaxmodels.options.Options or a dict of its fields: attention kernel,
+        remat, compute dtype, scan, ...); `mesh` and `rules`, when given, are set in them.
     """
     path = resolve_checkpoint(name_or_path)
     cfg = load_config(path)
@@ -487,10 +489,8 @@ def from_pretrained(name_or_path: str, dtype=None, *, mesh=None, scan: bool = Tr
         from jaxmodels.sharding import param_sharding
         sharding_fn = lambda name, var: param_sharding(var, mesh, rules)  # noqa: E731
     graphdef, state = load_state(path, cfg, dtype, sharding_fn=sharding_fn, progress=progress, mtp=mtp)
-    model = nnx.merge(graphdef, state)
-    model.scan = scan
-    if mesh is not None:
-        from jaxmodels.sharding import attach_mesh
-        attach_mesh(model, mesh, rules)
-    return model
+    placement = {} if mesh is None else {"mesh": mesh}
+    if rules is not None:
+        placement["rules"] = rules
+    return nnx.merge(graphdef, state).with_options(options, **placement)
 

@@ -21,6 +21,8 @@ log = logging.getLogger("jaxmodels.convert")
 def _leading_slots(path: tuple[str, ...]) -> int:
     """How many leading axes of a parameter are filled by separate checkpoint tensors."""
     if len(path) > 2 and path[2] == "layers" and path[0] == "model":
+        if path[3:6] == ("mlp", "experts", "gate_up_proj"):
+            return 3  # layer, expert, gate / up
         if path[3:5] == ("mlp", "experts") or path[-2] in ("q_layernorm", "k_layernorm"):
             return 2
         return 1

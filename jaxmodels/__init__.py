@@ -5,6 +5,9 @@ from jaxmodels.config import (ConfigError, DeepseekV2Config, DeepseekV3Config, S
 from jaxmodels.model import (CausalLM, ModelOutput, SequenceClassification, TokenClassification, abstract_model,
                              init_model)
 from jaxmodels.generate import generate  # noqa: E402  (the function shadows the submodule's name, as intended)
+from jaxmodels.generate.batch import batch_generate
+from jaxmodels.inputs import Inputs
+from jaxmodels.options import Options
 from jaxmodels.sharding import make_mesh
 
 __version__ = "0.1.0"
@@ -32,6 +35,6 @@ def save_pretrained(model, out_dir, **kwargs):
     return _save(model, out_dir, **kwargs)
 
 
-__all__ = ["default_model_dir", "generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
+__all__ = ["default_model_dir", "generate", "batch_generate", "from_pretrained", "save_pretrained", "CausalLM", "SequenceClassification", "TokenClassification",
            "ModelOutput", "DeepseekV2Config", "DeepseekV3Config", "StableLmConfig", "ConfigError", "load_config",
-           "config_from_hf", "abstract_model", "init_model", "make_mesh"]
+           "config_from_hf", "abstract_model", "init_model", "make_mesh", "Options", "Inputs"]

@@ -4,19 +4,21 @@ A cache holds every layer of one layer stack in a leading `layers` axis, exactly
 parameters. It travels through the layer loop as part of the *carry* (not as scanned-over xs/ys), so
 each layer writes only its new tokens into the big buffer with `dynamic_update_slice` and XLA keeps
 one buffer for the whole decode loop instead of re-stacking a copy per step. The layer a cache
-object addresses is `layer` (`LayerStack` sets it, and with a cache its loop counts layers with it); `index` is the
-first new token goes to: a scalar, the same for every row (prompts are left-padded to one length), or one
-slot per row [batch] (speculative decoding, where rows advance by different amounts).
+object addresses is `layer` (`LayerStack` sets it, and with a cache its loop counts layers with it). Where the
+new tokens go and what a layer reads back are the forward inputs' (`jaxmodels.inputs.Inputs`): `cache_index`,
+the slot of the first new token (a scalar, the same for every row, as prompts are left-padded to one length, or
+one slot per row [batch] in speculative decoding, where rows advance by different amounts), the mode and
+`read_len`.
 
 * `MLACache` (DeepSeek-V2/V3) holds only the normed latent `c_kv` [kv_lora_rank] and the rotated
   shared rope key `k_pe` [qk_rope_head_dim] per token per layer, side by side in one row; per-head K/V are
   never stored.
 * `KVCache` (StableLM) holds rotated K and V per KV head, side by side in one buffer.
 
-`update(new...)` writes the new entries and returns what the layer attends to: the cache's first
-`read_len` slots (decode; None = all of them), or with `fresh=True` (prefill into an empty cache) just the
-new entries themselves. `read_len` is static: the decode loop runs in phases of growing read lengths so a
-step reads only about the filled part of a long cache (`jaxmodels.generate.read_lengths`).
+`update(new..., inputs)` writes the new entries at `inputs.cache_index` and returns what the layer attends
+to: the cache's first `inputs.read_len` slots (decode; None = all of them), or in prefill mode (an empty cache)
+just the new entries themselves. `read_len` is static: the decode loop runs in phases of growing read lengths
+so a step reads only about the filled part of a long cache (`jaxmodels.generate.read_lengths`).
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ def _read(buf: jax.Array, layer: jax.Array, length: int | None = None) -> jax.Ar
 class _LayerStackedCache:
     """What both caches share: write new entries at (layer, index), read a layer back, select a layer."""
 
-    def _update(self, **new: jax.Array):
-        written = self.replace(**{n: _write(getattr(self, n), v, self.layer, self.index) for n, v in new.items()})
-        if self.fresh:  # prefill into an empty cache: attend to the new entries themselves
+    def _update(self, inputs, **new: jax.Array):
+        index = inputs.cache_index
+        written = self.replace(**{n: _write(getattr(self, n), v, self.layer, index) for n, v in new.items()})
+        if inputs.mode == "prefill":  # an empty cache: attend to the new entries themselves
             return (*new.values(), written)
-        return (*(_read(getattr(written, n), self.layer, self.read_len) for n in new), written)
+        return (*(_read(getattr(written, n), self.layer, inputs.read_len) for n in new), written)
 
     def at_layer(self, layer):
         return self.replace(layer=jnp.asarray(layer, jnp.int32))
@@ -73,14 +76,11 @@ class MLACache(_LayerStackedCache):
     absorbed decode scores a query against c_kv and k_pe with one matmul over the whole row."""
 
     latent: jax.Array
-    index: jax.Array  # int32 scalar or [batch]: slot of the first token written by the next update
     layer: jax.Array  # int32 scalar: the layer of this stack the next update writes
-    fresh: bool = struct.field(pytree_node=False, default=False)
-    read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns
 
-    def update(self, latent: jax.Array):
+    def update(self, latent: jax.Array, inputs):
         """latent [b, s, lora + rope] (c_kv | k_pe) -> (latent rows to attend to [b, t, lora + rope], updated cache)."""
-        return self._update(latent=latent)
+        return self._update(inputs, latent=latent)
 
     @property
     def length(self) -> int:
@@ -95,14 +95,11 @@ class KVCache(_LayerStackedCache):
     a GPU, not two: benchmarks/count_kernels.py)."""
 
     kv: jax.Array
-    index: jax.Array
     layer: jax.Array
-    fresh: bool = struct.field(pytree_node=False, default=False)
-    read_len: int | None = struct.field(pytree_node=False, default=None)  # slots a decode update returns
 
-    def update(self, k: jax.Array, v: jax.Array):
+    def update(self, k: jax.Array, v: jax.Array, inputs):
         """k, v [b, s, kv_heads, d] -> (keys to attend to, values, updated cache)."""
-        kv, cache = self._update(kv=jnp.stack([k, v], axis=2))  # [b, t, 2, kv_heads, d]
+        kv, cache = self._update(inputs, kv=jnp.stack([k, v], axis=2))  # [b, t, 2, kv_heads, d]
         return kv[:, :, 0], kv[:, :, 1], cache
 
     @property
@@ -126,7 +123,7 @@ def init_cache(cfg: BaseConfig, stack_sizes: dict[str, int], batch: int, length:
     out = {}
     for name, n in stack_sizes.items():
         bufs = {k: jnp.zeros(s, dtype) for k, s in cache_shapes(cfg, n, batch, length).items()}
-        out[name] = cls(**bufs, index=zero, layer=zero)
+        out[name] = cls(**bufs, layer=zero)
     return out
 
 
@@ -135,10 +132,3 @@ def bytes_per_token(cfg: BaseConfig, dtype=jnp.bfloat16) -> int:
     itemsize = jnp.dtype(dtype).itemsize
     per_layer = sum(math.prod(s[3:]) for s in cache_shapes(cfg, 1, 1, 1).values())
     return per_layer * itemsize * cfg.num_hidden_layers
-
-
-def set_position(cache: dict[str, Any], index, fresh: bool, read_len: int | None = None) -> dict[str, Any]:
-    """The same caches with write slot `index`, the prefill/decode mode `fresh` and the slots a decode
-    update reads back (`read_len`, static; None = all)."""
-    index = jnp.asarray(index, jnp.int32)
-    return {k: c.replace(index=index, fresh=fresh, read_len=read_len) for k, c in cache.items()}

@@ -1,4 +1,4 @@
-"""`jaxmodels generate | convert | plan | train | export`: one entry point, each subcommand in its own module."""
+"""`jaxmodels generate | batch | convert | plan | train | export`: one entry point, each subcommand in its own module."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 # subcommand -> (module, help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
     "generate": ("jaxmodels.generate_cli", "generate text from a checkpoint"),
+    "batch": ("jaxmodels.batch_cli", "JSONL requests in, JSONL completions out (continuous batching)"),
     "convert": ("jaxmodels.convert.cli", "check/convert a Hugging Face checkpoint (load, then export)"),
     "plan": ("jaxmodels.plan", "bytes per device of a model on a mesh, from shapes only"),
     "train": ("jaxmodels.train.cli", "fine-tune a checkpoint (full or LoRA) on a JSONL file"),

@@ -296,8 +296,6 @@ class DeepseekConfig(BaseConfig):
     scoring_func: str = "softmax"
     moe_layer_freq: int = 1
 
-    _ignored: ClassVar[tuple[str, ...]] = BaseConfig._ignored
-
     def __post_init__(self):
         super().__post_init__()
         if self.moe_layer_freq != 1:

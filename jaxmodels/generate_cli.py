@@ -21,23 +21,26 @@ import argparse
 import os
 import sys
 
+from jaxmodels.tokenizer import continuation  # noqa: F401  (re-exported: tests and scripts use it here)
 from jaxmodels.units import DTYPES
 
 TINY_RANDOM = "tiny-random"
+DEFAULT_PROMPT = "def fib(n):"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory or hub id; default: the embedded model (jaxmodels.default_model_dir(), "
                         f"no download); '{TINY_RANDOM}': a tiny random DeepSeek-V3 built in memory (tests)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help=f"prompt text (repeatable; default, with no --prompt-file either: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt-file", help="a file with one prompt per line; all prompts run as one batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--no-stream", action="store_true", help="print completions only when done")
@@ -93,16 +96,28 @@ def read_prompts(args) -> list[str]:
         with open(args.prompt_file, encoding="utf-8") as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
-        prompts = ["def fib(n):"]
+        prompts = [DEFAULT_PROMPT]
     return prompts
 
 
-def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
-    """The text `new_ids` adds after the prompt: decode(prompt + new) minus decode(prompt), as transformers'
-    pipelines cut it (a word-level tokenizer's joining space or a character split across the boundary comes
-    out right, which decode(new) alone would get wrong)."""
-    head, full = tok.decode(prompt_ids), tok.decode(list(prompt_ids) + list(new_ids))
-    return full[len(head):] if full.startswith(head) else tok.decode(new_ids)
+def check_args(args) -> None:
+    """The flags alone, checked before any model is loaded (what needs the model, e.g. the prompt against
+    max_position_embeddings, is checked by jaxmodels.generate)."""
+    import math
+
+    from jaxmodels.generate import GenerationError
+
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise GenerationError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise GenerationError(f"--top-k must be >= 0 (0: all tokens), got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise GenerationError(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        raise GenerationError(f"--prompt-file {args.prompt_file!r} does not exist; pass a text file with one prompt "
+                              "per line")
 
 
 class _Printer:
@@ -153,9 +168,11 @@ def run(args) -> int:
     from jaxmodels.tokenizer import TokenizerError
 
     out = sys.stdout
+    echoed = False  # an error after the prompt was echoed starts on a line of its own
     try:
-        model, tok = load(args.model, args.dtype)
+        check_args(args)
         prompts = read_prompts(args)
+        model, tok = load(args.model, args.dtype)
         if args.chat:
             encoded = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         else:
@@ -170,17 +187,20 @@ def run(args) -> int:
         if stream and not args.no_echo:
             out.write(prompts[0])
             out.flush()
+            echoed = True
         result = generate(model, ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                           do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
                           top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, pad_token_id=pad, seed=args.seed,
                           streamer=printer, speculative=args.speculative, return_stats=args.speculative)
         if args.speculative:
             result, stats = result
-    except FileNotFoundError as e:
-        print(f"error: {e} (or omit --model to run the embedded default model)", file=sys.stderr)
-        return 2
-    except (ConfigError, CheckpointError, GenerationError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ConfigError, CheckpointError, GenerationError, TokenizerError) as e:
+        if echoed:
+            out.write("\n")
+            out.flush()
+        hint = " (or omit --model to run the embedded default model)" if (
+            isinstance(e, FileNotFoundError) and args.model is not None) else ""
+        print(f"jaxmodels generate: error: {e}{hint}", file=sys.stderr)
         return 2
     new = result[:, ids.shape[1]:]
     if stream:

@@ -255,8 +255,8 @@ def train_program(cfg: BaseConfig, mesh, setup: TrainSetup, *, scan: bool = True
 
     param_dtype = setup.param_dtype or (jnp.bfloat16 if setup.lora_rank else jnp.float32)
     model = abstract_model(cfg, param_dtype, setup.lora_rank)
-    model.scan, model.remat, model.compute_dtype = scan, setup.remat, setup.compute_dtype
-    sharding.attach_mesh(model, mesh, rules)
+    model = model.with_options(scan=scan, remat=setup.remat, compute_dtype=setup.compute_dtype, mesh=mesh,
+                               rules=rules)
     graphdef, params, frozen, buffers = steplib.split_model(model, LoRAParam if setup.lora_rank else nnx.Param)
     params, frozen, buffers = (placed(s, mesh, rules) for s in (params, frozen, buffers))
     tx = _optimizer(setup.moment_dtype)
@@ -276,24 +276,24 @@ def train_program(cfg: BaseConfig, mesh, setup: TrainSetup, *, scan: bool = True
 def generate_programs(cfg: BaseConfig, mesh, *, batch: int, prompt: int, cache_len: int, scan: bool = True,
                       dtype=jnp.bfloat16, rules=None):
     """{"prefill": (jitted, args), "decode": (jitted, args)}: generate's two programs for this mesh."""
-    from jaxmodels.cache import init_cache, set_position
+    from jaxmodels.cache import init_cache
     from jaxmodels.generate import steps
 
-    model = abstract_model(cfg, dtype)
-    model.scan = scan
-    sharding.attach_mesh(model, mesh, rules)
+    model = abstract_model(cfg, dtype).with_options(scan=scan, mesh=mesh, rules=rules)
     graphdef, state = nnx.split(model)
     state = placed(state, mesh, rules)
     ids = _sds((batch, prompt), jnp.int32, sharding.batch_sharding(mesh, (batch, prompt), rules))
     stacks = steps._stack_sizes(model)
-    cache = jax.eval_shape(lambda: set_position(init_cache(cfg, stacks, batch, cache_len, dtype), cache_len // 2,
-                                                False))
+    cache = jax.eval_shape(lambda: init_cache(cfg, stacks, batch, cache_len, dtype))
     cache = jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), cache, sharding.cache_shardings(cache, mesh, rules))
     rows = sharding.batch_sharding(mesh, (batch,), rules)
     ints = _sds((batch,), jnp.int32, rows)
     kv_valid = _sds((batch, cache_len), jnp.bool_, sharding.batch_sharding(mesh, (batch, cache_len), rules))
-    return {"prefill": (steps.prefill_program(), (graphdef, state, ids, ids, cache_len)),
-            "decode": (steps.decode_program(), (graphdef, state, cache, ints, ints, kv_valid))}
+    # The decode step writes one slot (the cache index, a traced scalar: any slot compiles the same program).
+    index = _sds((), jnp.int32, NamedSharding(mesh, P()))
+    options = model.options
+    return {"prefill": (steps.prefill_program(options), (graphdef, state, ids, ids, cache_len)),
+            "decode": (steps.decode_program(options), (graphdef, state, cache, ints, ints, kv_valid, index))}
 
 
 # ----------------------------------------------------------------------------------------------- compiling

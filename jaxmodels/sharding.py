@@ -23,11 +23,7 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import math
-import os
 from typing import Mapping
 
 import jax
@@ -91,13 +87,11 @@ class ShardingError(ValueError):
 
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` once when the environment describes a multi-process run
-    (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects: SLURM, Open MPI, TPU pods via their env)."""
-    if jax.distributed.is_initialized():
-        return
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") or (env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1) \
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
+    (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects: SLURM, Open MPI, TPU pods via their env).
+    See `jaxmodels.distributed` for the flags and the mesh across slices."""
+    from jaxmodels import distributed
+
+    distributed.maybe_initialize()
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
@@ -255,25 +249,26 @@ def state_shardings(state, mesh: Mesh, rules=None):
     return jax.tree.map(lambda v: v.replace(value=param_sharding(v, mesh, rules)), state, is_leaf=_is_var)
 
 
+def _put(x, target: NamedSharding):
+    # A value held by this process alone (e.g. LoRA adapters just initialised, the same on every process)
+    # cannot be device_put onto a mesh spanning other processes; its host copy can.
+    if isinstance(x, jax.Array) and x.is_fully_addressable and not target.is_fully_addressable:
+        x = np.asarray(x)
+    return jax.device_put(x, target)
+
+
 def shard_state(state, mesh: Mesh, rules=None):
     """Moves every variable of an nnx State onto the mesh by the table."""
-    return jax.tree.map(lambda v: v.replace(value=jax.device_put(v.get_value(), param_sharding(v, mesh, rules))),
+    return jax.tree.map(lambda v: v.replace(value=_put(v.get_value(), param_sharding(v, mesh, rules))),
                         state, is_leaf=_is_var)
 
 
-def attach_mesh(model, mesh: Mesh | None, rules=None):
-    """Records the mesh (and rules) on the model so its forward pass constrains activations and runs the
-    expert-parallel MoE on it, also inside `jax.jit` of `nnx.merge(graphdef, state)`."""
-    decoder = model.model if hasattr(model, "model") else model
-    decoder.mesh = mesh
-    decoder.sharding_rules = None if rules is None else freeze_rules(rules)
-    return model
-
-
 def shard_model(model, mesh: Mesh, rules=None):
-    """Puts an existing model's parameters on the mesh (in place) and attaches the mesh; returns the model."""
+    """The model's parameters moved onto the mesh by the table, as a model whose options run it there
+    (`model.with_options(mesh=mesh, rules=rules)`: activations constrained, MoE expert-parallel). The input
+    model keeps its options; its arrays are the moved ones."""
     nnx.update(model, shard_state(nnx.state(model), mesh, rules))
-    return attach_mesh(model, mesh, rules)
+    return model.with_options(mesh=mesh, rules=rules)
 
 
 def freeze_rules(rules) -> tuple:
@@ -282,50 +277,15 @@ def freeze_rules(rules) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The current mesh, for activations inside the model
+# Activations inside the model: placed by the model's options (jaxmodels.options.Options.mesh / rules)
 # ----------------------------------------------------------------------------------------------------
 
-_CURRENT: contextvars.ContextVar = contextvars.ContextVar("jaxmodels_mesh", default=(None, None))
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh | None, rules=None):
-    """Within this context the model constrains activations and shards its MoE over `mesh`."""
-    token = _CURRENT.set((mesh, make_rules(rules)))
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
-
-
-def current() -> tuple[Mesh | None, dict[str, MeshAxes]]:
-    """(mesh or None, rules table) of the innermost `use_mesh`."""
-    mesh, rules = _CURRENT.get()
-    return mesh, (rules if rules is not None else dict(RULES))
-
-
-def with_module_mesh(method):
-    """Decorator for a module's __call__: runs it under `use_mesh(self.mesh, self.sharding_rules)` when the
-    module has a mesh attached (see `attach_mesh`); otherwise exactly as before."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        owner = self if getattr(self, "mesh", None) is not None else getattr(self, "model", None)
-        mesh = getattr(owner, "mesh", None)
-        if mesh is None:
-            return method(self, *args, **kwargs)
-        with use_mesh(mesh, getattr(owner, "sharding_rules", None)):
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-def constrain(x: jax.Array, axes) -> jax.Array:
-    """with_sharding_constraint by logical axis names, under the current mesh; a no-op without one."""
-    mesh, rules = current()
+def constrain(x: jax.Array, axes, options) -> jax.Array:
+    """with_sharding_constraint by logical axis names on `options.mesh`; a no-op without a mesh."""
+    mesh = getattr(options, "mesh", None)
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, options.rules, mesh, x.shape)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,14 +300,24 @@ def batch_sharding(mesh: Mesh, shape, rules=None, *, micro: bool = False) -> Nam
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 
 
-def shard_batch(x, mesh: Mesh, rules=None, *, micro: bool = False):
-    """A host array [batch, ...] (or a pytree of them, e.g. a training batch dict), the same full batch on
-    every process, as global arrays on the mesh (see batch_sharding). Each process transfers only the rows
-    its devices hold, so this works unchanged on multi-host runs."""
+def shard_batch(x, mesh: Mesh, rules=None, *, micro: bool = False, rows: int | None = None):
+    """Host arrays [batch, ...] (or a pytree of them, e.g. a training batch dict) as global arrays on the mesh
+    (see batch_sharding).
+
+    rows=None: every process holds the same full batch and transfers only the rows its devices hold.
+    rows=N: the global batch has N rows and each process holds only its own share of them (multi-host
+    training reads just those: `train.step.process_shard`); the global array is assembled from every
+    process's share (`jax.make_array_from_process_local_data`).
+    """
+    dim = 1 if micro else 0
+
     def one(a):
         a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, batch_sharding(mesh, a.shape, rules, micro=micro),
-                                            lambda idx: a[idx])
+        if rows is None:
+            return jax.make_array_from_callback(a.shape, batch_sharding(mesh, a.shape, rules, micro=micro),
+                                                lambda idx: a[idx])
+        shape = a.shape[:dim] + (rows,) + a.shape[dim + 1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, shape, rules, micro=micro), a, shape)
 
     return jax.tree.map(one, x)
 
@@ -363,12 +333,12 @@ def cache_shardings(cache, mesh: Mesh, rules=None):
     return jax.tree_util.tree_map_with_path(one, cache)
 
 
-def constrain_cache(cache):
-    """Constrains a static cache pytree to the table's layout under the current mesh (no-op without one)."""
-    mesh, rules = current()
+def constrain_cache(cache, options):
+    """Constrains a static cache pytree to the table's layout on `options.mesh` (no-op without one)."""
+    mesh = getattr(options, "mesh", None)
     if mesh is None or cache is None:
         return cache
-    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, rules))
+    return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, options.rules))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,6 +367,6 @@ def describe(mesh) -> str:
 
 __all__ = ["MESH_AXES", "RULES", "CACHE_AXES", "ShardingError", "make_mesh", "parse_mesh", "make_rules",
            "logical_to_spec", "param_sharding", "param_spec", "state_shardings", "shard_state", "shard_model",
-           "attach_mesh", "use_mesh", "current", "constrain", "batch_sharding", "shard_batch",
+           "constrain", "batch_sharding", "shard_batch",
            "cache_shardings", "constrain_cache", "shard_shape", "bytes_per_device", "trim_spec",
            "mesh_axes_of", "mesh_axes_of_spec", "freeze_rules", "maybe_initialize_distributed"]

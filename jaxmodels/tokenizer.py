@@ -108,6 +108,14 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
 
+def continuation(tok, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text `new_ids` adds after the prompt: decode(prompt + new) minus decode(prompt), as transformers'
+    pipelines cut it (a word-level tokenizer's joining space or a character split across the boundary comes
+    out right, which decode(new) alone would get wrong)."""
+    head, full = tok.decode(list(prompt_ids)), tok.decode(list(prompt_ids) + list(new_ids))
+    return full[len(head):] if full.startswith(head) else tok.decode(list(new_ids))
+
+
 def render_template(template: str, messages, **kwargs) -> str:
     """Renders a chat template as transformers' `apply_chat_template` does."""
     from jinja2.exceptions import TemplateError

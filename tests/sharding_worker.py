@@ -1,6 +1,7 @@
 """Runs in a subprocess with simulated CPU devices (XLA_FLAGS is set before jax is imported).
 
     python tests/sharding_worker.py forward FAMILY CKPT OUT.json      # 8 devices: meshes vs 1 device
+    python tests/sharding_worker.py mtp CKPT OUT.json                 # 8 devices: MTP loss + speculative vs 1
     python tests/sharding_worker.py memory OUT.json                   # 8 devices: peak host memory of loading
     python tests/sharding_worker.py multihost PROC PORT CKPT OUT.npy  # 4 devices per process, 2 processes
 
@@ -130,16 +131,10 @@ def forward(family: str, ckpt: str, out: str) -> None:
         results["meshes"][label] = r
     if getattr(base.config, "is_moe", False):
         # The decode-sized path of the expert-parallel MoE (gather the chosen local experts), forced for all.
-        import jaxmodels.layers.moe as moe
-
         mesh = sharding.make_mesh(expert=4, tensor=2)
-        model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh)
-        saved, moe.GATHER_MAX_SLOTS = moe.GATHER_MAX_SLOTS, 1 << 30
-        try:
-            f, state = forward_fn(model)
-            logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
-        finally:
-            moe.GATHER_MAX_SLOTS = saved
+        model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh, options={"gather_max_slots": 1 << 30})
+        f, state = forward_fn(model)
+        logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
         results["gather_path_rel_err"] = float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max())
     # The rules table is the user's: batch not split over `expert` -> the MoE takes its psum-only path.
     if not getattr(base.config, "is_moe", False):
@@ -197,7 +192,7 @@ def memory(out: str) -> None:
         peak = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
         results[label + "_peak"] = peak
-        gate = loaded.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+        gate = loaded.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
         results[label + "_expert_shard"] = list(gate.addressable_shards[0].data.shape)
         del loaded, gate
     with open(out, "w") as fh:
@@ -214,7 +209,7 @@ def multihost(proc: int, port: int, ckpt: str, out: str) -> None:
     f, state = forward_fn(model)
     logits = f(state, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
     full = multihost_utils.process_allgather(logits, tiled=True)
-    gate = model.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
+    gate = model.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
     info = {"process_count": jax.process_count(), "local_devices": jax.local_device_count(),
             "global_devices": jax.device_count(), "addressable_expert_shards": len(gate.addressable_shards),
             "expert_shard": list(gate.addressable_shards[0].data.shape)}
@@ -225,9 +220,48 @@ def multihost(proc: int, port: int, ckpt: str, out: str) -> None:
     multihost_utils.sync_global_devices("done")
 
 
+def mtp(ckpt: str, out: str) -> None:
+    """DeepSeek-V3 with an MTP layer: the MTP loss terms and speculative decoding on meshes against one device,
+    and whether the MTP layer's MoE runs expert-parallel (a shard_map in the MTP forward's program)."""
+    from jaxmodels.generate import generate
+    from jaxmodels.layers.mtp import mtp_hidden
+    from jaxmodels.train.loss import mtp_loss_terms
+
+    def measure(model, ids, mask):
+        graphdef, state = nnx.split(model)
+
+        def terms(st, i, m):
+            md = nnx.merge(graphdef, st)
+            h = md.hidden(i, m)
+            return jnp.asarray([list(t) for t in mtp_loss_terms(md, h, {"input_ids": i, "attention_mask": m})],
+                               jnp.float32)  # [depths, (sum, count, right)]
+
+        def mtp_forward(st, h, i, m):
+            return mtp_hidden(nnx.merge(graphdef, st), h, i, attention_mask=m)
+
+        h = jax.jit(lambda st, i, m: nnx.merge(graphdef, st).hidden(i, m))(state, ids, mask)
+        jaxpr = str(jax.make_jaxpr(mtp_forward)(state, h, ids, mask))
+        spec, stats = generate(model, ids, mask, max_new_tokens=4, speculative=True, return_stats=True)
+        return {"terms": np.asarray(jax.jit(terms)(state, ids, mask)).tolist(), "shard_maps": jaxpr.count("shard_map"),
+                "speculative": np.asarray(spec).tolist(), "accepted": stats["accepted"]}
+
+    base = jaxmodels.from_pretrained(ckpt, progress=False)
+    ids, mask = batch(base.config.vocab_size)
+    results = {"devices": jax.device_count(), "one": measure(base, jnp.asarray(ids), jnp.asarray(mask)),
+               "plain": np.asarray(generate(base, ids, mask, max_new_tokens=4)).tolist(), "meshes": {}}
+    for label in ("expert=4,tensor=2", "fsdp=2,expert=2,tensor=2"):
+        mesh = sharding.make_mesh(**MESHES[label])
+        model = jaxmodels.from_pretrained(ckpt, progress=False, mesh=mesh)
+        results["meshes"][label] = measure(model, sharding.shard_batch(ids, mesh), sharding.shard_batch(mask, mesh))
+    with open(out, "w") as fh:
+        json.dump(results, fh)
+
+
 if __name__ == "__main__":
     if MODE == "forward":
         forward(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif MODE == "mtp":
+        mtp(sys.argv[2], sys.argv[3])
     elif MODE == "memory":
         memory(sys.argv[2])
     elif MODE == "multihost":

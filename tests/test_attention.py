@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxmodels.inputs import Inputs
 from jaxmodels.layers.attention import (
-    PACKED_MAX_HEAD_DIM, choose_implementation, dot_product_attention, packed_segments, segment_mask)
-from jaxmodels.model import causal_mask
+    PACKED_MAX_HEAD_DIM, causal_mask, choose_implementation, dot_product_attention, packed_segments, segment_mask)
+
+
+def seg_inputs(seg):
+    """The forward inputs of a full pass over rows with these segment ids (0 = padding)."""
+    seg = jnp.asarray(seg, jnp.int32)
+    return Inputs(positions=jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape), segment_ids=seg)
 
 
 def numpy_attention(q, k, v, mask, scale):
@@ -78,17 +84,18 @@ CASES = {  # name: (b, s, heads, kv_heads, dq, dv)
 def test_xla_matches_numpy(case, masking):
     b, s, h, kvh, dq, dv = CASES[case]
     q, k, v = make_inputs(0, b, s, h, kvh, dq, dv)
-    seg = None
     if masking == "causal":
+        seg = jnp.ones((b, s), jnp.int32)
         mask = causal_mask(None, b, s)
     elif masking == "padded":
-        am = padded_mask(b, s)
-        mask = causal_mask(am, b, s)
+        seg = padded_mask(b, s)  # padding queries attend nothing (their rows are ignored)
+        mask = causal_mask(seg, b, s) & (seg != 0)[:, :, None]
     else:
         seg = packed_ids(b, s)
         mask = segment_mask(seg)
+    np.testing.assert_array_equal(np.asarray(seg_inputs(seg).dense_mask(s)), np.asarray(mask))
     scale = 0.3
-    out = dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=seg, implementation="xla")
+    out = dot_product_attention(q, k, v, seg_inputs(seg), scale=scale, implementation="xla")
     assert out.shape == (b, s, h, dv)
     assert np.isfinite(np.asarray(out)).all()
     ref = numpy_attention(q, k, v, np.asarray(mask), scale)
@@ -105,11 +112,11 @@ def test_xla_matches_numpy(case, masking):
 def test_fully_masked_rows_have_finite_gradients():
     b, s, h, kvh, dq, dv = CASES["gqa"]
     q, k, v = make_inputs(1, b, s, h, kvh, dq, dv)
-    mask = causal_mask(padded_mask(b, s), b, s)
-    assert not np.asarray(mask).any(-1).all()  # the case really has fully masked rows
+    inputs = seg_inputs(padded_mask(b, s))
+    assert not np.asarray(inputs.dense_mask(s)).any(-1).all()  # the case really has fully masked rows
 
     def loss(q, k, v):
-        return jnp.sum(dot_product_attention(q, k, v, mask=mask, scale=0.25, implementation="xla") ** 2)
+        return jnp.sum(dot_product_attention(q, k, v, inputs, scale=0.25, implementation="xla") ** 2)
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     for g in grads:
@@ -151,18 +158,22 @@ def test_packed_segments_layout():
 
 def test_choice_on_cpu_and_clear_errors():
     q, k, v = make_inputs(0, 1, 128, 4, 2, 16, 16, jnp.bfloat16)
-    seg = jnp.ones((1, 128), jnp.int32)
+    seg = seg_inputs(jnp.ones((1, 128), jnp.int32))
     assert jax.default_backend() == "cpu"
     assert choose_implementation(q, k, v, seg) == "xla"
     assert choose_implementation(q, k, v, seg, "auto") == "xla"
+    assert choose_implementation(q, k, v, seg, "splash") == "splash"  # interpret mode off TPU
     with pytest.raises(ValueError, match="cudnn"):
         choose_implementation(q, k, v, seg, "cudnn")
-    with pytest.raises(ValueError, match="segment_ids"):
-        choose_implementation(q, k, v, None, "splash")
     with pytest.raises(ValueError, match="not one of"):
         choose_implementation(q, k, v, seg, "flash")
     with pytest.raises(ValueError, match="segment_ids"):
-        dot_product_attention(q, k, v, mask=causal_mask(None, 1, 128), scale=1.0, segment_ids=seg[:, :64])
+        dot_product_attention(q, k, v, seg_inputs(jnp.ones((1, 64), jnp.int32)), scale=1.0)
+    # A decode step over a cache runs XLA whatever the options say (the fused kernels are full-row kernels).
+    from jaxmodels.inputs import decode_inputs
+    from jaxmodels.options import Options
+    step = decode_inputs(jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 128), bool), 5, Options(attention="splash"))
+    assert choose_implementation(q[:, :1], k, v, step) == "xla"
 
 
 def test_cudnn_packed_refuses_mla_head_dims(monkeypatch):
@@ -175,10 +186,10 @@ def test_cudnn_packed_refuses_mla_head_dims(monkeypatch):
     seg = jnp.ones((1, 128), jnp.int32)
     mla = make_inputs(0, 1, 128, 4, 4, 192, 128, jnp.bfloat16)
     with pytest.raises(ValueError, match="head dim 192.*'cudnn' runs"):
-        choose_implementation(*mla, seg, "cudnn_packed")
+        choose_implementation(*mla, seg_inputs(seg), "cudnn_packed")
     assert A._cudnn_unsupported(*mla, seg, packed=False) is None  # "cudnn" takes it
     stablelm = make_inputs(0, 1, 128, 4, 4, 80, 80, jnp.bfloat16)
-    assert choose_implementation(*stablelm, seg, "cudnn_packed") == "cudnn_packed"
+    assert choose_implementation(*stablelm, seg_inputs(seg), "cudnn_packed") == "cudnn_packed"
 
 
 SPLASH_CASES = {  # name: (b, s, heads, kv_heads, dq, dv); splash needs seq multiples of 128
@@ -193,12 +204,11 @@ def test_splash_interpret_matches_xla(case):
     b, s, h, kvh, dq, dv = SPLASH_CASES[case]
     q, k, v = make_inputs(2, b, s, h, kvh, dq, dv)
     seg = packed_ids(b, s, seed=3)
-    mask = segment_mask(seg)
     real = (seg != 0)[:, :, None, None]  # padding queries differ by design (any finite value is fine)
     w = jax.random.normal(jax.random.key(9), (b, s, h, dv))
 
     def loss(impl, q, k, v):
-        out = dot_product_attention(q, k, v, mask=mask, scale=dq ** -0.5, segment_ids=seg, implementation=impl)
+        out = dot_product_attention(q, k, v, seg_inputs(seg), scale=dq ** -0.5, implementation=impl)
         return jnp.sum(jnp.where(real, out * w, 0.0)), out
 
     (_, out_x), g_x = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -211,62 +221,67 @@ def test_splash_interpret_matches_xla(case):
 
 
 @pytest.mark.parametrize("family", ["stablelm", "deepseek_v2"])
-def test_blocks_take_segment_ids_and_impl(family):
-    """The attention blocks route through dot_product_attention: segment ids change nothing on the XLA
-    path (the dense mask is the truth) and the model-level attention_impl reaches every block."""
+def test_layers_take_inputs_and_the_models_attention_option(family):
+    """A layer takes (x, inputs, cache): the same output from the model's own forward inputs as from inputs
+    built by hand; the model's Options.attention reaches every attention block through the inputs (splash
+    refuses a row of 10 tokens, "xla" equals the default)."""
     import tiny
     from jaxmodels.config import config_from_hf
     from jaxmodels.model import CausalLM
+    from jaxmodels.options import Options
 
     cfg = config_from_hf({**tiny.TINY[family], "model_type": family})
-    model = CausalLM(cfg, rngs=nnx.Rngs(0), std=0.2, attention_impl="xla")
-    blocks = [n for _, n in nnx.iter_graph(model) if hasattr(n, "attention_impl") and n is not model]
-    assert blocks and all(n.attention_impl == "xla" for n in blocks)
-    graphdef, state = nnx.split(blocks[0])  # parameters stacked over layers: call layer 0's slice
-    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+    model = CausalLM(cfg, rngs=nnx.Rngs(0), std=0.2, options=Options(attention="xla"))
+    assert model.options.attention == "xla"
+    stack = next(iter(model.model.stacks().values()))
+    layer = stack.layer(0)
     b, s = 2, 10
     x = jax.random.normal(jax.random.key(0), (b, s, cfg.hidden_size))
-    from jaxmodels.layers.rope import rope_tables
-    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, pos)
     am = padded_mask(b, s)
-    out_mask, _ = layer(x, cos, sin, causal_mask(am, b, s))
-    out_seg, _ = layer(x, cos, sin, causal_mask(am, b, s), segment_ids=am)
-    np.testing.assert_array_equal(np.asarray(out_mask), np.asarray(out_seg))
-    model.attention_impl = "auto"
-    assert all(n.attention_impl == "auto" for n in blocks)
+    ids = jnp.ones((b, s), jnp.int32)
+    got, _, _ = layer(x, model.inputs(ids, am).with_rope(cfg))
+    want, _, _ = layer(x, seg_inputs(am).replace(options=Options(attention="xla")).with_rope(cfg))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(model(ids, am).logits),
+                                  np.asarray(model.with_options(attention="auto")(ids, am).logits))
+    with pytest.raises(ValueError, match="splash.*multiples of 128"):
+        model.with_options(attention="splash")(ids, am)
 
 
 @pytest.mark.parametrize("family", ["stablelm", "deepseek_v3"])
-def test_prompt_forwards_promise_causal(family, monkeypatch):
-    """Prefill (left-padded prompts) and an unmasked forward pass give attention segment ids, so fused kernels
-    skip the blocks above the diagonal; the promise that comes with them, mask == segment_mask(segment_ids),
-    holds on every row, padding rows included."""
+def test_prompt_forwards_give_attention_segments(family, monkeypatch):
+    """Prefill (left-padded prompts) and an unmasked forward pass hand attention segment ids whose dense form is
+    the causal padding mask on every real query (what the fused kernels read instead of a dense mask), and
+    decode steps hand the cache's slots."""
     import tiny
     from jaxmodels.config import config_from_hf
-    from jaxmodels.generate.steps import _prefill
+    from jaxmodels.generate.steps import _decode, _prefill
     from jaxmodels.layers import attention, mla
     from jaxmodels.model import CausalLM
 
     seen = []
 
-    def spy(q, k, v, *, mask, scale, segment_ids=None, implementation=None):
-        seen.append(segment_ids is not None)
-        if segment_ids is not None:
-            np.testing.assert_array_equal(np.asarray(segment_mask(segment_ids)), np.asarray(mask))
-        return dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=segment_ids,
-                                     implementation=implementation)
+    def spy(q, k, v, inputs, *, scale, implementation=None):
+        seen.append(inputs.mode)
+        t = k.shape[1]
+        real = np.asarray(inputs.segment_ids) != 0
+        if inputs.mode != "decode":
+            np.testing.assert_array_equal(np.asarray(inputs.dense_mask(t))[real],
+                                          np.asarray(causal_mask(inputs.segment_ids, *inputs.segment_ids.shape))[real])
+        return dot_product_attention(q, k, v, inputs, scale=scale, implementation=implementation)
 
     monkeypatch.setattr(attention, "dot_product_attention", spy)
     monkeypatch.setattr(mla, "dot_product_attention", spy)
     cfg = config_from_hf({**tiny.TINY[family], "model_type": family})
-    model = CausalLM(cfg, rngs=nnx.Rngs(0), std=0.2)
-    model.scan = False  # eager layers: the spy sees concrete masks
+    model = CausalLM(cfg, rngs=nnx.Rngs(0), std=0.2, options={"scan": False})  # eager layers: concrete inputs
     ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (3, 10)), jnp.int32)
     am = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7, [0] * 9 + [1]], np.int32))
-    _prefill(model, ids, am, 16)
+    _, cache, kv_valid, pos = _prefill(model, ids, am, 16)
     model(ids)
-    assert seen and all(seen)
+    assert seen and set(seen) == {"prefill", "train"}
+    _decode(model, cache, ids[:, 0], pos, kv_valid, 10)
+    if family == "stablelm":  # (MLA's decode attends over the latent itself, not through this entry)
+        assert seen[-1] == "decode"
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -304,14 +319,12 @@ def test_cudnn_matches_xla_bf16(case):
     q, k, v = make_inputs(4, b, s, h, kvh, dq, dv, jnp.bfloat16)
     if packed == "causal":
         seg = jnp.ones((b, s), jnp.int32)
-        mask = segment_mask(seg)
         packed = False
     elif packed:
         seg = packed_ids(b, s, seed=5)
-        mask = segment_mask(seg)
     else:
-        seg = None
-        mask = causal_mask(padded_mask(b, s), b, s)
+        seg = padded_mask(b, s)
+    mask = segment_mask(seg)
     rows = np.asarray(mask).any(-1)
     real = jnp.asarray(rows if not packed else np.asarray(seg) != 0)[:, :, None, None]
     w = jax.random.normal(jax.random.key(9), (b, s, h, dv), jnp.float32)
@@ -319,7 +332,7 @@ def test_cudnn_matches_xla_bf16(case):
 
     def run(impl, q, k, v):
         def loss(q, k, v):
-            out = dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=seg, implementation=impl)
+            out = dot_product_attention(q, k, v, seg_inputs(seg), scale=scale, implementation=impl)
             return jnp.sum(jnp.where(real, out.astype(jnp.float32) * w, 0.0)), out
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
@@ -339,7 +352,7 @@ def test_cudnn_matches_xla_bf16(case):
         err = rel_err(out_c, np.where(real, out_ref, 0))
         assert err < max(2 * base, 1e-2), (impl, "out", err, base)
         if seg is not None and impl == "cudnn":  # the forward pass alone (it may choose the bias-free kernel)
-            out_f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, scale=scale, segment_ids=seg,
+            out_f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, seg_inputs(seg), scale=scale,
                                                                   implementation=impl))(q, k, v)
             err = rel_err(np.where(real, np.asarray(out_f, np.float32), 0), np.where(real, out_ref, 0))
             assert err < max(2 * base, 1e-2), (impl, "forward-only out", err, base)
@@ -371,7 +384,7 @@ def test_cudnn_segments_forward_drops_the_bias_for_one_document_rows(monkeypatch
         want = A._xla_attention(q, k, v, mask, 0.3)
 
         def f(q, k, v):
-            return A._cudnn_segment_attention(q, k, v, mask, seg, 0.3)
+            return A._cudnn_segment_attention(q, k, v, seg, 0.3)
 
         got = jax.jit(f)(q, k, v)
         offset = 1.0 if name == "one document" else 0.0
@@ -408,7 +421,7 @@ def test_lean_remat_keeps_the_cudnn_residuals(monkeypatch):
     does; the gradients are those without remat. The kernel is stood in for by XLA attention: its softmax's
     `exp` marks each forward run."""
     from jaxmodels.layers import attention as A
-    from jaxmodels.model import REMAT_POLICIES
+    from jaxmodels.layers.stack import REMAT_POLICIES
 
     monkeypatch.setattr(A, "_cudnn_attention", lambda q, k, v, mask, scale, causal: A._xla_attention(
         q, k, v, segment_mask(jnp.ones(q.shape[:2], jnp.int32)) if mask is None else mask, scale))
@@ -416,10 +429,9 @@ def test_lean_remat_keeps_the_cudnn_residuals(monkeypatch):
     q, k, v = make_inputs(3, b, s, h, h, d, d)
     w = jax.random.normal(jax.random.key(4), (h * d, h * d)) * 0.3
     seg = jnp.asarray(packed_ids(b, s, seed=1))
-    mask = segment_mask(seg)
 
     def layer(q, k, v, w):  # attention, then a projection of its output and a nonlinearity after it
-        out = dot_product_attention(q, k, v, mask=mask, scale=0.3, segment_ids=seg, implementation="cudnn")
+        out = dot_product_attention(q, k, v, seg_inputs(seg), scale=0.3, implementation="cudnn")
         return jnp.sum(jnp.tanh(out.reshape(b, s, h * d) @ w))
 
     monkeypatch.setattr(A, "_cudnn_unsupported", lambda *args, **kw: None)  # "cudnn" on CPU (float32)

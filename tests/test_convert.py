@@ -713,6 +713,7 @@ for path in sys.argv[3:]:
 """
 
 
+@pytest.mark.slow  # a subprocess with several devices
 def test_fp8_mtp_and_fused_experts_on_a_mesh(tmp_path, fp8_checkpoints, ckpts):
     """Loading straight onto a 4-device mesh (each device reads its own slices) gives the same
     parameters for an FP8 checkpoint with an MTP layer and for fused expert tensors."""
@@ -741,6 +742,7 @@ def test_zero_width_shared_experts_on_a_mesh(tmp_path, batch):
     assert err < TOL, err
 
 
+@pytest.mark.slow  # a subprocess
 def test_hub_id_resolves_from_the_local_hub_cache(tmp_path, ckpts, batch):
     """A hub id goes through huggingface_hub: offline, a snapshot already in the hub cache loads, and an
     id that is not cached fails with a message naming it (no network is used: HF_HUB_OFFLINE=1)."""

@@ -88,6 +88,7 @@ def test_transformers_gives_the_same_logits():
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.99
 
 
+@pytest.mark.slow  # a subprocess
 def test_first_command_streams_python_as_valid_utf8():
     """The README's first command, in a fresh process: no --model, nothing downloaded."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")

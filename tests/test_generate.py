@@ -12,6 +12,7 @@ import jaxmodels
 from jaxmodels.cache import KVCache, MLACache, bytes_per_token
 from jaxmodels.generate import GenerationError, decode_step, filter_logits, prefill, prompt_positions, select_tokens
 from jaxmodels.generate import steps as G
+from jaxmodels.inputs import decode_inputs, forward_inputs
 from tiny import hf_logits, make_checkpoint, max_rel_err, random_batch
 
 FAMILIES = ["deepseek_v2", "deepseek_v3", "stablelm"]
@@ -82,7 +83,7 @@ def test_cache_shapes_and_bytes_per_token(tiny):
                 c = cache[name]
                 assert isinstance(c, MLACache)
                 assert c.latent.shape == (n, 2, 16, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # c_kv | k_pe
-                assert len(jax.tree.leaves(c)) == 3  # latent, index, layer
+                assert len(jax.tree.leaves(c)) == 2  # latent, layer (the write slot is the inputs')
             assert bytes_per_token(cfg, jnp.bfloat16) == cfg.num_hidden_layers * (
                 cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
         # The prompt was written into the cache (and nothing beyond it).
@@ -97,10 +98,13 @@ def test_absorbed_mla_equals_expanded(tiny, family):
     ids, mask = padded_prompts(model.config.vocab_size, seed=1)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     b, s = ids.shape
-    attn = jnp.tril(jnp.ones((s, s), bool))[None] & (mask[:, None, :] != 0)
     pos = prompt_positions(mask)
-    h_exp, _ = model.model(ids, attn, pos, absorb=False)
-    h_abs, _ = model.model(ids, attn, pos, absorb=True)
+    # The same prompt as a full pass (expanded MLA) and as one decode step over itself (absorbed MLA):
+    # queries at slots 0..s-1 attending causally to the prompt's own real slots.
+    full = forward_inputs(ids, mask, pos, options=model.options)
+    step = decode_inputs(pos, mask != 0, 0, model.options)
+    h_exp, _ = model.model(ids, full)
+    h_abs, _ = model.model(ids, step)
     err = max_rel_err(model.logits(h_abs), model.logits(h_exp), np.asarray(mask))
     assert err < 1e-5, err
 
@@ -125,7 +129,7 @@ def test_cached_decode_equals_full_forward(tiny, family):
         err = max_rel_err(logits, ref[:, p - 1 + step])
         assert err < 1e-4, (step, err)
         if step < future.shape[1]:
-            logits, cache = decode_step(model, cache, future[:, step], pos, kv_valid)
+            logits, cache = decode_step(model, cache, future[:, step], pos, kv_valid, p + step)
             pos = pos + 1
 
 
@@ -214,9 +218,9 @@ def test_decode_loop_does_not_copy_the_cache(tiny):
     from flax import nnx
     graphdef, state = nnx.split(model)
     ids = np.ones((2, 16), np.int32)
-    hlo = G.generate_program().lower(state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0),
-                                     np.asarray([-1], np.int32), np.int32(0), graphdef=graphdef, cache_len=64,
-                                     do_sample=False, top_k=0, stream=False).compile().as_text()
+    hlo = G.generate_program(model.options).lower(
+        state, ids, ids, np.int32(4), np.float32(1), np.float32(1), np.int32(0), np.asarray([-1], np.int32),
+        np.int32(0), graphdef=graphdef, cache_len=64, do_sample=False, top_k=0, stream=False).compile().as_text()
     cfg = model.config
     assert cfg.num_moe_layers > 1
     shapes = [f"[{cfg.num_moe_layers},2,64,{d}]" for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim)]
@@ -318,7 +322,7 @@ def bf16_prefill_and_decode_error(tmp_path, family: str, pad: int, dtype=jnp.bfl
     logits, cache, kv_valid, pos = prefill(model, ids[:, :p], mask[:, :p], cache_len=p + n)
     got = [np.asarray(logits)]
     for j in range(n - 1):
-        logits, cache = decode_step(model, cache, ids[:, p + j], pos + j, kv_valid)
+        logits, cache = decode_step(model, cache, ids[:, p + j], pos + j, kv_valid, p + j)
         got.append(np.asarray(logits))
     return max_rel_err(np.stack(got, axis=1), ref)
 
@@ -333,3 +337,20 @@ def test_gpu_bf16_generation_follows_transformers(tmp_path, family, pad):
     transformers' float32 forward: bf16 alone is 2-5.5% off on the CPU (XLA paths, these shapes and rows), a wrong
     mask, position or cache slot tens of percent."""
     assert bf16_prefill_and_decode_error(tmp_path, family, pad) < 0.12
+
+
+@pytest.mark.parametrize("family", ["stablelm", "deepseek_v3"])
+def test_dynamic_rope_generates_past_max_position_embeddings(tmp_path, family):
+    """rope_type dynamic (NTK growth) defines positions past max_position_embeddings: generation goes there,
+    token for token as transformers' greedy generate; every other rope type refuses (test_clear_errors)."""
+    overrides = {"stablelm": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1000.0, "factor": 2.0,
+                                                   "partial_rotary_factor": 0.5}, max_position_embeddings=16),
+                 "deepseek_v3": dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+                                     max_position_embeddings=16)}[family]
+    path, hf = make_checkpoint(tmp_path, family, **overrides)
+    model = jaxmodels.from_pretrained(path, progress=False)
+    ids = np.random.default_rng(6).integers(3, hf.config.vocab_size, (1, 10))
+    ours = jaxmodels.generate(model, ids, max_new_tokens=22, eos_token_id=[], pad_token_id=0)  # positions 0..31
+    ref = hf_generate(hf, ids, np.ones_like(ids), 22, None)
+    assert ours.shape == ref.shape == (1, 32)
+    np.testing.assert_array_equal(ours, ref)

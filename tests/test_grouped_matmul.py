@@ -63,10 +63,18 @@ def _masking_drhs(lhs, dout, gs):
 
 MOSAIC_LIKE = (_garbage_tail(moe._xla_fwd), _garbage_tail(moe._xla_dlhs), _masking_drhs)
 XLA_KERNELS = (moe._xla_fwd, moe._xla_dlhs, moe._xla_drhs)
+# The same for rhs stored [G, n, k] (transpose_rhs): the forward is the plain d_lhs product and vice versa.
+MOSAIC_LIKE_T = (_garbage_tail(moe._xla_dlhs), _garbage_tail(moe._xla_fwd),
+                 lambda lhs, dout, gs: _masking_drhs(dout, lhs, gs))
+XLA_KERNELS_T = moe._XLA_KERNELS[True]
+
+
+def _t(rhs):
+    return jnp.swapaxes(rhs, -1, -2)  # [G, k, n] -> [G, n, k]
 
 
 @pytest.mark.parametrize("group_sizes", GROUP_SIZES)
-@pytest.mark.parametrize("impl", [None, "xla"])
+@pytest.mark.parametrize("impl", ["auto", "xla"])
 def test_xla_path_matches_dense(group_sizes, impl):
     lhs, rhs, gs, cot = inputs(group_sizes)
     got = value_and_grads(lambda a, b, g: moe.grouped_matmul(a, b, g, impl=impl), lhs, rhs, gs, cot)
@@ -94,6 +102,25 @@ def test_custom_vjp_matches_dense(group_sizes, kernels, tail):
     assert not np.any(got[2][np.asarray(empty)]), "empty groups must get zero weight gradient"
 
 
+@pytest.mark.parametrize("group_sizes", GROUP_SIZES)
+@pytest.mark.parametrize("kernels", [None, XLA_KERNELS_T, MOSAIC_LIKE_T], ids=["grouped_matmul", "xla", "mosaic-like"])
+def test_transposed_rhs_matches_dense(group_sizes, kernels):
+    """rhs stored [G, n, k] (the fused gate/up experts' layout): values and both gradients equal the plain
+    layout's dense reference, through grouped_matmul(transpose_rhs=True) and through the custom VJP built
+    from the transposed layout's kernels (rows beyond the groups garbage in lhs and the cotangent)."""
+    lhs, rhs, gs, cot = inputs(group_sizes)
+    f = (lambda a, b, g: moe.grouped_matmul(a, b, g, transpose_rhs=True)) if kernels is None else \
+        moe._grouped_matmul_vjp(*kernels)
+    bad_lhs, bad_cot = lhs.at[sum(group_sizes):].set(np.inf), cot.at[sum(group_sizes):].set(np.inf)
+    if kernels is None:  # jax.lax.ragged_dot_general: rows beyond the groups are its own business
+        bad_lhs, bad_cot = lhs, cot
+    out, d_lhs, d_rhs_t = jax.jit(lambda a, b, g, c: value_and_grads(f, a, b, g, c))(bad_lhs, _t(rhs), gs, bad_cot)
+    want = value_and_grads(dense_reference, lhs, rhs, gs, cot)
+    for name, g, w in zip(("out", "d_lhs", "d_rhs"), (out, d_lhs, _t(d_rhs_t)), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert not np.any(out[sum(group_sizes):]) and not np.any(d_lhs[sum(group_sizes):])
+
+
 def test_custom_vjp_keeps_dtypes():
     lhs, rhs, gs, cot = inputs(GROUP_SIZES[0], dtype=jnp.bfloat16)
     out, d_lhs, d_rhs = value_and_grads(moe._grouped_matmul_vjp(*MOSAIC_LIKE), lhs, rhs, gs, cot)
@@ -113,17 +140,18 @@ def test_local_experts_gradient_through_custom_vjp(monkeypatch):
     ids = jax.random.randint(jax.random.fold_in(key, 1), (t, k), 0, e)
     weights = jax.random.uniform(jax.random.fold_in(key, 2), (t, k))
     ws = [jax.random.normal(jax.random.fold_in(key, 3 + j), s) * 0.3
-          for j, s in enumerate([(e // 2, d, i), (e // 2, d, i), (e // 2, i, d)])]
+          for j, s in enumerate([(e // 2, 2, i, d), (e // 2, i, d)])]  # gate_up [E, 2, inter, hidden], down
 
     def loss(x, *ws):  # the upper half of the experts are local: half the slots are foreign
         return jnp.sum(jnp.sin(moe.local_experts(x, ids, weights, *ws, "silu", first=e // 2)))
 
-    want = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
-    monkeypatch.setattr(moe, "_mosaic_gpu_ok", lambda lhs, rhs, impl: (True, True, True))
-    monkeypatch.setattr(moe, "_mosaic_fwd", MOSAIC_LIKE[0])
-    monkeypatch.setattr(moe, "_mosaic_dlhs", MOSAIC_LIKE[1])
-    monkeypatch.setattr(moe, "_mosaic_drhs", MOSAIC_LIKE[2])
-    got = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws)
+    want = jax.grad(loss, argnums=(0, 1, 2))(x, *ws)
+    monkeypatch.setattr(moe, "_mosaic_gpu_ok", lambda lhs, rhs, impl, transpose_rhs=False: (True, True, True))
+    for name, kernel in zip(("_mosaic_fwd", "_mosaic_dlhs", "_mosaic_drhs"), MOSAIC_LIKE):
+        monkeypatch.setattr(moe, name, kernel)
+    for name, kernel in zip(("_mosaic_fwd_t", "_mosaic_dlhs_t", "_mosaic_drhs_t"), MOSAIC_LIKE_T):
+        monkeypatch.setattr(moe, name, kernel)
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, *ws)
     for g, w in zip(got, want):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -154,6 +182,12 @@ def test_mosaic_choice():
     assert ok(2048, 1408, dtype=jnp.float32) == no
     assert ok(2048, 1408, device=_Device(compute_capability="8.0")) == no
     assert ok(2048, 1408, device=_Device(platform="cpu", compute_capability=None)) == no
+    # rhs [G, n, k] (fused gate/up, [E, 2 * inter, hidden]): the same constraints on (k, n).
+    def ok_t(k, n, impl="auto"):
+        return moe._mosaic_gpu_ok(jax.ShapeDtypeStruct((256, k), bf), jax.ShapeDtypeStruct((8, n, k), bf), impl,
+                                  _Device(), transpose_rhs=True)
+    assert ok_t(2048, 2 * 1408) == ok_t(7168, 2 * 2048) == (True, True, transposed)  # V2-Lite, V3 gate/up
+    assert ok_t(2048, 1344) == no and ok_t(2016, 2816) == no
     assert moe._mosaic_gpu_ok(jnp.zeros((4, 64), bf), jnp.zeros((2, 64, 128), bf), "auto")[0] == (
         jax.devices()[0].platform == "gpu" and getattr(jax.devices()[0], "compute_capability", "") == "9.0")
     with pytest.raises(ValueError, match="impl"):
@@ -214,7 +248,8 @@ def _sizes(m, g, seed):
     (1024, 256, 2048, 7168),  # V3 down
     (1000, 16, 1472, 384),  # 64-wide tiles (k % 128 != 0), rows not a multiple of any tile
 ])
-def test_mosaic_matches_ragged_dot(m, g, k, n, impl):
+@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["kn", "nk"])  # nk: fused gate/up's [E, 2i, d]
+def test_mosaic_matches_ragged_dot(m, g, k, n, impl, transpose_rhs):
     sizes = _sizes(m, g, seed=m + g + k)
     owned = int(sizes.sum())
     key = jax.random.key(0)
@@ -222,13 +257,16 @@ def test_mosaic_matches_ragged_dot(m, g, k, n, impl):
     rhs = (jax.random.normal(jax.random.fold_in(key, 1), (g, k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16)
     cot = jax.random.normal(jax.random.fold_in(key, 2), (m, n), jnp.float32).astype(jnp.bfloat16)
     gs = jnp.asarray(sizes)
-    assert moe._mosaic_gpu_ok(lhs, rhs, impl) == (True, True, impl == "auto")
+    stored = _t(rhs) if transpose_rhs else rhs
+    mosaic_drhs = impl == "auto" and (not transpose_rhs or k % 128 == 0)  # [n, k] output: 128-wide k tiles
+    assert moe._mosaic_gpu_ok(lhs, stored, impl, transpose_rhs=transpose_rhs) == (True, True, mosaic_drhs)
 
-    f = jax.jit(lambda a, b, gs, c: value_and_grads(lambda a, b, gs: moe.grouped_matmul(a, b, gs, impl=impl),
-                                                    a, b, gs, c))
-    calls = re.findall(r"custom_call\s*@(\w+)", f.lower(lhs, rhs, gs, cot).as_text())
-    assert sum("mosaic" in c for c in calls) == (3 if impl == "auto" else 2), calls
-    out, d_lhs, d_rhs = f(lhs, rhs, gs, cot)
+    f = jax.jit(lambda a, b, gs, c: value_and_grads(
+        lambda a, b, gs: moe.grouped_matmul(a, b, gs, impl=impl, transpose_rhs=transpose_rhs), a, b, gs, c))
+    calls = re.findall(r"custom_call\s*@(\w+)", f.lower(lhs, stored, gs, cot).as_text())
+    assert sum("mosaic" in c for c in calls) == (3 if mosaic_drhs else 2), calls
+    out, d_lhs, d_rhs = f(lhs, stored, gs, cot)
+    d_rhs = _t(d_rhs) if transpose_rhs else d_rhs  # [G, k, n] as the reference
     # d_rhs has every expert's [k, n] (7.5 GB at V3's shapes): check it on the device for the empty groups
     # and compare a sample of groups (non-empty ones at both ends and the middle, and one empty) on the host.
     empty = np.flatnonzero(sizes == 0)
@@ -273,27 +311,56 @@ def test_permute_rows_value_and_gradient_equal_take():
     assert "scatter" not in jax.jit(jax.grad(ours)).lower(x).as_text()
 
 
+@pytest.mark.parametrize("form", ["reduce", "einsum"])
+def test_gathered_experts_equal_grouped(form):
+    """Decode-sized calls read only the chosen experts' fused gate/up [E, 2, inter, hidden] and down weights
+    (both gather forms); they equal the sorted grouped-matmul path, foreign experts (expert parallelism)
+    included."""
+    t, k, e, d, i = 3, 2, 8, 16, 12
+    key = jax.random.key(5)
+    x = jax.random.normal(key, (t, d))
+    ids = jax.random.randint(jax.random.fold_in(key, 1), (t, k), 0, e)
+    weights = jax.random.uniform(jax.random.fold_in(key, 2), (t, k))
+    gate_up = jax.random.normal(jax.random.fold_in(key, 3), (e // 2, 2, i, d)) * 0.3
+    down = jax.random.normal(jax.random.fold_in(key, 4), (e // 2, i, d)) * 0.3
+    from jaxmodels.options import Options
+    gathered = moe.local_experts(x, ids, weights, gate_up, down, "silu", first=e // 2,
+                                 options=Options(gather_form=form, gather_max_slots=1 << 20))
+    grouped = moe.local_experts(x, ids, weights, gate_up, down, "silu", first=e // 2,
+                                options=Options(gather_form=form, gather_max_slots=0))
+    np.testing.assert_allclose(gathered, grouped, rtol=1e-5, atol=1e-5)
+    # and both equal the per-slot formula with gate = gate_up[:, 0], up = gate_up[:, 1]
+    want = np.zeros((t, d))
+    for r in range(t):
+        for j in range(k):
+            ex = int(ids[r, j]) - e // 2
+            if 0 <= ex < e // 2:
+                g, u = gate_up[ex, 0] @ x[r], gate_up[ex, 1] @ x[r]
+                want[r] += float(weights[r, j]) * np.asarray((jax.nn.silu(g) * u) @ down[ex])
+    np.testing.assert_allclose(grouped, want, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_experts_equal_one_pass(monkeypatch):
     """Above MAX_SLOTS_PER_CHUNK token-slots the experts run over chunks of tokens (checkpointed lax.map):
-    the same output and the same gradients (tokens, routing weights, every expert weight) as one pass."""
+    the same output and the same gradients (tokens, routing weights, the fused gate/up and the down weights) as one pass."""
     t, k, e, d, i = 48, 2, 4, 16, 8
     ks = jax.random.split(jax.random.key(3), 6)
     x = jax.random.normal(ks[0], (t, d))
     ids = jax.random.randint(ks[1], (t, k), 0, e)
     w = jax.nn.softmax(jax.random.normal(ks[2], (t, k)), -1)
-    gate, up = jax.random.normal(ks[3], (e, d, i)), jax.random.normal(ks[4], (e, d, i))
+    gate_up = jax.random.normal(ks[3], (e, 2, i, d)) * 0.5  # fused gate/up, [out, in] each
     down = jax.random.normal(ks[5], (e, i, d))
 
-    def f(x, w, gate, up, down):
-        return jnp.sum(jnp.sin(moe.chunked_experts(x, ids, w, gate, up, down, "silu")))
+    def f(x, w, gate_up, down):
+        return jnp.sum(jnp.sin(moe.chunked_experts(x, ids, w, gate_up, down, "silu")))
 
-    grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))
+    grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
     monkeypatch.setattr(moe, "MAX_SLOTS_PER_CHUNK", 10**9)
     assert moe._num_chunks(t, k) == 1
-    v1, g1 = grad(x, w, gate, up, down)
+    v1, g1 = grad(x, w, gate_up, down)
     monkeypatch.setattr(moe, "MAX_SLOTS_PER_CHUNK", 30)  # 96 slots -> 4 chunks of 12 tokens (48 % 4 == 0)
     assert moe._num_chunks(t, k) == 4
-    v4, g4 = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(x, w, gate, up, down)
+    v4, g4 = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, w, gate_up, down)
     np.testing.assert_allclose(v4, v1, rtol=1e-5)
     for a, b in zip(g4, g1):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

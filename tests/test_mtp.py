@@ -17,7 +17,8 @@ import jaxmodels
 from jaxmodels.config import DeepseekV3Config
 from jaxmodels.convert.keymap import CheckpointError
 from jaxmodels.generate import GenerationError
-from jaxmodels.layers.mtp import IGNORE, mtp_hidden, mtp_logits, mtp_loss_terms, mtp_targets, num_mtp_layers
+from jaxmodels.layers.mtp import mtp_hidden, mtp_logits, num_mtp_layers
+from jaxmodels.train.loss import IGNORE, mtp_loss_terms, mtp_targets
 from tiny import TINY, make_checkpoint
 from test_convert import params, read_tensors, write_checkpoint
 
@@ -119,11 +120,9 @@ def _mtp_reference(model, h, ids):
     nxt = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
     e = model.model.embed_tokens(nxt)
     x = layer.eh_proj(jnp.concatenate([layer.enorm(e), layer.hnorm(h)], -1))  # [enorm(emb) ; hnorm(h)]
-    from jaxmodels.layers.rope import rope_tables
-    from jaxmodels.model import DeepseekLayer, causal_mask
-    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, pos)
-    y, _, _ = DeepseekLayer.__call__(layer, x, cos, sin, causal_mask(None, b, s))
+    from jaxmodels.inputs import forward_inputs
+    from jaxmodels.layers.deepseek_layer import DeepseekLayer
+    y, _, _ = DeepseekLayer.__call__(layer, x, forward_inputs(ids).with_rope(cfg))
     return model.logits(layer.shared_head.norm(y))
 
 
@@ -257,21 +256,16 @@ def test_speculative_streams_columns_in_order():
 
 def test_cached_multi_token_verify_equals_full_forward():
     """Feeding 2 tokens at once through the absorbed decode path over the cache gives the full forward's logits."""
-    from jaxmodels.cache import init_cache, set_position
-    from jaxmodels.generate.steps import _stack_sizes, prefill
-    from jaxmodels.model import causal_mask
+    from jaxmodels.generate import prefill
+    from jaxmodels.inputs import decode_inputs
 
     model = drafting_model()
     ids = jnp.asarray(np.random.default_rng(4).integers(1, 96, size=(2, 10)))
     full = model(ids).logits
     _, cache, kv_valid, pos = prefill(model, ids[:, :7], cache_len=16)
-    t = 16
-    j = 7
-    attn = kv_valid[:, None, :] & (jnp.arange(t)[None, None, :] <= j + jnp.arange(3)[None, :, None])
-    h, _ = model.model(ids[:, 7:10], attn, pos[:, None] + jnp.arange(3)[None], set_position(cache, j, fresh=False),
-                       absorb=True)
+    inputs = decode_inputs(pos[:, None] + jnp.arange(3)[None], kv_valid, 7, model.options)  # slots 7, 8, 9
+    h, _ = model.model(ids[:, 7:10], inputs, cache)
     np.testing.assert_allclose(model.logits(h), full[:, 7:10], rtol=1e-4, atol=1e-4)
-    del init_cache, _stack_sizes, causal_mask
 
 
 def test_speculative_needs_mtp(mtp_ckpt):

@@ -348,9 +348,8 @@ def test_batch_features_are_exercised(variants):
 @pytest.mark.parametrize("name", ["v2-greedy", "v3-noaux_tc_norm", "stablelm-gqa_partial_0.25"])
 def test_scan_equals_unrolled(variants, name):
     m = variants(name)
-    unrolled = nnx.clone(m.model)
-    unrolled.scan = False  # the same parameters, the stacks run as a Python loop over layers
-    assert m.model.scan
+    unrolled = m.model.with_options(scan=False)  # the same parameters, the stacks run as a Python loop over layers
+    assert m.model.options.scan
     ids, mask, _ = make_batch("left", m.hf.config.vocab_size)
     # The switch must really change the program: a scan primitive only when scanned.
     jaxpr = lambda model: str(jax.make_jaxpr(lambda i, a: model(i, attention_mask=a).logits)(  # noqa: E731

@@ -90,19 +90,20 @@ def test_one_device_mesh_is_just_the_special_case(tmp_path):
     plain = jaxmodels.from_pretrained(path, progress=False)(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     mesh = sharding.make_mesh()
     model = jaxmodels.from_pretrained(path, progress=False, mesh=mesh)
-    assert model.model.mesh is mesh
+    assert model.options.mesh is mesh
     out = model(sharding.shard_batch(ids, mesh), attention_mask=sharding.shard_batch(mask, mesh))
     np.testing.assert_allclose(np.asarray(out.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
     # shard_model / init_model put an existing or a fresh model on the mesh by the same table.
     fresh = jaxmodels.init_model(model.config, mesh, seed=1)
-    w = fresh.model.moe_layers.layers.mlp.experts.gate_proj.get_value()
-    assert w.sharding.spec == P(None, "expert", "fsdp", "tensor")
+    w = fresh.model.moe_layers.layers.mlp.experts.gate_up_proj.get_value()
+    assert w.sharding.spec == P(None, "expert", None, "tensor", "fsdp")  # [layers, E, gate/up, inter, hidden]
 
 
 # ---------------------------------------------------------------------------------------------------
 # 8 simulated devices
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess with several devices
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "stablelm"])
 def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
     path, _ = make_checkpoint(tmp_path, family)
@@ -141,6 +142,31 @@ def test_sharded_forward_and_generate_equal_single_device(tmp_path, family):
         assert r["override_rules"]["params"]["bad"] == []
 
 
+@pytest.mark.slow
+def test_mtp_loss_and_speculative_decoding_on_a_mesh_equal_one_device(tmp_path):
+    """The MTP forward runs on the model's mesh like every layer: its loss terms and speculative decoding on 8
+    devices equal one device's, and its MoE takes the expert-parallel path (a shard_map in the MTP program;
+    none on one device)."""
+    from test_convert import read_tensors, write_checkpoint
+    from test_mtp import mtp_tensors
+
+    path, _ = make_checkpoint(tmp_path, "deepseek_v3")
+    tensors = read_tensors(path)
+    path = write_checkpoint(path, tmp_path / "with-mtp", {**tensors, **mtp_tensors(tensors)})
+    out = tmp_path / "mtp.json"
+    run_worker("mtp", path, out)
+    r = json.loads(out.read_text())
+    one = r["one"]
+    assert r["devices"] == 8 and one["shard_maps"] == 0
+    assert np.asarray(one["terms"])[:, 1].min() > 0  # targets were counted
+    assert one["speculative"] == r["plain"]  # speculative greedy == plain greedy
+    for label, m in r["meshes"].items():
+        assert m["shard_maps"] >= 1, label  # the MTP layer's MoE is expert-parallel on the mesh
+        np.testing.assert_allclose(m["terms"], one["terms"], rtol=1e-5, err_msg=label)
+        assert m["speculative"] == one["speculative"] and m["accepted"] == one["accepted"], label
+
+
+@pytest.mark.slow  # a subprocess with several devices
 def test_loading_onto_a_mesh_keeps_host_memory_near_one_tensor(tmp_path):
     out = tmp_path / "memory.json"
     run_worker("memory", out)
@@ -148,7 +174,7 @@ def test_loading_onto_a_mesh_keeps_host_memory_near_one_tensor(tmp_path):
     bound = r["host_block_bytes"] + 3 * r["largest_tensor_bytes"]
     assert r["checkpoint_bytes"] > 20 * bound, r  # the test is meaningful: the checkpoint dwarfs the bound
     assert r["mesh_peak"] < bound, r
-    assert r["mesh_expert_shard"] == [3, 8, 128, 512], r  # 3 MoE layers; 16 experts / 2; 256 / 2; 1024 / 2
+    assert r["mesh_expert_shard"] == [3, 8, 2, 512, 128], r  # 3 MoE layers; 16 experts / 2; gate, up; 1024 / 2; 256 / 2
 
 
 # ---------------------------------------------------------------------------------------------------

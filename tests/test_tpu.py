@@ -14,7 +14,9 @@ import pytest
 
 from jaxmodels import pods, sharding
 from jaxmodels.config import config_from_hf
-from jaxmodels.layers.attention import dot_product_attention, segment_mask
+from jaxmodels.inputs import forward_inputs
+from jaxmodels.layers.attention import dot_product_attention
+from jaxmodels.options import Options
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install 'jaxmodels[tpu-plan]')")
@@ -64,10 +66,10 @@ def test_splash_inside_shard_map_matches_xla():
     seg = jnp.concatenate([jnp.ones((b, 100), jnp.int32), 2 * jnp.ones((b, 156), jnp.int32)], axis=1)
     w = jax.random.normal(ks[3], (b, s, h, dv))
 
+    inputs = forward_inputs(jnp.zeros((b, s), jnp.int32), segment_ids=seg, options=Options(mesh=mesh))
+
     def loss(impl, q, k, v):
-        with sharding.use_mesh(mesh):
-            out = dot_product_attention(q, k, v, mask=segment_mask(seg), scale=dq ** -0.5, segment_ids=seg,
-                                        implementation=impl)
+        out = dot_product_attention(q, k, v, inputs, scale=dq ** -0.5, implementation=impl)
         return jnp.sum(out * w), out
 
     (_, ox), gx = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)

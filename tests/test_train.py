@@ -27,7 +27,7 @@ from flax import nnx
 
 import jaxmodels
 from jaxmodels import cli
-from jaxmodels.model import segment_positions
+from jaxmodels.inputs import segment_positions
 from jaxmodels.train import TrainConfig, Trainer
 from jaxmodels.train.config import TrainError
 from jaxmodels.train import step as steplib

@@ -115,7 +115,7 @@ def test_cast_once_equals_cast_where_used(tmp_path, family):
 
     path, _ = make_checkpoint(tmp_path, family)
     model = jaxmodels.from_pretrained(path, jnp.float32, progress=False)
-    model.compute_dtype = jnp.bfloat16
+    model = model.with_options(compute_dtype=jnp.bfloat16)
     graphdef, params, frozen, buffers = steplib.split_model(model)
     cast = nnx.to_flat_state(steplib.compute_params(params, jnp.bfloat16))
     kept = {".".join(map(str, p)) for p, v in cast if v.get_value().dtype == jnp.float32}

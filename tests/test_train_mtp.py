@@ -19,10 +19,9 @@ import pytest
 from flax import nnx
 
 import jaxmodels
-from jaxmodels.layers.mtp import mtp_loss_terms
-from jaxmodels.model import segment_positions
+from jaxmodels.inputs import segment_positions
 from jaxmodels.train import step as steplib
-from jaxmodels.train.loss import shift_labels, token_cross_entropy
+from jaxmodels.train.loss import mtp_loss_terms, shift_labels, token_cross_entropy
 from test_convert import read_tensors, write_checkpoint
 from test_mtp import mtp_tensors
 from tiny import make_checkpoint
@@ -74,7 +73,7 @@ def expected_objective(model, batch, weight):
         m = nnx.merge(graphdef, p, rest)
         h = m.hidden(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         total, count, _ = token_cross_entropy(m, h, shift_labels(jnp.asarray(batch["labels"])))
-        terms = mtp_loss_terms(m, h, batch, ce=token_cross_entropy)
+        terms = mtp_loss_terms(m, h, batch)
         return total / count + weight * sum(t / c for t, c, _ in terms) / len(terms)
 
     return jax.value_and_grad(objective)(params)
@@ -103,8 +102,7 @@ def test_mtp_objective_gradient_and_metrics(model):
     assert_close(grads, want)
     # The MTP layer itself learns, and the step reports its loss and top-1 accuracy (the acceptance rate).
     assert np.abs(eh_proj(grads)).max() > 0
-    terms = mtp_loss_terms(model, model.hidden(batch["input_ids"], segment_ids=batch["segment_ids"]), batch,
-                           ce=token_cross_entropy)
+    terms = mtp_loss_terms(model, model.hidden(batch["input_ids"], segment_ids=batch["segment_ids"]), batch)
     (t, c, r), = terms
     np.testing.assert_allclose(metrics["mtp_loss"], [t / c], rtol=1e-5)
     np.testing.assert_allclose(metrics["mtp_accuracy"], [r / c], rtol=1e-6)

@@ -6,9 +6,10 @@ norm, a wrong rope layout or a wrong router cannot hide.
 
 from __future__ import annotations
 
-import os
-
+import collections
+import contextlib
 import json
+import os
 
 import numpy as np
 import torch
@@ -152,3 +153,22 @@ def add_word_tokenizer(path) -> str:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
                    "pad_token": "[PAD]", "unk_token": "[UNK]", "chat_template": TEMPLATE}, f)
     return path
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts the XLA compilations inside the block (jax.monitoring's backend-compile events), by the jitted
+    function's name: yields a Counter {"jit(name)": compiles}, filled as the block runs."""
+    import jax
+
+    counts = collections.Counter()
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[kw.get("fun_name", "?")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -41,8 +41,7 @@ def one_step(path, batch, *, mesh=None, opts=steplib.StepOptions(), tx=None, com
     ({name: [micro-batches, rows, seq]}) with `tx` (default SGD with lr 1: new params = params - grads).
     Returns (state before, state after, metrics) on the host."""
     model = jaxmodels.from_pretrained(path, jnp.float32, mesh=mesh, progress=False)
-    model.compute_dtype = compute_dtype
-    model.remat = remat
+    model = model.with_options(compute_dtype=compute_dtype, remat=remat)
     graphdef, params, frozen, buffers = steplib.split_model(model)
     tx = tx or optax.sgd(1.0)
     state = steplib.init_state(params, buffers, tx, mesh)

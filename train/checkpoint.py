@@ -26,14 +26,30 @@ log = logging.getLogger("jaxmodels.train")
 ITEMS = ("params", "buffers", "opt_state", "meta")
 
 
+class _QuietReadOnly(logging.Filter):
+    """Orbax announces every read-only manager (`export` opens one) with an absl warning: noise to a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
 class Checkpoints:
     """The checkpoints of one run directory (`<out>/checkpoints`)."""
 
     def __init__(self, out_dir: str, *, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                               cleanup_tmp_directories=not read_only,
-                                               enable_async_checkpointing=True)
+        # (read only: no max_to_keep / save interval, which Orbax would otherwise reset with a warning each)
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                               save_interval_steps=0 if read_only else 1, create=not read_only,
+                                               read_only=read_only, cleanup_tmp_directories=not read_only,
+                                               enable_async_checkpointing=True,
+                                               # Multi-host: every process writes its own arrays' shards;
+                                               # process 0 writes the metadata and commits the step.
+                                               multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                                   primary_host=0))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -71,5 +87,8 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save, then stops the manager's threads (idempotent)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from jaxmodels.model import REMAT_POLICIES
+from jaxmodels.options import REMAT_NAMES
 from jaxmodels.units import DTYPES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -45,6 +45,9 @@ class TrainConfig:
     lora_alpha: float | None = None  # default: 2 * rank
     lora_targets: tuple[str, ...] | None = None  # default: lora.default_targets
     mesh: str | None = None  # e.g. "fsdp=8,expert=2"; default: all devices on fsdp
+    # Multi-slice / multi-node: mesh axis sizes across slices (TPU) or nodes (GPU), e.g. "data=2"; `mesh` then
+    # describes one slice / node (see jaxmodels.distributed.make_mesh).
+    dcn_mesh: str | None = None
     dtype: str = "bf16"  # compute dtype
     param_dtype: str | None = None  # master weights: float32 (full fine-tune) / bf16 (the frozen LoRA base)
     optimizer_dtype: str = "float32"  # AdamW's moments: float32, or bf16 (half the optimizer state's memory)
@@ -100,8 +103,8 @@ class TrainConfig:
             raise TrainError(f"--aux-loss-alpha must be >= 0, got {self.aux_loss_alpha}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"--schedule {self.schedule!r} is not one of {SCHEDULES}")
-        if self.remat not in REMAT_POLICIES:
-            raise TrainError(f"--remat {self.remat!r} is not a policy; use one of {sorted(REMAT_POLICIES)}")
+        if self.remat not in REMAT_NAMES:
+            raise TrainError(f"--remat {self.remat!r} is not a policy; use one of {sorted(REMAT_NAMES)}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) is not None and str(getattr(self, name)).lower() not in DTYPES:
                 raise TrainError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
@@ -130,7 +133,7 @@ def check_out_dir(out: str) -> None:
     """--out must be creatable and writable: fail now, not at the first checkpoint."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{os.getpid()}")  # one per process: hosts may share --out
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -35,8 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxmodels.tokenizer import Tokenizer, TokenizerError
-
-IGNORE = -100  # label of a position the loss skips (transformers' ignore_index)
+from jaxmodels.train.loss import IGNORE  # label of a position the loss skips (transformers' ignore_index)
 
 TASKS = ("causal_lm", "sequence_classification", "token_classification")  # the model heads' names
 
@@ -352,7 +351,7 @@ class TrainData:
     pad_id: int = 0
     num_labels: int | None = None
     stats: PackStats = field(default_factory=PackStats)
-    _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # batch_size -> Grain
+    _loaders: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (size, rows) -> Grain
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer: Tokenizer | str, *, seq_len: int, task: str = "causal_lm",
@@ -435,30 +434,43 @@ class TrainData:
                             "data")
         return self.num_rows // batch_size
 
-    def batch(self, index: int, batch_size: int) -> dict[str, np.ndarray]:
+    def batch(self, index: int, batch_size: int, shard=None) -> dict[str, np.ndarray]:
         """Batch number `index`, counted across epochs: {name: [batch_size, ...]} numpy arrays.
 
         Epoch = index // batches_per_epoch(batch_size); each epoch visits every row at most once (the
         remainder rows of an epoch are skipped, differently each epoch), shuffled with a seed derived from
         (seed, epoch). The same data, seed, batch_size and index always give the same batch, so the
         trainer checkpoints its data position as the next index.
+
+        shard: Grain `ShardOptions` (e.g. `jaxmodels.distributed.batch_shard`, or `ShardByJaxProcess`): only
+        block `shard_index` of `shard_count` equal blocks of the batch's rows is read and returned
+        ([batch_size / shard_count, ...]); a multi-host run reads on each host just the rows its devices hold.
         """
         if index < 0:
             raise DataError(f"batch index must be >= 0, got {index}")
-        return self._loader(batch_size)[index]
+        if shard is None or shard.shard_count == 1:
+            return self._loader(batch_size)[index]
+        if batch_size % shard.shard_count:
+            raise DataError(f"batch_size {batch_size} does not split into {shard.shard_count} equal per-process "
+                            f"shards; use a multiple of {shard.shard_count}")
+        size = batch_size // shard.shard_count
+        return self._loader(batch_size, shard.shard_index * size, (shard.shard_index + 1) * size)[index]
 
-    def _loader(self, batch_size: int):
-        """Grain pipeline over row indices: shuffle (reseeded each epoch by Grain), then batch and gather."""
+    def _loader(self, batch_size: int, lo: int = 0, hi: int | None = None):
+        """Grain pipeline over row indices: shuffle (reseeded each epoch by Grain), batch, then gather rows
+        [lo, hi) of each batch (this process's shard; the others' rows are never read)."""
         import grain
 
         self.batches_per_epoch(batch_size)  # the clear error for too few rows
-        if batch_size not in self._loaders:
+        hi = batch_size if hi is None else hi
+        key = (batch_size, lo, hi)
+        if key not in self._loaders:
             rows = self.rows
-            self._loaders[batch_size] = (grain.MapDataset.range(self.num_rows)
-                                 .shuffle(seed=self.seed)
-                                 .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
-                                 .map(lambda idx: {k: v[idx] for k, v in rows.items()}))
-        return self._loaders[batch_size]
+            self._loaders[key] = (grain.MapDataset.range(self.num_rows)
+                                  .shuffle(seed=self.seed)
+                                  .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
+                                  .map(lambda idx: {k: v[idx[lo:hi]] for k, v in rows.items()}))
+        return self._loaders[key]
 
     def describe(self) -> str:
         """One line for the trainer's log: rows, documents, packing efficiency, splits/truncations."""

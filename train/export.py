@@ -71,10 +71,16 @@ def load_run(run_dir: str, step: int | None = None):
     return model, step, base
 
 
+MTP_NOTE = ("note: {out} keeps DeepSeek-V3's multi-token-prediction layer (model.layers.{first}.*, for "
+            "jaxmodels' speculative decoding and MTP loss). transformers loads the checkpoint but reports those tensors "
+            "as UNEXPECTED (it skips only layer 61's silently); `jaxmodels export --no-mtp` leaves them out.")
+
+
 def export_run(run_dir: str, out_dir: str, *, step: int | None = None, adapter_only: bool = False,
-               progress: bool = True) -> str:
+               progress: bool = True, mtp: bool = True) -> str:
     """Writes checkpoint `step` of a run as an HF checkpoint (LoRA merged) or, with adapter_only, as a PEFT
-    adapter. Returns out_dir."""
+    adapter. mtp=False leaves DeepSeek-V3's multi-token-prediction layers out of the HF checkpoint (transformers
+    does not use them and lists their tensors as UNEXPECTED when it loads the checkpoint). Returns out_dir."""
     from jaxmodels.config import load_config
     from jaxmodels.convert.export import copy_tokenizer_files
     from jaxmodels.convert.files import check_writable_dir
@@ -102,6 +108,8 @@ def export_run(run_dir: str, out_dir: str, *, step: int | None = None, adapter_o
         return out_dir
     if has_lora(model):
         model = merge_lora(model)
+    if not mtp:
+        model.model.mtp_layers = None
     save_pretrained(model, out_dir, progress=progress)
     copy_tokenizer_files(base, out_dir)
     return out_dir
@@ -112,17 +120,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory for the Hugging Face checkpoint / PEFT adapter")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--adapter-only", action="store_true", help="write only the LoRA adapters, as a PEFT adapter")
+    p.add_argument("--no-mtp", action="store_true",
+                   help="leave DeepSeek-V3's multi-token-prediction layers out (transformers does not use them and "
+                        "lists their tensors as UNEXPECTED when loading; jaxmodels' speculative decoding needs them)")
 
 
 def run(args) -> int:
     from jaxmodels.config import ConfigError
-    from jaxmodels.convert.keymap import CheckpointError
+    from jaxmodels.convert.hf import CheckpointError
     from jaxmodels.train.config import TrainError
 
     try:
-        out = export_run(args.run, args.out, step=args.step, adapter_only=args.adapter_only)
+        out = export_run(args.run, args.out, step=args.step, adapter_only=args.adapter_only, mtp=not args.no_mtp)
     except (TrainError, ConfigError, CheckpointError, OSError, ValueError) as e:  # OSError: the output path
         print(f"jaxmodels export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    if not args.adapter_only:  # where users meet transformers' UNEXPECTED report, say what it is
+        from jaxmodels.config import load_config
+        from jaxmodels.convert.reader import Checkpoint
+        from jaxmodels.convert.validate import checkpoint_mtp_layers
+
+        cfg = load_config(out)
+        if checkpoint_mtp_layers(cfg, Checkpoint(out)):
+            print(MTP_NOTE.format(out=out, first=cfg.num_hidden_layers), file=sys.stderr)
     return 0

@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -27,7 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxmodels import sharding
+from jaxmodels import distributed, sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.linear import LoRAParam
 from jaxmodels.layers.mtp import num_mtp_layers
@@ -58,25 +60,37 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_mesh(spec: str | None):
-    """--mesh 'fsdp=4,expert=2' -> a Mesh over all devices; axes not named are 1 and fsdp takes the rest."""
-    sizes = sharding.parse_mesh(spec or "")
-    named = math.prod(sizes.values()) if sizes else 1
-    if "fsdp" not in sizes and named != len(jax.devices()):
-        sizes["fsdp"] = -1
+def build_mesh(spec: str | None, dcn: str | None = None):
+    """--mesh 'fsdp=4,expert=2' -> a Mesh over all devices; axes not named are 1 and fsdp takes the rest.
+    --dcn-mesh 'data=2': the axes across TPU slices / GPU nodes; --mesh is then one slice's (distributed.py)."""
     try:
-        return sharding.make_mesh(**sizes)
+        return distributed.make_mesh(sharding.parse_mesh(spec or ""), sharding.parse_mesh(dcn or ""))
     except sharding.ShardingError as e:
-        raise TrainError(f"--mesh {spec!r}: {e}") from None
+        raise TrainError(f"--mesh {spec!r}" + (f" --dcn-mesh {dcn!r}" if dcn else "") + f": {e}") from None
 
 
 class Trainer:
     """Everything a run needs, built once; `step()` advances it, `run()` runs it to the end."""
 
     def __init__(self, config: TrainConfig, *, model=None):
+        created = not os.path.isdir(config.out)
+        check_out_dir(config.out)
+        self.checkpoints = None
+        try:
+            self._build(config, model)
+        except BaseException:  # (KeyboardInterrupt too) no Orbax thread left running, no empty folders left
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+            _remove_if_empty(os.path.join(config.out, "checkpoints"))
+            if created:
+                _remove_if_empty(config.out)
+            raise
+
+    def _build(self, config: TrainConfig, model) -> None:
         self.config = cfg = config
-        check_out_dir(cfg.out)
-        self.mesh = build_mesh(cfg.mesh)
+        self.mesh = build_mesh(cfg.mesh, cfg.dcn_mesh)
+        self.primary = distributed.is_primary()  # writes the run's files; every process writes its shards
+        progress = cfg.progress and self.primary
         self.checkpoints = Checkpoints(cfg.out, keep=cfg.keep)
         latest = self.checkpoints.latest_step()
         if cfg.resume and latest is None:
@@ -93,9 +107,9 @@ class Trainer:
             model = init_from_config(self.model_path, param_dtype, self.mesh, seed=cfg.seed,
                                      mtp=bool(cfg.mtp_loss_weight))
         elif model is None:
-            model = from_pretrained(self.model_path, param_dtype, mesh=self.mesh, progress=cfg.progress)
+            model = from_pretrained(self.model_path, param_dtype, mesh=self.mesh, progress=progress)
         else:
-            sharding.shard_model(model, self.mesh)
+            model = sharding.shard_model(model, self.mesh)
         mcfg = model.config
         if cfg.seq_len > mcfg.max_position_embeddings:
             raise TrainError(f"--seq-len {cfg.seq_len} is above the model's max_position_embeddings "
@@ -104,8 +118,7 @@ class Trainer:
         if cfg.mtp_loss_weight and not num_mtp_layers(model):
             raise TrainError(f"--mtp-loss-weight {cfg.mtp_loss_weight}: {self.model_path} has no multi-token-"
                              "prediction layer (num_nextn_predict_layers with MTP weights); drop the flag")
-        model.compute_dtype = DTYPES[cfg.dtype.lower()]
-        model.remat = cfg.remat
+        model = model.with_options(compute_dtype=DTYPES[cfg.dtype.lower()], remat=cfg.remat)
         self.task = "causal_lm" if model.head in ("causal_lm", "base") else model.head
         if cfg.lora:
             targets = cfg.lora_targets or default_targets(mcfg)
@@ -115,7 +128,7 @@ class Trainer:
                             "RUN OUT` writes the merged model", ",".join(peft_unwritable(mcfg, targets)))
             add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2 * cfg.lora_rank, targets=targets,
                      seed=cfg.seed)
-            sharding.shard_model(model, self.mesh)
+            model = sharding.shard_model(model, self.mesh)
         self.lora = lora_config(model) if cfg.lora else None
 
         # ---- data ----
@@ -123,7 +136,7 @@ class Trainer:
         try:
             self.data = TrainData.from_jsonl(cfg.data, self.model_path, seq_len=cfg.seq_len, task=self.task,
                                              seed=cfg.seed, num_labels=None if self.task == "causal_lm" else
-                                             mcfg.num_labels, pad_id=pad, progress=cfg.progress)
+                                             mcfg.num_labels, pad_id=pad, progress=progress)
             self.eval_data = None if cfg.eval_data is None else TrainData.from_jsonl(
                 cfg.eval_data, self.model_path, seq_len=cfg.seq_len, task=self.task, seed=cfg.seed,
                 num_labels=None if self.task == "causal_lm" else mcfg.num_labels, pad_id=pad, progress=False)
@@ -131,7 +144,7 @@ class Trainer:
         except DataError as e:
             raise TrainError(str(e)) from None
         self.total_steps = cfg.steps or max(1, int(cfg.epochs * per_epoch) // cfg.grad_accum)
-        if cfg.progress:
+        if progress:
             print(f"data: {self.data.describe()}; {per_epoch} batches of {cfg.batch_size} per epoch", file=sys.stderr)
 
         # ---- optimizer, state, compiled steps ----
@@ -146,6 +159,9 @@ class Trainer:
         self._step_fn, self._eval_fn = steplib.compile_steps(self.graphdef, self.tx, self.opts, self.state,
                                                              self.frozen)
         self.position = 0  # micro-batches consumed
+        # Each process reads only the rows of a batch its devices hold.
+        self.shard = steplib.process_shard(self.mesh, cfg.batch_size, micro=True)
+        self.eval_shard = steplib.process_shard(self.mesh, cfg.batch_size, micro=False)
         self.identity = {"model": os.path.abspath(self.model_path) if os.path.isdir(self.model_path) else cfg.model,
                          "model_fingerprint": model_fingerprint(self.model_path) if os.path.isdir(self.model_path)
                          else None, "data_fingerprint": self.data.fingerprint, "lora": self.lora,
@@ -154,10 +170,10 @@ class Trainer:
         self.peak = peak_flops()
         if cfg.resume:
             self._resume(latest)
-        else:
+        elif self.primary:
             with open(os.path.join(cfg.out, CONFIG_FILE), "w") as f:
                 json.dump(dataclasses.asdict(cfg), f, indent=2)
-        self.metrics_log = MetricsLog(cfg.out, latest if cfg.resume else None)
+        self.metrics_log = MetricsLog(cfg.out, latest if cfg.resume else None, enabled=self.primary)
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -170,9 +186,10 @@ class Trainer:
 
     def _batch(self):
         k, b = self.config.grad_accum, self.config.batch_size
-        parts = [self.data.batch(self.position + i, b) for i in range(k)]
+        parts = [self.data.batch(self.position + i, b, self.shard) for i in range(k)]
         self.position += k
-        return sharding.shard_batch({n: np.stack([p[n] for p in parts]) for n in parts[0]}, self.mesh, micro=True)
+        return sharding.shard_batch({n: np.stack([p[n] for p in parts]) for n in parts[0]}, self.mesh, micro=True,
+                                    rows=b)
 
     def step(self) -> dict:
         """One optimizer step; returns its metrics (host floats; `expert_load` [moe layers, experts])."""
@@ -180,7 +197,7 @@ class Trainer:
         batch = self._batch()
         lr = float(self.schedule(self.step_count))
         self.state, metrics = self._step_fn(self.state, self.frozen, batch)
-        metrics = jax.device_get(metrics)
+        metrics = distributed.to_host(metrics)
         seconds = time.perf_counter() - start
         tokens = self.config.grad_accum * self.config.batch_size * self.config.seq_len
         out = {"step": self.step_count, "loss": float(metrics["loss"]), "lr": lr,
@@ -213,8 +230,8 @@ class Trainer:
         n = min(n, self.config.eval_batches or n)
         total, count, correct, mtp = 0.0, 0, 0, 0.0
         for i in range(n):
-            out = jax.device_get(self._eval_fn(self.state, self.frozen,
-                                               sharding.shard_batch(self.eval_data.batch(i, b), self.mesh)))
+            batch = sharding.shard_batch(self.eval_data.batch(i, b, self.eval_shard), self.mesh, rows=b)
+            out = distributed.to_host(self._eval_fn(self.state, self.frozen, batch))
             total, count, correct = total + float(out["loss_sum"]), count + int(out["tokens"]), \
                 correct + int(out["correct"])
             mtp = mtp + np.asarray(out.get("mtp", 0.0), np.float64)
@@ -249,46 +266,103 @@ class Trainer:
         restored = self.checkpoints.restore(step, self.state)
         self.state = dict(self.state, **restored, step=jnp.asarray(step, jnp.int32))
         self.position = int(meta["data_position"])
-        log.info("resumed %s from step %d", self.config.out, step)
+        if self.primary:
+            print(f"resumed from step {step} ({self.config.out})", file=sys.stderr)
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Trains to `steps`, logging every --log-every, evaluating every --eval-every, saving every
-        --save-every and at the end. Returns the last logged metrics."""
+        --save-every and at the end. Returns the last logged metrics.
+
+        Ctrl-C (SIGINT, in the main thread) stops the run after the step in progress, never inside it (an
+        interrupt raised inside XLA's compile of the first step crashed the process), and raises Interrupted
+        naming the last complete checkpoint, if any."""
         cfg = self.config
         last = {}
         bar = tqdm(total=self.total_steps, initial=self.step_count, desc="training", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.primary), dynamic_ncols=True)
+        stop = _StopOnInterrupt()
         try:
-            while self.step_count < self.total_steps:
-                m = self.step()
-                s = m["step"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
-                if not math.isfinite(m["loss"]):
-                    raise TrainError(f"the loss became {m['loss']} at step {s}; lower --lr or raise --warmup (the "
-                                     "last checkpoint is untouched)")
-                record = None
-                if s % cfg.log_every == 0 or s == self.total_steps:
-                    record = m
-                if self.eval_data is not None and (s % cfg.eval_every == 0 or s == self.total_steps):
-                    record = dict(record or {"step": s}, **self.evaluate())
-                if record is not None:
-                    self.metrics_log.write(record)
-                    last = record
-                if s % cfg.save_every == 0 or s == self.total_steps:
-                    self.save()
+            with stop:
+                while self.step_count < self.total_steps and not stop.requested:
+                    m = self.step()
+                    s = m["step"]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                    if not math.isfinite(m["loss"]):
+                        raise TrainError(f"the loss became {m['loss']} at step {s}; lower --lr or raise --warmup "
+                                         "(the last checkpoint is untouched)")
+                    record = None
+                    if s % cfg.log_every == 0 or s == self.total_steps:
+                        record = m
+                    if self.eval_data is not None and (s % cfg.eval_every == 0 or s == self.total_steps):
+                        record = dict(record or {"step": s}, **self.evaluate())
+                    if record is not None:
+                        self.metrics_log.write(record)
+                        last = record
+                    if s % cfg.save_every == 0 or s == self.total_steps:
+                        self.save()
         finally:
             bar.close()
             self.checkpoints.wait()
             self.metrics_log.close()
+        if stop.requested:
+            raise Interrupted(self.step_count, self.checkpoints.latest_step())
         return last
+
+    def close(self) -> None:
+        """Waits for the last save and stops Orbax's background threads (before the interpreter exits:
+        a manager left open can print a traceback from its cleanup thread at exit)."""
+        self.checkpoints.close()
+        _remove_if_empty(self.checkpoints.directory)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run between steps: `step` reached, `saved` the last complete checkpoint (None: none)."""
+
+    def __init__(self, step: int, saved: int | None):
+        super().__init__(step, saved)
+        self.step, self.saved = step, saved
+
+
+class _StopOnInterrupt:
+    """Within the block, the first SIGINT only sets `requested` (the loop stops after the current step); a
+    second one interrupts at once. Outside the main thread (where Python allows no signal handler) it does
+    nothing."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C: the usual KeyboardInterrupt
+        print("\nstopping after the current step (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)  # only succeeds on an empty folder
+    except OSError:
+        pass
 
 
 def train(config: TrainConfig) -> Trainer:
     """Runs a whole fine-tuning job (`jaxmodels train`); returns the finished Trainer."""
     trainer = Trainer(config)
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
     return trainer
 
 
@@ -298,13 +372,13 @@ def init_from_config(path: str, dtype, mesh, *, seed: int = 0, mtp: bool = False
     mtp: build the config's multi-token-prediction layers too (num_nextn_predict_layers; only when their loss
     trains them, so an export never ships an untrained MTP layer)."""
     from jaxmodels.config import load_config
-    from jaxmodels.convert.keymap import mtp_layers
     from jaxmodels.model import init_model
 
     mcfg = load_config(path)
     if any(n.endswith(".safetensors") for n in os.listdir(path)):
         log.warning("--init-from-config: ignoring the weights in %s (training from a fresh initialisation)", path)
-    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=len(mtp_layers(mcfg)) if mtp else 0)
+    depths = getattr(mcfg, "num_nextn_predict_layers", 0) or 0
+    return init_model(mcfg, mesh, dtype, seed=seed, num_mtp_layers=depths if mtp else 0)
 
 
 def _has_routing_bias(cfg) -> bool:
@@ -337,4 +411,4 @@ def _norm(v):
     return json.loads(json.dumps(v))
 
 
-__all__ = ["Trainer", "train", "build_mesh", "init_from_config"]
+__all__ = ["Trainer", "Interrupted", "train", "build_mesh", "init_from_config"]

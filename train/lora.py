@@ -32,7 +32,6 @@ from safetensors.numpy import save_file
 from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.convert.files import atomic_directory
-from jaxmodels.convert.keymap import stack_offset
 from jaxmodels.layers.linear import Linear, LoRAParam
 from jaxmodels.layers.moe import Experts
 
@@ -187,10 +186,8 @@ def add_lora(model, *, rank: int, alpha: float, targets: Sequence[str], seed: in
             node.lora_scale = scale
         else:
             for name, k in zip(Experts.PROJECTIONS, jax.random.split(sub, 3)):
-                w = getattr(node, name)  # [..., E, in, out]: the adapter follows PEFT's [out, in] convention
-                *lead, in_f, out_f = w.shape
-                axes = w.get_metadata().get("axes")
-                axes_out_in = None if not axes else tuple(axes[:-2]) + (axes[-1], axes[-2])
+                shape, axes_out_in = node.projection_layout(name)  # [..., E, out, in]: PEFT's convention
+                *lead, out_f, in_f = shape
                 a, b = _new_pair(k, tuple(lead), out_f, in_f, axes_out_in, rank, dtype, mesh, rules)
                 setattr(node, f"{name}_lora_a", a)
                 setattr(node, f"{name}_lora_b", b)
@@ -211,8 +208,9 @@ def merge_lora(model):
             node.weight.set_value(node.merged_weight())
             node.lora_a = node.lora_b = None
         else:
-            for name, w in zip(Experts.PROJECTIONS, node.weights()):
+            for name, w in zip(Experts.PARAMS, node.weights()):
                 getattr(node, name).set_value(w)
+            for name in Experts.PROJECTIONS:
                 setattr(node, f"{name}_lora_a", None)
                 setattr(node, f"{name}_lora_b", None)
         node.lora_scale = None
@@ -229,10 +227,9 @@ def _peft_entries(model):
     """Yields (peft key, LoRAParam, index) for every adapter slice: index (layer,) of a Linear adapter,
     (layer, expert) of a routed-expert adapter, whose keys are the hub's per-expert module names
     (`mlp.experts.{e}.gate_proj`), the layout peft converts onto transformers 5's fused experts."""
-    cfg = model.config
     for path, node in _lora_modules(model):
         stack, rest = path[1], ".".join(path[3:])
-        offset = stack_offset(cfg, stack)
+        offset = getattr(model.model, stack).offset  # checkpoint index of the stack's first layer
         if isinstance(node, Linear):
             for i in range(node.lora_a.shape[0]):
                 prefix = f"{_PEFT_PREFIX}model.layers.{offset + i}.{rest}"

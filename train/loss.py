@@ -1,4 +1,5 @@
-"""Losses: next-token cross-entropy (chunked over the sequence), classification losses, MoE balance losses.
+"""Losses: next-token cross-entropy (chunked over the sequence), DeepSeek-V3's multi-token-prediction (MTP) loss
+terms, classification losses, MoE balance losses. One cross-entropy (`token_cross_entropy`) and one IGNORE.
 
 `lm_loss` is the contract: transformers' `model(input_ids, attention_mask=..., labels=labels).loss` —
 labels **unshifted** (`labels[t]` is the token at t, -100 = ignored), the loss predicts labels[t + 1] from
@@ -13,7 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from jaxmodels.layers.mtp import mtp_hidden, shift_left
+
+IGNORE = -100  # label of a position the loss skips (transformers' ignore_index): the one definition
 
 # Largest float32 logits block (elements) computed at once: [batch, chunk, vocab] <= this.
 CHUNK_ELEMENTS = 2**26
@@ -68,6 +71,45 @@ def lm_loss(model, input_ids, labels, attention_mask=None):
     h = model.hidden(jnp.asarray(input_ids), attention_mask)
     total, count, _ = token_cross_entropy(model, h, shift_labels(jnp.asarray(labels)))
     return total / jnp.maximum(count, 1)
+
+
+def mtp_targets(labels, depth: int, segment_ids=None):
+    """Targets [b, s] of MTP depth `depth` (0-based) from *unshifted* labels [b, s] (IGNORE = not counted):
+    index i predicts labels[i + depth + 2]; targets that run off the row or cross a document boundary of
+    a packed row (segment_ids differ) are IGNORE."""
+    n = depth + 2
+    t = shift_left(jnp.asarray(labels), n, IGNORE)
+    if segment_ids is not None:
+        seg = jnp.asarray(segment_ids)
+        t = jnp.where((shift_left(seg, n, -1) == seg) & (seg != 0), t, IGNORE)
+    return t
+
+
+def mtp_loss_terms(model, h_main, batch):
+    """Per-depth cross-entropy sums of the MTP heads (jaxmodels.layers.mtp), for a trainer that adds
+    lambda x mean MTP CE.
+
+    batch: {"input_ids" [b, s], "labels" [b, s] unshifted (IGNORE = not counted; default input_ids),
+    and "segment_ids" [b, s] (packed) or "attention_mask" [b, s]; optional "positions"}. h_main: the main
+    model's final-normed output for that batch (`model.hidden(...)`, the same call the LM loss uses).
+    Returns a list (one per depth d, predicting token i + d + 2 at index i) of `token_cross_entropy`'s
+    (summed CE float32, counted targets int32, targets ranked first int32); right / count is the head's top-1
+    accuracy: with greedy decoding, the draft acceptance rate.
+    """
+    ids = jnp.asarray(batch["input_ids"])
+    labels = jnp.asarray(batch.get("labels", ids))
+    seg = batch.get("segment_ids")
+    am = batch.get("attention_mask")
+    if am is not None and seg is None:
+        labels = jnp.where(jnp.asarray(am) != 0, labels, IGNORE)
+    hs = mtp_hidden(model, h_main, ids, batch.get("positions"), None if seg is not None else am, seg)
+    out = []
+    for d, h in enumerate(hs):
+        t = mtp_targets(labels, d, seg)
+        if am is not None and seg is None:  # a padding position's hidden state predicts nothing
+            t = jnp.where(jnp.asarray(am) != 0, t, IGNORE)
+        out.append(token_cross_entropy(model, h, t))
+    return out
 
 
 def classification_loss(model, logits: jax.Array, labels: jax.Array):

@@ -69,8 +69,12 @@ class MetricsLog:
     """metrics.jsonl (one object per logged step; a resumed run keeps the lines up to its checkpoint and
     appends) plus TensorBoard scalars when tensorboardX or torch's writer is installed."""
 
-    def __init__(self, out_dir: str, resume_step: int | None):
+    def __init__(self, out_dir: str, resume_step: int | None, *, enabled: bool = True):
+        # enabled=False (every process but 0 of a multi-process run): the same calls, no files written.
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
         if resume_step is None:
             open(self.path, "w").close()
         elif os.path.exists(self.path):
@@ -82,6 +86,8 @@ class MetricsLog:
         self.tb = _tensorboard_writer(os.path.join(out_dir, "tensorboard"))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         record = {k: _jsonable(v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -28,10 +28,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxmodels import sharding
+from jaxmodels import distributed, sharding
 from jaxmodels.config import DeepseekConfig
-from jaxmodels.layers.mtp import mtp_loss_terms, mtp_targets, num_mtp_layers
-from jaxmodels.train.loss import balance_loss, classification_loss, shift_labels, token_cross_entropy
+from jaxmodels.layers.mtp import num_mtp_layers
+from jaxmodels.train.loss import (IGNORE, balance_loss, classification_loss, mtp_loss_terms, mtp_targets, shift_labels,
+                                  token_cross_entropy)
 from jaxmodels.train.optim import update_routing_bias
 
 BIAS_NAME = "e_score_correction_bias"
@@ -70,7 +71,7 @@ def _forward(model, batch: dict, opts: StepOptions):
         seg = batch["segment_ids"]
         h, stats = model.hidden(batch["input_ids"], positions=batch["positions"], segment_ids=seg, return_stats=True)
         total, count, correct = token_cross_entropy(model, h, shift_labels(batch["labels"]))
-        mtp = mtp_loss_terms(model, h, batch, ce=token_cross_entropy) if opts.mtp_loss_weight else []
+        mtp = mtp_loss_terms(model, h, batch) if opts.mtp_loss_weight else []
         return total, count, correct, stats, seg != 0, mtp
     mask = batch["attention_mask"]
     h, stats = model.hidden(batch["input_ids"], mask, return_stats=True)
@@ -79,7 +80,7 @@ def _forward(model, batch: dict, opts: StepOptions):
     correct = jnp.zeros((), jnp.int32)
     if model.config.num_labels > 1:
         labels = batch["labels"]
-        correct = ((jnp.argmax(logits, -1) == labels) & (labels != -100)).sum()
+        correct = ((jnp.argmax(logits, -1) == labels) & (labels != IGNORE)).sum()
     return total, count, correct, stats, mask != 0, []
 
 
@@ -87,16 +88,16 @@ def count_targets(batch: dict, task: str, num_labels: int) -> jax.Array:
     """Targets the loss averages over (computed from labels alone, before the forward pass)."""
     labels = batch["labels"]
     if task == "causal_lm":
-        return (shift_labels(labels.reshape(-1, labels.shape[-1])) != -100).sum()
+        return (shift_labels(labels.reshape(-1, labels.shape[-1])) != IGNORE).sum()
     if num_labels == 1:
         return jnp.asarray(labels.size, jnp.int32)
-    return (labels != -100).sum()
+    return (labels != IGNORE).sum()
 
 
 def count_mtp_targets(batch: dict, depth: int) -> jax.Array:
     """Targets of MTP depth `depth` in a batch [micro-batches, rows, seq] (see jaxmodels.layers.mtp)."""
     flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("labels", "segment_ids")}
-    return (mtp_targets(flat["labels"], depth, flat["segment_ids"]) != -100).sum()
+    return (mtp_targets(flat["labels"], depth, flat["segment_ids"]) != IGNORE).sum()
 
 
 def _path_names(path) -> list[str]:
@@ -154,7 +155,7 @@ def train_step(graphdef, tx, opts: StepOptions, state: dict, frozen, batch: dict
     n_mtp = [jnp.maximum(count_mtp_targets(batch, d), 1).astype(jnp.float32) for d in range(depths)]
 
     def micro_loss(p, micro):
-        model = nnx.merge(graphdef, compute_params(p, whole.compute_dtype), frozen, buffers)
+        model = nnx.merge(graphdef, compute_params(p, whole.options.dtype), frozen, buffers)
         total, count, correct, stats, valid, mtp = _forward(model, micro, opts)
         objective = total / n_targets
         if mtp:
@@ -216,6 +217,14 @@ def eval_step(graphdef, opts: StepOptions, state: dict, frozen, batch: dict):
 # ----------------------------------------------------------------------------------------------------
 # Placement
 # ----------------------------------------------------------------------------------------------------
+
+def process_shard(mesh, rows: int, micro: bool):
+    """The Grain `ShardOptions` of the rows of a `rows`-row batch that this process's devices hold (shard 0
+    of 1 on one process); `TrainData.batch(..., shard=)` reads just those, `sharding.shard_batch(..., rows=)`
+    places them."""
+    shape = (1, rows) if micro else (rows,)
+    return distributed.batch_shard(sharding.batch_sharding(mesh, shape, micro=micro), shape, len(shape) - 1)
+
 
 def check_batch_fits_mesh(rows: int, mesh) -> None:
     """The rows of a micro-batch must split evenly over the mesh's batch axes."""

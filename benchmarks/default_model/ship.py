@@ -29,7 +29,7 @@ def export_trained(run_dir: str, out_dir: str) -> None:
     """`jaxmodels export RUN OUT` (train.export.export_run) for a from-scratch run, tolerating one known
     trainer bug: train/step.py's `_set_bias` applies the main MoE layers' balancing update ([moe layers,
     experts]) to every routing bias, so the MTP layer's bias ([1, experts]) is broadcast to [moe layers,
-    experts] after the first step. The MTP forward reads row `depth` of it (jaxmodels.layers.mtp._layer), so
+    experts] after the first step. The MTP forward reads row `depth` of it (LayerStack.layer), so
     that row is what was trained with; it is exported. step.py now updates only the main stack's bias, so
     new runs export with `jaxmodels export` directly; this keeps the shipped run (trained before the fix)
     reproducible."""

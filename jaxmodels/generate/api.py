@@ -13,6 +13,10 @@ from jaxmodels.generate.speculative import speculative_program
 from jaxmodels.generate.steps import GenerationError, bucket, generate_program
 from jaxmodels.generate.streaming import Channel, ColumnAssembler
 
+# RoPE types that define positions beyond max_position_embeddings: `dynamic` grows its base (NTK) with the
+# sequence, as transformers does, so generation may go there.
+ROPE_TYPES_THAT_GROW = ("dynamic",)
+
 
 def _eos_list(eos_token_id, cfg: BaseConfig) -> tuple[int, ...]:
     if eos_token_id is None:
@@ -50,14 +54,18 @@ def _check_args(model, ids, mask, max_new_tokens, do_sample, temperature, top_k,
     if not isinstance(temperature, numbers.Real) or not temperature > 0 or not np.isfinite(temperature):
         raise GenerationError(f"temperature must be a finite float > 0, got {temperature!r}; use do_sample=False "
                               "for greedy decoding")
+    if cfg.rope.rope_type in ROPE_TYPES_THAT_GROW:
+        return  # positions past max_position_embeddings are defined: the cache (cache_len) is the only limit
     limit = cfg.max_position_embeddings
     if ids.shape[1] > limit:
         raise GenerationError(f"the prompt has {ids.shape[1]} tokens, more than the model's "
-                              f"max_position_embeddings={limit}; shorten the prompt")
+                              f"max_position_embeddings={limit} (rope type {cfg.rope.rope_type!r} defines no "
+                              "positions past it); shorten the prompt")
     longest = int(mask.sum(axis=1).max())
     if longest + max_new_tokens > limit:
         raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                              f"max_position_embeddings={limit}; lower max_new_tokens to at most {limit - longest}")
+                              f"max_position_embeddings={limit} (rope type {cfg.rope.rope_type!r} defines no "
+                              f"positions past it); lower max_new_tokens to at most {limit - longest}")
 
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
@@ -125,7 +133,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         else:
             def on_host(step, tokens):
                 streamer(int(step), tokens)
-    fn = speculative_program() if speculative else generate_program()
+    fn = speculative_program(model.options) if speculative else generate_program(model.options)
     args = (state, ids_b, mask_b, np.int32(max_new_tokens), np.float32(temperature), np.float32(top_p),
             np.int32(seed), eos_arr, np.int32(pad_token_id))
     kw = dict(graphdef=graphdef, cache_len=int(cache_len), do_sample=bool(do_sample), top_k=int(top_k),

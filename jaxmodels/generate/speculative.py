@@ -23,28 +23,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.cache import init_cache, set_position
+from jaxmodels.cache import init_cache
 from jaxmodels.generate.sampling import select_tokens, token_probs
-from jaxmodels.generate.steps import _last_logits, _pair_forward, _stack_sizes, program, prompt_positions, prompt_segments
+from jaxmodels.generate.steps import _last_logits, _pair_forward, _stack_sizes, program
 from jaxmodels.generate.streaming import emit
-from jaxmodels.model import causal_mask
+from jaxmodels.inputs import prefill_inputs
+from jaxmodels.options import Options
 
 
 def _stack_sizes_mtp(model) -> dict[str, int]:
     return {"mtp_layers": model.model.mtp_layers.num_layers}
-
-
-def _mtp_forward(model, h, tokens, positions, attn, mtp_cache, absorb: bool, segment_ids=None):
-    """MTP depth 0 over h [b, s, hidden] (main normed output) and tokens [b, s] (the token after each).
-    segment_ids: see `prompt_segments` (prompt forward only)."""
-    from jaxmodels.layers.mtp import mtp_step
-    from jaxmodels.layers.rope import rope_tables
-
-    cfg = model.config
-    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
-    c = mtp_cache["mtp_layers"].at_layer(0)
-    hm, c, _ = mtp_step(model, 0, h, tokens, cos, sin, attn, c, absorb=absorb, segment_ids=segment_ids)
-    return hm, {"mtp_layers": c}
 
 
 def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad, channel=None, *, graphdef,
@@ -60,16 +48,14 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
     rows = jnp.arange(b)
 
     with jax.named_scope("prefill"):
-        cache = set_position(init_cache(model.config, _stack_sizes(model), b, cache_len, dtype), 0, fresh=True)
-        mtp_cache = set_position(init_cache(model.config, _stack_sizes_mtp(model), b, cache_len, dtype), 0,
-                                 fresh=True)
-        positions = prompt_positions(mask)
-        attn, seg = causal_mask(mask, b, p), prompt_segments(mask)  # [b, p, p], [b, p]
-        h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False, segment_ids=seg)
+        cache = init_cache(model.config, _stack_sizes(model), b, cache_len, dtype)
+        mtp_cache = init_cache(model.config, _stack_sizes_mtp(model), b, cache_len, dtype)
+        inputs = prefill_inputs(mask, model.options)
+        h, cache = model.model(ids, inputs, cache)
         tok = pick(_last_logits(model, h), jax.random.fold_in(key, 0))
         # MTP over the prompt: index i combines h_i with token i+1 (the last one: the token just chosen).
         shifted = jnp.concatenate([ids[:, 1:], tok[:, None]], axis=1)
-        hm, mtp_cache = _mtp_forward(model, h, shifted, positions, attn, mtp_cache, absorb=False, segment_ids=seg)
+        hm, mtp_cache, _ = model.model.mtp(h, shifted, inputs, mtp_cache)
         dl = model.logits(hm[:, -1:])[:, 0].astype(jnp.float32)  # [b, vocab]
         q = probs(dl) if do_sample else jnp.zeros((b, 1), jnp.float32)
         draft = pick(dl, jax.random.fold_in(key, 1 << 20))
@@ -92,8 +78,8 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
         k_accept, k_resid, k_next, k_draft = jax.random.split(step_key, 4)
         two = jnp.stack([c["tok"], c["draft"]], axis=1)  # [b, 2]
         pos2 = c["pos"][:, None] + jnp.arange(2, dtype=jnp.int32)[None]  # [b, 2]
-        with jax.named_scope("verify"):  # attn [b, 2, cache_len]
-            h, logits, attn, cache = _pair_forward(model, c["cache"], two, pos2, kv_valid, j, cache_len)
+        with jax.named_scope("verify"):
+            h, logits, inputs, cache = _pair_forward(model, c["cache"], two, pos2, kv_valid, j, cache_len)
         d = c["draft"]
         if do_sample:
             p0 = probs(logits[:, 0])
@@ -121,29 +107,27 @@ def _speculative_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, 
             emit(channel, n, jnp.stack([e0, e1], 1), jnp.stack([w0, w1], 1))
         advance = jnp.where(active, 1 + accept.astype(jnp.int32), 0)  # finished rows stay where they are
         with jax.named_scope("draft"):
-            hm, mtp_cache = _mtp_forward(model, h, jnp.stack([e0, e1], axis=1), pos2, attn,
-                                         set_position(c["mtp_cache"], j, False, cache_len), absorb=True)
+            hm, mtp_cache, _ = model.model.mtp(h, jnp.stack([e0, e1], axis=1), inputs, c["mtp_cache"])
             hd = jnp.where(accept[:, None], hm[:, 1], hm[:, 0])  # the MTP state at the last accepted position
             dl = model.logits(hd[:, None])[:, 0].astype(jnp.float32)
             q = probs(dl) if do_sample else c["q"]
             draft = pick(dl, k_draft)
         return dict(step=c["step"] + 1, j=j + advance, out=out, n_out=n_new, tok=jnp.where(accept, e1, e0),
-                    draft=draft, q=q, pos=c["pos"] + advance, cache=set_position(cache, j + advance, False),
-                    mtp_cache=set_position(mtp_cache, j + advance, False), unfinished=unfinished,
+                    draft=draft, q=q, pos=c["pos"] + advance, cache=cache, mtp_cache=mtp_cache, unfinished=unfinished,
                     verified=c["verified"] + active.sum(dtype=jnp.int32),
                     accepted=c["accepted"] + (active & accept).sum(dtype=jnp.int32))
 
     j = jnp.full((b,), p, jnp.int32)
     carry = dict(step=jnp.asarray(1, jnp.int32), j=j, out=out, n_out=n_out, tok=tok, draft=draft, q=q, pos=pos,
-                 cache=set_position(cache, j, fresh=False), mtp_cache=set_position(mtp_cache, j, fresh=False),
-                 unfinished=unfinished, verified=zero, accepted=zero)
+                 cache=cache, mtp_cache=mtp_cache, unfinished=unfinished, verified=zero, accepted=zero)
     # A step writes slots j, j + 1 (at most p + max_new - 1, see generate) and reads the whole cache.
     c = jax.lax.while_loop(lambda c: cond(c) & (jnp.max(c["j"]) + 2 <= cache_len), body, carry)
     return c["out"], jnp.max(c["n_out"]), jnp.stack([c["verified"], c["accepted"], c["step"] - 1])
 
 
-def speculative_program():
+def speculative_program(options: Options = Options()):
     """The jitted speculative loop; the same arguments as `steps.generate_program()`'s, and it returns (new
     tokens, new token count, [drafted, accepted, loop steps]). With stream=True, `emit`s (n_before [b],
-    tokens [b, 2], written [b, 2]) per step for a `streaming.ColumnAssembler`."""
-    return program(_speculative_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))
+    tokens [b, 2], written [b, 2]) per step for a `streaming.ColumnAssembler`. options: the model's."""
+    return program(_speculative_impl, options,
+                   static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))

@@ -8,8 +8,8 @@
   phases of growing length (`read_lengths`).
 * positions come from the attention mask exactly as transformers computes `position_ids` for left-padded
   batches (cumsum(mask) - 1), so padded rows generate what they would alone.
-* every program is jitted once per (function, compiler options) by `program`; `set_compiler_options`
-  rebuilds them all.
+* every program is jitted once per (function, compiler options) by `program`; the compiler options are the
+  model's (`Options.compiler_options`), so a model with other options gets its own programs.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.cache import init_cache, set_position
+from jaxmodels.cache import init_cache
 from jaxmodels.generate.sampling import select_tokens
 from jaxmodels.generate.streaming import emit
-from jaxmodels.model import causal_mask
+from jaxmodels.inputs import decode_inputs, prefill_inputs, prompt_positions  # noqa: F401  (prompt_positions: API)
+from jaxmodels.options import GENERATE_COMPILER_OPTIONS as COMPILER_OPTIONS  # noqa: F401  (the default's name)
+from jaxmodels.options import Options
 
 MIN_BUCKET = 16
 
@@ -42,12 +44,6 @@ class GenerationError(ValueError):
 # Prefill and one decode step (pure functions of the model state)
 # ----------------------------------------------------------------------------------------------------
 
-def prompt_positions(mask: jax.Array) -> jax.Array:
-    """transformers' position_ids for a (left-)padded prompt: cumsum(mask) - 1, padding set to 1."""
-    pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
-    return jnp.where(mask != 0, pos, 1)
-
-
 def _stack_sizes(model) -> dict[str, int]:
     return {name: stack.num_layers for name, stack in model.model.stacks().items()}
 
@@ -56,63 +52,45 @@ def _last_logits(model, h):
     return model.logits(h[:, -1:, :])[:, 0].astype(jnp.float32)  # [b, vocab]
 
 
-def prompt_segments(mask: jax.Array) -> jax.Array:
-    """[b, p] int32 segment ids of left-padded prompts (0 = padding, 1 = the prompt): a prompt is one document,
-    and for left padding `segment_mask` of these equals `causal_mask(mask)` on every row (a padding query sees
-    no earlier real key in either). Passed with the dense mask, they tell the fused attention kernels the mask
-    is causal, so they skip the blocks above the diagonal instead of computing them under a bias (cuDNN), or
-    run at all (splash on TPU takes no dense mask)."""
-    return (mask != 0).astype(jnp.int32)
-
-
 def _prefill(model, ids, mask, cache_len: int):
-    """ids, mask [b, p] (left-padded) -> (last logits [b, vocab], cache, kv_valid [b, T], next positions [b])."""
+    """ids, mask [b, p] (left-padded) -> (last logits [b, vocab], cache, kv_valid [b, T], next positions [b]).
+    The cache's next write slot is p."""
     b, p = ids.shape
     dtype = model.model.embed_tokens.weight.dtype
     cache = init_cache(model.config, _stack_sizes(model), b, cache_len, dtype)
-    cache = set_position(cache, 0, fresh=True)
-    positions = prompt_positions(mask)
-    attn = causal_mask(mask, b, p)  # [b, p, p]
-    h, cache = model.model(ids, attn, positions, cache, scan=model.scan, absorb=False,
-                           segment_ids=prompt_segments(mask))
+    h, cache = model.model(ids, prefill_inputs(mask, model.options), cache)
     kv_valid = jnp.concatenate([mask != 0, jnp.ones((b, cache_len - p), bool)], axis=1)  # [b, T]
     next_pos = jnp.sum(mask != 0, axis=-1).astype(jnp.int32)  # position of the first new token
-    return _last_logits(model, h), set_position(cache, p, fresh=False), kv_valid, next_pos
+    return _last_logits(model, h), cache, kv_valid, next_pos
 
 
-def _decode(model, cache, tokens, positions, kv_valid, read_len: int | None = None):
-    """One token per row: tokens, positions [b] -> (logits [b, vocab], cache with index advanced).
+def _decode(model, cache, tokens, positions, kv_valid, index, read_len: int | None = None):
+    """One token per row: tokens, positions [b], written to cache slot index -> (logits [b, vocab], cache).
     read_len (static): attend to the first read_len cache slots only (they must hold every filled one)."""
-    index = next(iter(cache.values())).index
-    t = kv_valid.shape[1] if read_len is None else read_len
-    attn = (kv_valid[:, :t] & (jnp.arange(t) <= index)[None])[:, None, :]  # [b, 1, t]
-    h, cache = model.model(tokens[:, None], attn, positions[:, None], set_position(cache, index, False, read_len),
-                           scan=model.scan, absorb=True)
-    return _last_logits(model, h), set_position(cache, index + 1, fresh=False)
+    inputs = decode_inputs(positions[:, None], kv_valid, index, model.options, read_len)
+    h, cache = model.model(tokens[:, None], inputs, cache)
+    return _last_logits(model, h), cache
 
 
 def _pair_forward(model, cache, two, pos2, kv_valid, j, read_len: int):
     """The main model over two tokens per row, two [b, 2] at positions pos2 [b, 2], written to cache slots j and
     j + 1 (j: scalar or [b]), attending to the first read_len slots up to its own. The step both a speculative
-    verify and a paired decode run. Returns (h [b, 2, hidden], logits [b, 2, vocab] float32, mask, cache)."""
-    jj = jnp.reshape(j, (-1, 1, 1))  # [b or 1, 1, 1]
-    slots = jnp.arange(read_len)[None, None, :]
-    attn = kv_valid[:, None, :read_len] & (slots <= jj + jnp.arange(2)[None, :, None])  # [b, 2, read_len]
-    h, cache = model.model(two, attn, pos2, set_position(cache, j, False, read_len), scan=model.scan, absorb=True)
-    return h, model.logits(h).astype(jnp.float32), attn, cache
+    verify and a paired decode run. Returns (h [b, 2, hidden], logits [b, 2, vocab] float32, inputs, cache)."""
+    inputs = decode_inputs(pos2, kv_valid, j, model.options, read_len)
+    h, cache = model.model(two, inputs, cache)
+    return h, model.logits(h).astype(jnp.float32), inputs, cache
 
 
-def _decode_paired(model, cache, tokens, positions, kv_valid, read_len: int):
+def _decode_paired(model, cache, tokens, positions, kv_valid, index, read_len: int):
     """`_decode` computed as the first of two copies of each token (slot index + 1 gets a throwaway entry that
     the next step overwrites). Greedy decoding of a model with MTP layers runs this: it has exactly the shapes
     of a speculative verify step, so both run the same GPU kernels with the same rounding and
     speculative=True gives bit for bit the tokens of speculative=False (a 1-token step runs matrix-vector
     kernels whose bf16 rounding differs from the verify's 2-row ones and flips near-tied argmaxes)."""
-    index = next(iter(cache.values())).index
     pos2 = positions[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
     _, logits, _, cache = _pair_forward(model, cache, jnp.stack([tokens, tokens], axis=1), pos2, kv_valid, index,
                                         read_len)
-    return logits[:, 0], set_position(cache, index + 1, fresh=False)
+    return logits[:, 0], cache
 
 
 # Decode reads the cache in phases of growing length: a step whose filled slots fit in the first L reads only
@@ -132,49 +110,39 @@ def read_lengths(first_index: int, cache_len: int) -> list[int]:
     return [n for n in lengths if n > first_index]
 
 
-# XLA:GPU compiler options for the generation programs (other backends ignore them): inside the layer scan each
-# layer's weights are a dynamic-slice of the stacked parameters, which Triton GEMM fusions cannot read in place
-# and the dot-merger pass concatenates (a weight copy per layer per step either way); RESULTS.md 2026-11-23.
-COMPILER_OPTIONS = {"xla_gpu_enable_dynamic_slice_fusion": True, "xla_gpu_enable_triton_gemm": False,
-                    "xla_disable_hlo_passes": "dot-merger"}
-
-_options: dict = dict(COMPILER_OPTIONS)
 _programs: dict = {}
 
 
-def program(fn, **jit_kwargs):
-    """fn under `jax.jit(fn, compiler_options=<the generation options>, **jit_kwargs)`, built once per (fn,
-    jit arguments) until the options change: each caller of the same program shares its compile cache
-    (`.lower`, `._cache_size()` for tests and benchmarks)."""
-    key = (fn, tuple(sorted(jit_kwargs.items())))
+def program(fn, options: Options = Options(), **jit_kwargs):
+    """fn under `jax.jit(fn, compiler_options=options.generate_compiler_options, **jit_kwargs)`, built once per
+    (fn, compiler options, jit arguments): each caller of the same program shares its compile cache (`.lower`,
+    `._cache_size()` for tests and benchmarks). options: the model's Options (their compiler_options; default
+    jaxmodels.options.GENERATE_COMPILER_OPTIONS, which says why)."""
+    compiler_options = tuple(sorted(options.generate_compiler_options.items()))
+    key = (fn, compiler_options, tuple(sorted(jit_kwargs.items())))
     if key not in _programs:
-        _programs[key] = jax.jit(fn, compiler_options=dict(_options), **jit_kwargs)
+        _programs[key] = jax.jit(fn, compiler_options=dict(compiler_options), **jit_kwargs)
     return _programs[key]
-
-
-def set_compiler_options(options: dict | None) -> None:
-    """(Re)builds every generation program with these XLA compiler options (None: COMPILER_OPTIONS)."""
-    global _options
-    _options = dict(COMPILER_OPTIONS if options is None else options)
-    _programs.clear()
 
 
 def _prefill_impl(graphdef, state, ids, mask, cache_len):
     return _prefill(nnx.merge(graphdef, state), ids, mask, cache_len)
 
 
-def _decode_impl(graphdef, state, cache, tokens, positions, kv_valid):
-    return _decode(nnx.merge(graphdef, state), cache, tokens, positions, kv_valid)
+def _decode_impl(graphdef, state, cache, tokens, positions, kv_valid, index):
+    return _decode(nnx.merge(graphdef, state), cache, tokens, positions, kv_valid, index)
 
 
-def prefill_program():
-    """The jitted `(graphdef, state, ids, mask, cache_len) -> prefill outputs` (graphdef, cache_len static)."""
-    return program(_prefill_impl, static_argnums=(0, 4))
+def prefill_program(options: Options = Options()):
+    """The jitted `(graphdef, state, ids, mask, cache_len) -> prefill outputs` (graphdef, cache_len static), with
+    the compiler options of `options` (the model's)."""
+    return program(_prefill_impl, options, static_argnums=(0, 4))
 
 
-def decode_program():
-    """The jitted `(graphdef, state, cache, tokens, positions, kv_valid) -> (logits, cache)`, cache donated."""
-    return program(_decode_impl, static_argnums=(0,), donate_argnums=(2,))
+def decode_program(options: Options = Options()):
+    """The jitted `(graphdef, state, cache, tokens, positions, kv_valid, index) -> (logits, cache)`, cache
+    donated."""
+    return program(_decode_impl, options, static_argnums=(0,), donate_argnums=(2,))
 
 
 def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None):
@@ -182,7 +150,7 @@ def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None)
 
     input_ids, attention_mask [b, p] (left padding only). cache_len: slots to allocate (default p).
     Returns (logits [b, vocab] float32 at the last position, cache {stack: cache}, kv_valid [b, cache_len]
-    bool, positions [b] of the next token).
+    bool, positions [b] of the next token). The next token goes to cache slot p (`decode_step`'s index).
     """
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -190,17 +158,18 @@ def prefill(model, input_ids, attention_mask=None, cache_len: int | None = None)
     if cache_len < ids.shape[1]:
         raise GenerationError(f"cache_len={cache_len} is shorter than the prompt ({ids.shape[1]} tokens)")
     graphdef, state = nnx.split(model)
-    return prefill_program()(graphdef, state, ids, mask, cache_len)
+    return prefill_program(model.options)(graphdef, state, ids, mask, cache_len)
 
 
-def decode_step(model, cache, tokens, positions, kv_valid):
-    """Feeds one token per row. tokens, positions [b] int; kv_valid [b, T] from `prefill`.
+def decode_step(model, cache, tokens, positions, kv_valid, index):
+    """Feeds one token per row. tokens, positions [b] int; kv_valid [b, T] from `prefill`; index: the cache
+    slot the tokens are written to (after a prompt of p slots: p, then p + 1, ...).
 
     The cache is donated (updated in place): use only the returned one. Returns (logits [b, vocab], cache).
     """
     graphdef, state = nnx.split(model)
-    return decode_program()(graphdef, state, cache, jnp.asarray(tokens, jnp.int32),
-                            jnp.asarray(positions, jnp.int32), kv_valid)
+    return decode_program(model.options)(graphdef, state, cache, jnp.asarray(tokens, jnp.int32),
+                                         jnp.asarray(positions, jnp.int32), kv_valid, jnp.asarray(index, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,7 +198,7 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
         return tokens, unfinished
 
     with jax.named_scope("prefill"):
-        logits, cache, kv_valid, pos = _prefill(model, ids, mask, cache_len)
+        logits, cache, kv_valid, pos = _prefill(model, ids, mask, cache_len)  # the next token goes to slot p
     tok, unfinished = finish(0, pick(logits, jax.random.fold_in(key, 0)), jnp.ones((b,), bool))
     out = jnp.full((b, capacity), pad, jnp.int32).at[:, 0].set(tok)
 
@@ -239,11 +208,12 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
 
     def body(carry, read_len):
         step, out, tok, pos, cache, unfinished = carry
+        index = p + step - 1  # step s writes slot p + s - 1
         with jax.named_scope("decode"):
             if paired:
-                logits, cache = _decode_paired(model, cache, tok, pos, kv_valid, read_len)
+                logits, cache = _decode_paired(model, cache, tok, pos, kv_valid, index, read_len)
             else:
-                logits, cache = _decode(model, cache, tok, pos, kv_valid, read_len)
+                logits, cache = _decode(model, cache, tok, pos, kv_valid, index, read_len)
         tok, unfinished = finish(step, pick(logits, jax.random.fold_in(key, step)), unfinished)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
         return step + 1, out, tok, pos + 1, cache, unfinished
@@ -260,8 +230,9 @@ def _generate_impl(state, ids, mask, max_new, temperature, top_p, seed, eos, pad
     return out, steps
 
 
-def generate_program():
+def generate_program(options: Options = Options()):
     """`generate`'s jitted program: (state, ids, mask, max_new, temperature, top_p, seed, eos, pad[, channel]) ->
     (new tokens [b, cache_len - p], steps); graphdef, cache_len, do_sample, top_k and stream are static
-    keywords. channel: the `streaming.Channel` id when stream=True."""
-    return program(_generate_impl, static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))
+    keywords. channel: the `streaming.Channel` id when stream=True. options: the model's (compiler options)."""
+    return program(_generate_impl, options,
+                   static_argnames=("graphdef", "cache_len", "do_sample", "top_k", "stream"))

@@ -1,21 +1,24 @@
 """Softmax attention shared by MLA and StableLM, plus StableLM's GQA attention block.
 
-`dot_product_attention` is the one entry point for prefill/training attention. It picks a fused kernel
-from the platform and the shapes (`choose_implementation`), or takes an explicit one:
+`dot_product_attention(q, k, v, inputs, ...)` is the one entry point. It reads the mask in its structured form
+from the forward inputs (`jaxmodels.inputs.Inputs`: segment ids, causal, the cache slots of a decode step)
+and picks a kernel from the platform, the shapes and the model's options (`choose_implementation`, the one
+place that decides):
 
-* "xla": einsums + a float32 masked softmax over the dense mask. The reference; any platform, any mask.
+* "xla": einsums + a float32 masked softmax over the dense mask `inputs.dense_mask` builds here. The
+  reference; any platform, any mask; decode steps over a cache always run it.
 * "cudnn": cuDNN flash attention (GPU, bf16/fp16), through jax's low-level cuDNN entry, which (unlike
   `jax.nn.dot_product_attention`) takes a value head dim different from the query's (MLA: 192 vs 128)
-  on Hopper with cuDNN >= 9.10. The dense mask goes in as an additive bias; with `segment_ids` the
-  kernel is also told the mask is causal, so it skips the blocks above the diagonal, and a forward pass
-  whose rows are each one unpadded document (checked on the device) runs plain causal attention, no bias.
+  on Hopper with cuDNN >= 9.10. The kernel is told the mask is causal, so it skips the blocks above the
+  diagonal; a forward pass whose rows are each one unpadded document (checked on the device) runs plain
+  causal attention, no bias; padded or packed rows add the segment mask as an additive bias, built here.
 * "cudnn_packed": cuDNN's packed (THD) layout: every run of equal segment ids becomes its own causal
-  sequence (q/kv offsets + lengths), no bias at all. Needs `segment_ids`, Hopper. cuDNN sizes its work by
+  sequence (q/kv offsets + lengths), no bias at all. Hopper. cuDNN sizes its work by
   the number of runs it is given, so at most `PACKED_MAX_SEGMENTS` runs per row are passed; a batch with
   a row of more runs takes the "cudnn" path instead (`lax.cond`, decided on the device). Head dims up to
   `PACKED_MAX_HEAD_DIM` only: MLA's 192 crashed the kernel (benchmarks/RESULTS.md, "Figures moved out of
   the code"); "cudnn" (the default) runs MLA with segments.
-* "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests). Needs `segment_ids`.
+* "splash": Pallas splash attention (TPU; interpret mode elsewhere, for tests), given the `SegmentIds`.
 
 The decode path over MLA's latent cache (`attend_absorbed`) stays on XLA.
 """
@@ -34,8 +37,7 @@ from jaxmodels.config import StableLmConfig
 from jaxmodels.layers.linear import Linear
 from jaxmodels.layers.norms import PerHeadLayerNorm
 from jaxmodels.layers.rope import apply_rope
-
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_packed", "splash")
+from jaxmodels.options import ATTENTION_IMPLS
 
 # Runs (documents + padding) per row that "cudnn_packed" passes to cuDNN: uncapped, its workspace runs out of
 # memory (benchmarks/RESULTS.md, "Figures moved out of the code").
@@ -66,15 +68,22 @@ def masked_softmax_parts(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array,
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[b, s, s] bool from segment ids [b, s] (0 = padding): causal, and only within one document.
-
-    This is the dense mask that must accompany `segment_ids` in `dot_product_attention`. With
-    `segment_ids = attention_mask` (one document per row) it equals `model.causal_mask` on every
-    non-padding query row.
+    """[b, s, s] bool from segment ids [b, s] (0 = padding): causal, and only within one document: the dense
+    mask of a full forward pass (`Inputs.dense_mask`). With `segment_ids = attention_mask` (one document per
+    row) it equals `causal_mask` on every non-padding query row.
     """
     s = segment_ids.shape[-1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     return same & (segment_ids[:, None, :] != 0) & jnp.tril(jnp.ones((s, s), dtype=bool))[None]
+
+
+def causal_mask(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
+    """[b, s, s] bool: causal, and keys that are padding (attention_mask == 0) are never attended (the dense
+    form of a padded batch; a reference for tests: the model builds its masks from segment ids)."""
+    mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None]
+    if attention_mask is not None:
+        mask = mask & (attention_mask[:, None, :] != 0)
+    return jnp.broadcast_to(mask, (batch, seq, seq))
 
 
 # --------------------------------------------------------------------------------------------- choice
@@ -138,36 +147,40 @@ def _cudnn_unsupported(q, k, v, segment_ids, packed: bool) -> str | None:
 
 
 def _splash_unsupported(q, k, v, segment_ids) -> str | None:
-    if segment_ids is None:
-        return "splash attention needs segment_ids (it takes no dense per-example mask)"
     if q.shape[1] % 128 or k.shape[1] % 128:
         return f"splash attention needs sequence lengths that are multiples of 128, got {q.shape[1]}, {k.shape[1]}"
     return None
 
 
-def _platform() -> str:
-    """The platform the program is compiled for: the current mesh's devices (which may be compile-only TPUs or
-    GPUs, jaxmodels.pods), else the default backend."""
-    mesh, _ = sharding.current()
-    if mesh is not None:
+def _platform(options=None) -> str:
+    """The platform the program is compiled for: the devices of the options' mesh (which may be compile-only
+    TPUs or GPUs, jaxmodels.pods), else the default backend."""
+    mesh = getattr(options, "mesh", None)
+    if mesh is not None and hasattr(mesh, "devices"):
         return mesh.devices.flat[0].platform
     return jax.default_backend()
 
 
-def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None,
+def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, inputs,
                           implementation: str | None = None) -> str:
-    """The attention implementation for these shapes on the default backend; the one place that decides.
+    """The attention implementation for these shapes, inputs and options on the platform the program is
+    compiled for (the options' mesh's devices, else the default backend); the one place that decides.
 
-    implementation: None or "auto" chooses; anything else is checked and returned (a clear error when it
-    cannot run here). Auto: cuDNN on CUDA GPUs (bf16/fp16, supported head dims, >= 64 queries), splash on
-    TPU (with segment_ids), XLA otherwise.
+    implementation: None takes `inputs.options.attention`; "auto" chooses; anything else is checked and
+    returned (a clear error when it cannot run here). Decode steps over a cache (`inputs.mode == "decode"`)
+    always run XLA: the fused kernels are prefill/training kernels over one row. Auto: cuDNN on CUDA GPUs
+    (bf16/fp16, supported head dims, >= 64 queries), splash on TPU, XLA otherwise.
     """
-    if implementation is not None and implementation not in ATTENTION_IMPLS:
+    implementation = inputs.options.attention if implementation is None else implementation
+    if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {ATTENTION_IMPLS}")
-    if implementation in (None, "auto"):
+    if inputs.mode == "decode" or not inputs.causal:
+        return "xla"
+    segment_ids = inputs.segment_ids
+    if implementation == "auto":
         if q.shape[1] < _MIN_FUSED_QUERIES:
             return "xla"
-        platform = _platform()
+        platform = _platform(inputs.options)
         if platform == "gpu" and _cudnn_unsupported(q, k, v, segment_ids, packed=False) is None:
             return "cudnn"
         if platform == "tpu" and _splash_unsupported(q, k, v, segment_ids) is None:
@@ -187,16 +200,14 @@ def choose_implementation(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
 # ------------------------------------------------------------------------------------------ the entry
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array, scale: float,
-                          segment_ids: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
-    """softmax(q k^T * scale, masked) v with GQA, for prefill and training.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, inputs, *, scale: float,
+                          implementation: str | None = None) -> jax.Array:
+    """softmax(q k^T * scale, masked) v with GQA.
 
     q [b, s, heads, dq]; k [b, t, kv_heads, dq]; v [b, t, kv_heads, dv] (kv_heads divides heads; dv may
-    differ from dq, as in MLA). mask [b, s, t] bool, True = may attend: always required, it is the
-    truth for "xla" and the fallback for everything else. segment_ids [b, s] int (0 = padding,
-    documents 1, 2, ... each contiguous) or None: a promise that `mask == segment_mask(segment_ids)`
-    (s == t), which lets the fused kernels use a causal/segment mask instead of the dense one.
-    implementation: see `choose_implementation`. Returns [b, s, heads, dv] in v's dtype.
+    differ from dq, as in MLA). inputs: the forward inputs (jaxmodels.inputs.Inputs) whose segment ids,
+    causal flag and cache slots say who may attend whom (`Inputs.dense_mask`). implementation: see
+    `choose_implementation` (None: the inputs' options). Returns [b, s, heads, dv] in v's dtype.
 
     A fully masked query row (padding) gives a finite value and finite gradients, never NaN; what
     value depends on the implementation (such rows are meant to be ignored).
@@ -207,36 +218,35 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
     if h % kvh:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kvh})")
-    if mask.shape != (b, s, t):
-        raise ValueError(f"mask shape {mask.shape} != (batch, queries, keys) {(b, s, t)}")
-    if segment_ids is not None and (segment_ids.shape != (b, s) or s != t):
-        raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, seq] with as many queries as keys "
-                         f"(q {q.shape}, k {k.shape}): they describe self-attention over one packed row")
-    impl = choose_implementation(q, k, v, segment_ids, implementation)
-    # Names for remat policies (jaxmodels.model.REMAT_POLICIES): the kernel's inputs and its output.
-    q, k, v = (checkpoint_name(t, ATTENTION_INPUTS) for t in (q, k, v))
-    return checkpoint_name(_attend(q, k, v, mask, scale, segment_ids, impl), ATTENTION_OUTPUT)
+    if inputs.segment_ids.shape != (b, s):
+        raise ValueError(f"segment_ids {inputs.segment_ids.shape} != (batch, queries) {(b, s)}")
+    impl = choose_implementation(q, k, v, inputs, implementation)
+    if impl != "xla" and s != t:
+        raise ValueError(f"attention implementation {impl!r} runs self-attention over one row; got {s} queries "
+                         f"and {t} keys")
+    # Names for remat policies (jaxmodels.layers.stack.REMAT_POLICIES): the kernel's inputs and its output.
+    q, k, v = (checkpoint_name(x, ATTENTION_INPUTS) for x in (q, k, v))
+    return checkpoint_name(_attend(q, k, v, inputs, scale, impl), ATTENTION_OUTPUT)
 
 
 ATTENTION_INPUTS, ATTENTION_OUTPUT, ATTENTION_RESIDUALS = "attention_inputs", "attention_output", "attention_residuals"
 
 
-def _attend(q, k, v, mask, scale, segment_ids, impl):
-    s = q.shape[1]
+def _attend(q, k, v, inputs, scale, impl):
+    s, t = q.shape[1], k.shape[1]
+    segment_ids = inputs.segment_ids
     with jax.named_scope(f"attention_{impl}"):
         if impl == "xla":
-            return _xla_attention(q, k, v, mask, scale)
+            return _xla_attention(q, k, v, inputs.dense_mask(t), scale)
         if impl == "cudnn":
-            if segment_ids is None:
-                return _cudnn_attention(q, k, v, mask, scale, causal=False)
-            return _cudnn_segment_attention(q, k, v, mask, segment_ids, scale)
+            return _cudnn_segment_attention(q, k, v, segment_ids, scale)
         if impl == "cudnn_packed":
             runs = 1 + jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1).max()
             m = min(PACKED_MAX_SEGMENTS, s)
             return jax.lax.cond(runs <= m,
                                 lambda: _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments=m),
-                                lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
-        return _splash_sharded(q, k, v, segment_ids, scale)
+                                lambda: _cudnn_attention(q, k, v, segment_mask(segment_ids), scale, causal=True))
+        return _splash_sharded(q, k, v, segment_ids, scale, inputs.options)
 
 
 # ------------------------------------------------------------------------------------------------ xla
@@ -285,17 +295,19 @@ def _one_document(segment_ids: jax.Array) -> jax.Array:
     return jnp.all((segment_ids == segment_ids[:, :1]) & (segment_ids != 0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _cudnn_segment_attention(q, k, v, mask, segment_ids, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _cudnn_segment_attention(q, k, v, segment_ids, scale):
     """"cudnn" with segment ids. A forward pass (prefill, evaluation) checks on the device whether every row is
     one unpadded document and then runs plain causal attention without the bias (faster: RESULTS.md, "Plain
-    causal cuDNN attention for one-document rows"); else the bias with the causal hint. Differentiated, it is the bias path
-    alone (the custom VJP's forward): the choice under jax.grad would keep the residuals of both branches."""
+    causal cuDNN attention for one-document rows"); else the segment mask as a bias with the causal hint.
+    Differentiated, it is the bias path alone (the custom VJP's forward): the choice under jax.grad would keep
+    the residuals of both branches."""
     return jax.lax.cond(_one_document(segment_ids), lambda: _cudnn_attention(q, k, v, None, scale, causal=True),
-                        lambda: _cudnn_attention(q, k, v, mask, scale, causal=True))
+                        lambda: _cudnn_attention(q, k, v, segment_mask(segment_ids), scale, causal=True))
 
 
-def _cudnn_segment_attention_fwd(q, k, v, mask, segment_ids, scale):
+def _cudnn_segment_attention_fwd(q, k, v, segment_ids, scale):
+    mask = segment_mask(segment_ids)
     out, vjp = jax.vjp(lambda q, k, v: _cudnn_attention(q, k, v, mask, scale, causal=True), q, k, v)
     # What the backward kernel reads (q, k, v, the output, softmax statistics, the bias), named so a remat
     # policy can keep it and the backward pass does not run the forward kernel again.
@@ -303,7 +315,7 @@ def _cudnn_segment_attention_fwd(q, k, v, mask, segment_ids, scale):
 
 
 def _cudnn_segment_attention_bwd(scale, vjp, dout):
-    return (*vjp(dout), None, None)  # mask and segment ids: no gradient
+    return (*vjp(dout), None)  # segment ids: no gradient
 
 
 _cudnn_segment_attention.defvjp(_cudnn_segment_attention_fwd, _cudnn_segment_attention_bwd)
@@ -341,12 +353,12 @@ def _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments: int | Non
 # --------------------------------------------------------------------------------------------- splash
 
 
-def _splash_sharded(q, k, v, segment_ids, scale):
-    """Splash attention on the current mesh: a Pallas TPU kernel is not partitioned by the compiler, so it runs
+def _splash_sharded(q, k, v, segment_ids, scale, options):
+    """Splash attention on the options' mesh (`Options.mesh` / `.rules`): a Pallas TPU kernel is not partitioned by the compiler, so it runs
     inside `jax.shard_map`, each device on its rows (the table's batch axes) and its heads (tensor), which is
     all attention needs (no collective). Without a mesh: one call. Interpret mode off TPU (the tests)."""
-    mesh, rules = sharding.current()
-    interpret = _platform() != "tpu"
+    mesh, rules = options.mesh, options.rules
+    interpret = _platform(options) != "tpu"
     if mesh is None:
         return _splash_attention(q, k, v, segment_ids, scale, interpret=interpret)
 
@@ -398,9 +410,8 @@ def _splash_attention(q, k, v, segment_ids, scale, *, interpret: bool):
 class StableLmAttention(nnx.Module):
     """Multi-head attention with GQA, optional qkv bias, per-head q/k LayerNorm and partial rotary."""
 
-    def __init__(self, cfg: StableLmConfig, *, dtype, rngs: nnx.Rngs, std: float, attention_impl: str = "auto"):
+    def __init__(self, cfg: StableLmConfig, *, dtype, rngs: nnx.Rngs, std: float):
         self.cfg = cfg
-        self.attention_impl = attention_impl  # static (graphdef): see dot_product_attention
         h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         hid = cfg.hidden_size
         kw = dict(dtype=dtype, rngs=rngs, std=std)
@@ -429,18 +440,17 @@ class StableLmAttention(nnx.Module):
         k = jnp.concatenate([apply_rope(k[..., :r], cos, sin, interleaved=False), k[..., r:]], axis=-1)
         return q, k, v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-        """q [b, s, heads, d]; k, v [b, t, kv_heads, d]; mask [b, s, t] -> [b, s, hidden]."""
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, inputs) -> jax.Array:
+        """q [b, s, heads, d]; k, v [b, t, kv_heads, d] -> [b, s, hidden]."""
         b, s, h, d = q.shape
-        out = dot_product_attention(q, k, v, mask=mask, scale=d ** -0.5, segment_ids=segment_ids,
-                                    implementation=self.attention_impl)  # [b, s, heads, d]
+        out = dot_product_attention(q, k, v, inputs, scale=d ** -0.5)  # [b, s, heads, d]
         return self.o_proj(out.reshape(b, s, h * d))
 
-    def __call__(self, x, cos, sin, mask, cache=None, segment_ids=None):
-        """segment_ids [b, s] (packed rows, see dot_product_attention) or None."""
+    def __call__(self, x, cos, sin, inputs, cache=None):
+        """x [b, s, hidden]; cos, sin: rope tables of inputs.positions; inputs: jaxmodels.inputs.Inputs;
+        cache: this layer's view of the stack's cache or None. Returns ([b, s, hidden], cache)."""
         with jax.named_scope("stablelm_attention"):
             q, k, v = self.project_qkv(x, cos, sin)
             if cache is not None:
-                k, v, cache = cache.update(k, v)
-            return self.attend(q, k, v, mask, segment_ids), cache
+                k, v, cache = cache.update(k, v, inputs)
+            return self.attend(q, k, v, inputs), cache

@@ -25,9 +25,8 @@ _LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nnx.Module):
-    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float, attention_impl: str = "auto"):
+    def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
         self.cfg = cfg
-        self.attention_impl = attention_impl  # static (graphdef), prefill only: see dot_product_attention
         h, hid = cfg.num_attention_heads, cfg.hidden_size
         kw = dict(dtype=dtype, rngs=rngs, std=std)
         if cfg.q_lora_rank is None:
@@ -77,8 +76,8 @@ class MLAttention(nnx.Module):
                                                cfg.kv_lora_rank)
         return w[:, :cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim:]
 
-    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, segment_ids=None):
-        """Decompresses the latent to per-head K/V. c_kv [b, t, lora], k_pe [b, t, rope]; mask [b, s, t]."""
+    def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, inputs):
+        """Decompresses the latent to per-head K/V. c_kv [b, t, lora], k_pe [b, t, rope]; inputs: Inputs."""
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
         t = c_kv.shape[1]
@@ -88,16 +87,17 @@ class MLAttention(nnx.Module):
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (b, t, h, cfg.qk_rope_head_dim))
         q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [b, s, heads, qk_head_dim]
         k = jnp.concatenate([k_nope, k_pe], axis=-1)  # [b, t, heads, qk_head_dim]
-        out = dot_product_attention(q, k, v, mask=mask, scale=cfg.softmax_scale, segment_ids=segment_ids,
-                                    implementation=self.attention_impl)  # [b, s, heads, v]
+        out = dot_product_attention(q, k, v, inputs, scale=cfg.softmax_scale)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
-    def attend_absorbed(self, q_nope, q_pe, latent, mask):
+    def attend_absorbed(self, q_nope, q_pe, latent, inputs):
         """Attention over the latent itself: W_UK folded into q, W_UV applied after. Same result.
-        latent [b, t, lora + rope]: c_kv then k_pe, as the cache keeps them."""
+        latent [b, t, lora + rope]: c_kv then k_pe, as the cache keeps them. An XLA path (decode: few
+        queries over the cache) over the inputs' dense mask."""
         cfg = self.cfg
         b, s, h, _ = q_nope.shape
         lora = cfg.kv_lora_rank
+        mask = inputs.dense_mask(latent.shape[1])  # [b, s, t]
         w_uk, w_uv = (w.astype(q_nope.dtype) for w in self._w_kv_b())
         q_lat = jnp.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [b, s, heads, lora]
         # [q_lat | q_pe] . [c_kv | k_pe] = q_lat . c_kv + q_pe . k_pe: one matmul over the cache's rows.
@@ -111,16 +111,17 @@ class MLAttention(nnx.Module):
         out = jnp.einsum("bshc,hvc->bshv", out_lat, w_uv)  # [b, s, heads, v]
         return self.o_proj(out.reshape(b, s, h * cfg.v_head_dim))
 
-    def __call__(self, x, cos, sin, mask, cache=None, absorb: bool = False, segment_ids=None):
-        """segment_ids [b, s] (packed rows, see dot_product_attention) or None; unused when absorbing."""
+    def __call__(self, x, cos, sin, inputs, cache=None):
+        """x [b, s, hidden]; cos, sin: rope tables of inputs.positions; inputs: jaxmodels.inputs.Inputs; cache:
+        this layer's view of the stack's latent cache or None. Decode steps (inputs.mode == "decode") attend
+        over the latent with W_UK / W_UV absorbed; full passes decompress it. Returns ([b, s, hidden], cache)."""
         lora = self.cfg.kv_lora_rank
         with jax.named_scope("mla"):
             q_nope, q_pe = self.project_q(x, cos, sin)
             c_kv, k_pe = self.project_latent(x, cos, sin)
             latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # [b, s, lora + rope]
             if cache is not None:
-                latent, cache = cache.update(latent)
-            if absorb:
-                return self.attend_absorbed(q_nope, q_pe, latent, mask), cache
-            return self.attend_expanded(q_nope, q_pe, latent[..., :lora], latent[..., lora:], mask,
-                                        segment_ids), cache
+                latent, cache = cache.update(latent, inputs)
+            if inputs.decoding:
+                return self.attend_absorbed(q_nope, q_pe, latent, inputs), cache
+            return self.attend_expanded(q_nope, q_pe, latent[..., :lora], latent[..., lora:], inputs), cache

@@ -8,8 +8,9 @@ Routers (transformers' semantics):
   `norm_topk_prob`.
 All then scale by `routed_scaling_factor`.
 
-Compute is dropless: token-slots are sorted by expert and run through one grouped matmul
-(`jax.lax.ragged_dot`) per projection, then unsorted and combined with the routing weights.
+Compute is dropless: token-slots are sorted by expert and run through two grouped matmuls (gate and up
+fused in one, then down; `jax.lax.ragged_dot` or the Hopper kernels), then unsorted and combined with the
+routing weights.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jaxmodels import sharding
 from jaxmodels.config import DeepseekConfig
 from jaxmodels.layers.linear import ACTIVATIONS, gated, lora_delta, param
 from jaxmodels.layers.mlp import MLP
+from jaxmodels.options import GROUPED_MATMUL_IMPLS, Options
 
 
 class Buffer(nnx.Variable):
@@ -79,26 +81,25 @@ def _keep_top_groups(scores, group_scores, cfg: DeepseekConfig, fill):
     return jnp.where(expert_mask, scores, fill)
 
 
-# Decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than experts) read
-# only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul, which reads
-# every expert's weights whether or not a token picked it. Static (trace time);
-# benchmarks/bench_generate.py measures the crossover.
-GATHER_MAX_SLOTS: int | None = None
-# "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen expert's
-# weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched matvecs.
-GATHER_FORM = "reduce"
-# Grouped matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
-# backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
-# 256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
-# case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
-# jax.lax.ragged_dot. `grouped_matmul(..., impl=)` overrides it per call.
+# Static choices come from the model's options (jaxmodels.options.Options, read at trace time):
+# * gather_max_slots: decode-sized calls (at most this many token-slots, tokens * top-k; None: fewer slots than
+#   experts) read only the chosen experts' weights (`gathered_experts`) instead of running the grouped matmul,
+#   which reads every expert's weights whether or not a token picked it; benchmarks/bench_generate.py measures
+#   the crossover.
+# * gather_form: "reduce": multiply + reduce, so XLA fuses the gather into the reduction and reads each chosen
+#   expert's weights once, in place; "einsum": gather (a copy of the chosen experts' weights), then batched
+#   matvecs.
+# * grouped_matmul on Hopper GPUs: "auto" uses the Pallas Mosaic-GPU kernels where shapes allow, forward and
+#   backward (XLA's GPU ragged_dot expands densely over the groups: 14x slower at 64 experts, out of memory at
+#   256; see benchmarks/bench_grouped_matmul.py); "auto-xla-drhs" the same but the weight gradient by XLA (in
+#   case jax's transposed ragged-dot kernel misbehaves: its upstream test is disabled); "xla" always
+#   jax.lax.ragged_dot.
 # On TPU every impl is jax.lax.ragged_dot: XLA's TPU backend compiles it to its own grouped-matmul kernel
 # ("ragged-dot" in the HLO), partitioned with the rest of the program, and its cost model prices it (V2-Lite's
 # gate projection, 8192 slots x 16 experts on one v5p chip: 0.12 ms for 47.2 GFLOP, 86% of the bf16 peak).
 # megablox `gmm` compiles for the same shapes but needs a shard_map and tile choices of its own, and XLA has no
 # cost model for a Pallas call, so a plan could not price the step: benchmarks/RESULTS.md, "Pods".
-GROUPED_MATMUL = "auto"
-_IMPLS = ("auto", "auto-xla-drhs", "xla")
+_IMPLS = GROUPED_MATMUL_IMPLS
 
 
 @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -109,22 +110,22 @@ def combine_slots(y: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y.astype(jnp.float32), weights)
 
 
-def gathered_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
+def gathered_experts(x, ids, weights, gate_up_w, down_w, act: str, form: str = "reduce"):
     """Expert compute for a few tokens: each token-slot multiplies by its own expert's weights, so a decode
-    step reads k experts per token and never the others. Returns float32 [tokens, hidden]."""
+    step reads k experts per token and never the others. gate_up_w [E, 2, inter, hidden], down_w
+    [E, inter, hidden]; form: Options.gather_form. Returns float32 [tokens, hidden]."""
     t, k = ids.shape
     flat = ids.reshape(-1)  # [slots]
     xs = jnp.repeat(x, k, axis=0)  # [slots, hidden]
-    if GATHER_FORM == "einsum":
-        gate = jnp.einsum("sd,sdi->si", xs, jnp.take(gate_w, flat, axis=0))  # [slots, inter]
-        up = jnp.einsum("sd,sdi->si", xs, jnp.take(up_w, flat, axis=0))  # [slots, inter]
-        y = jnp.einsum("si,sid->sd", ACTIVATIONS[act](gate) * up, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
+    if form == "einsum":
+        gate_up = jnp.einsum("sd,sjid->sji", xs, jnp.take(gate_up_w, flat, axis=0))  # [slots, 2, inter]
+        h = ACTIVATIONS[act](gate_up[:, 0]) * gate_up[:, 1]  # [slots, inter]
+        y = jnp.einsum("si,sid->sd", h, jnp.take(down_w, flat, axis=0))  # [slots, hidden]
     else:
         f32 = jnp.float32
         xs = xs.astype(f32)
-        gate = jnp.sum(xs[:, :, None] * gate_w[flat].astype(f32), axis=1)  # [slots, inter]
-        up = jnp.sum(xs[:, :, None] * up_w[flat].astype(f32), axis=1)  # [slots, inter]
-        h = (ACTIVATIONS[act](gate.astype(x.dtype)) * up.astype(x.dtype)).astype(f32)
+        gate_up = jnp.sum(xs[:, None, None, :] * gate_up_w[flat].astype(f32), axis=-1)  # [slots, 2, inter]
+        h = (ACTIVATIONS[act](gate_up[:, 0].astype(x.dtype)) * gate_up[:, 1].astype(x.dtype)).astype(f32)
         y = jnp.sum(h[:, :, None] * down_w[flat].astype(f32), axis=1)  # [slots, hidden]
     return combine_slots(y.reshape(t, k, -1), weights)
 
@@ -163,7 +164,7 @@ def _transposed_kernel():
     return getattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", None)
 
 
-def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None) -> tuple[bool, bool, bool]:
+def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None, transpose_rhs: bool = False) -> tuple[bool, bool, bool]:
     """Which products of `grouped_matmul` run as Hopper Mosaic-GPU kernels: (forward, d_lhs, d_rhs).
 
     lhs [m, k], rhs [groups, k, n]; impl as `grouped_matmul`'s; device: the one to decide for (default
@@ -177,6 +178,9 @@ def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None) -> tuple[bool, bool, bool]:
     XLA's ragged_dot_general inside the same custom VJP. (With the forward's constraints, k % 64 and
     n % 128, the backward constraints below always hold; they are spelled out so a change of tiles keeps
     them right.)
+    transpose_rhs: rhs is [groups, n, k] (`grouped_matmul(..., transpose_rhs=True)`); the same three products
+    then use the kernels the other way round: forward with transpose_rhs (contract k, output n), d_lhs the
+    plain kernel (contract n, output k), d_rhs the transposed kernel on (dOut, lhs) (output [n, k]).
     """
     if impl not in _IMPLS:
         raise ValueError(f"grouped matmul impl={impl!r}: expected one of {_IMPLS}")
@@ -190,13 +194,15 @@ def _mosaic_gpu_ok(lhs, rhs, impl: str, device=None) -> tuple[bool, bool, bool]:
             return no
     if device.platform != "gpu" or getattr(device, "compute_capability", "") != "9.0":
         return no
-    k, n = rhs.shape[1], rhs.shape[2]
+    k, n = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else (rhs.shape[1], rhs.shape[2])
     # Any expert count: it compiles in seconds at DeepSeek-V3's 256 (bench_grouped_matmul.py).
     fwd = k % _BLOCK_K == 0 and n % 128 == 0
     if not fwd:
         return no
     d_lhs = n % _BLOCK_K == 0 and _out_tile(k) > 0
-    d_rhs = impl == "auto" and _out_tile(k) > 0 and n % 128 == 0 and _transposed_kernel() is not None
+    # d_rhs: the transposed kernel's output [k, n] (or [n, k]) is tiled rows x 128 columns.
+    rows, cols = (n, k) if transpose_rhs else (k, n)
+    d_rhs = impl == "auto" and _out_tile(rows) > 0 and cols % 128 == 0 and _transposed_kernel() is not None
     return fwd, d_lhs, d_rhs
 
 
@@ -223,6 +229,25 @@ def _mosaic_drhs(lhs, dout, group_sizes):  # [m, k], [m, n] -> [G, k, n]: lhs_g^
                       block_k=_BLOCK_K, max_concurrent_steps=4, grid_block_n=1)
 
 
+# The same three products for rhs stored [G, n, k] (transpose_rhs): each is one of the kernels above, with
+# the roles of the operands exchanged.
+def _mosaic_fwd_t(lhs, rhs_t, group_sizes):  # [m, k], [G, n, k] -> [m, n]: lhs_g @ rhs_t_g^T
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    return ragged_dot_mgpu.ragged_dot(lhs, rhs_t, group_sizes=group_sizes, transpose_rhs=True,
+                                      **_forward_tiles(rhs_t.shape[1]))
+
+
+def _mosaic_dlhs_t(dout, rhs_t, group_sizes):  # [m, n], [G, n, k] -> [m, k]: dout_g @ rhs_t_g
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    k = rhs_t.shape[2]
+    tiles = _forward_tiles(k) if _out_tile(k) == 128 else dict(_FWD_TILES, block_n=_out_tile(k), grid_block_n=1)
+    return ragged_dot_mgpu.ragged_dot(dout, rhs_t, group_sizes=group_sizes, **tiles)
+
+
+def _mosaic_drhs_t(lhs, dout, group_sizes):  # [m, k], [m, n] -> [G, n, k]: dout_g^T @ lhs_g
+    return _mosaic_drhs(dout, lhs, group_sizes)
+
+
 def _xla_fwd(lhs, rhs, group_sizes):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
@@ -237,6 +262,14 @@ def _xla_drhs(lhs, dout, group_sizes):
     dims = jax.lax.RaggedDotDimensionNumbers(  # contract the ragged rows: one [k, n] product per group
         dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
     return jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims)
+
+
+def _xla_drhs_t(lhs, dout, group_sizes):
+    return _xla_drhs(dout, lhs, group_sizes)
+
+
+# (forward, d_lhs, d_rhs) per layout: transpose_rhs's forward is the plain layout's d_lhs product and vice versa.
+_XLA_KERNELS = {False: (_xla_fwd, _xla_dlhs, _xla_drhs), True: (_xla_dlhs, _xla_fwd, _xla_drhs_t)}
 
 
 def _zero_tail(x, group_sizes):
@@ -279,22 +312,26 @@ def _grouped_matmul_vjp(fwd, dlhs, drhs):
     return gmm
 
 
-def grouped_matmul(lhs, rhs, group_sizes, impl: str | None = None):
+def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", transpose_rhs: bool = False):
     """Multiplies each group of rows by its group's matrix, with jax.lax.ragged_dot's meaning.
 
     lhs [m, k] (rows sorted by group), rhs [groups, k, n], group_sizes [groups] int32 -> [m, n]: rows
     [start_g, start_g + group_sizes[g]) are multiplied by rhs[g]; rows beyond sum(group_sizes) come out zero
     and get zero gradient (local_experts relies on both). Differentiable on every path.
+    transpose_rhs: rhs is stored [groups, n, k] (each group's matrix [out, in], as transformers stores
+    weights) and row r of group g gives lhs[r] @ rhs[g].T; no transposed copy of rhs is made.
     impl: "auto" (Mosaic-GPU kernels on Hopper, forward and backward, where the shapes allow; XLA
-    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot);
-    None: GROUPED_MATMUL.
+    otherwise), "auto-xla-drhs" (the same with rhs's gradient by XLA) or "xla" (jax.lax.ragged_dot): the
+    model's Options.grouped_matmul.
     """
-    impl = GROUPED_MATMUL if impl is None else impl
-    fwd, d_lhs, d_rhs = _mosaic_gpu_ok(lhs, rhs, impl)
+    fwd, d_lhs, d_rhs = _mosaic_gpu_ok(lhs, rhs, impl, transpose_rhs=transpose_rhs)
+    xla = _XLA_KERNELS[transpose_rhs]
     if not fwd:
-        return jax.lax.ragged_dot(lhs, rhs, group_sizes)
-    return _grouped_matmul_vjp(_mosaic_fwd, _mosaic_dlhs if d_lhs else _xla_dlhs,
-                               _mosaic_drhs if d_rhs else _xla_drhs)(lhs, rhs, group_sizes)
+        return xla[0](lhs, rhs, group_sizes)  # jax.lax.ragged_dot(_general): differentiable as it is
+    mosaic = (_mosaic_fwd_t, _mosaic_dlhs_t, _mosaic_drhs_t) if transpose_rhs else (
+        _mosaic_fwd, _mosaic_dlhs, _mosaic_drhs)
+    return _grouped_matmul_vjp(mosaic[0], mosaic[1] if d_lhs else xla[1],
+                               mosaic[2] if d_rhs else xla[2])(lhs, rhs, group_sizes)
 
 
 # Token-slots (tokens x top-k) one grouped-matmul pass sorts and multiplies at most; larger calls (a training
@@ -313,50 +350,55 @@ def _num_chunks(tokens: int, k: int) -> int:
     return n
 
 
-def chunked_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
+def chunked_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, options: Options = Options()):
     """`local_experts` over chunks of tokens when the call has more than MAX_SLOTS_PER_CHUNK slots (the same
     values: tokens are independent). Each chunk is a checkpointed step of a `lax.map`, so neither pass keeps
     more than one chunk's dispatch buffers."""
     t, k = ids.shape
     n = _num_chunks(t, k)
     if n == 1:
-        return local_experts(x, ids, weights, gate_w, up_w, down_w, act, first)
+        return local_experts(x, ids, weights, gate_up_w, down_w, act, first, options)
 
     @jax.checkpoint
     def one(chunk):
         xc, ic, wc = chunk
-        return local_experts(xc, ic, wc, gate_w, up_w, down_w, act, first)
+        return local_experts(xc, ic, wc, gate_up_w, down_w, act, first, options)
 
     out = jax.lax.map(one, (x.reshape(n, t // n, -1), ids.reshape(n, t // n, k), weights.reshape(n, t // n, k)))
     return out.reshape(t, -1)  # [t, hidden] float32
 
 
-def local_experts(x, ids, weights, gate_w, up_w, down_w, act: str, first=0):
+def local_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, options: Options = Options()):
     """Dropless compute of the token-slots whose expert lies in [first, first + E_local), the experts whose
-    weights are given; other slots contribute zero. x [tokens, hidden]; ids/weights [tokens, k]; gate/up
-    [E_local, hidden, inter], down [E_local, inter, hidden] -> float32 [tokens, hidden].
+    weights are given; other slots contribute zero. x [tokens, hidden]; ids/weights [tokens, k]; gate_up
+    [E_local, 2, inter, hidden] (gate and up fused, [out, in] each), down [E_local, inter, hidden] -> float32
+    [tokens, hidden].
 
-    Decode-sized calls (fewer slots than experts, or GATHER_MAX_SLOTS) read only the chosen experts'
-    weights; larger ones sort the slots by expert (foreign slots last) and run one grouped matmul per
-    projection over the local experts, which leaves rows beyond the local groups at zero.
+    Decode-sized calls (fewer slots than experts, or options.gather_max_slots) read only the chosen experts'
+    weights; larger ones sort the slots by expert (foreign slots last) and run two grouped matmuls over the
+    local experts (gate and up as one, then down), which leave rows beyond the local groups at zero.
     """
     t, k = ids.shape
-    e_local = gate_w.shape[0]
+    e_local, _, inter, hidden = gate_up_w.shape
     local_ids = ids - first
     mine = (local_ids >= 0) & (local_ids < e_local)  # [t, k]
-    if t * k <= (e_local - 1 if GATHER_MAX_SLOTS is None else GATHER_MAX_SLOTS):
+    max_slots = e_local - 1 if options.gather_max_slots is None else options.gather_max_slots
+    if t * k <= max_slots:
         # A foreign slot reads local expert 0 with weight 0 instead of streaming every expert.
         return gathered_experts(x, jnp.where(mine, local_ids, 0), jnp.where(mine, weights, 0.0),
-                                gate_w, up_w, down_w, act)
+                                gate_up_w, down_w, act, options.gather_form)
     key = jnp.where(mine, local_ids, e_local).reshape(-1)  # [t * k]; foreign slots sort last
     order = jnp.argsort(key, stable=True).astype(jnp.int32)  # sorted position -> slot
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # slot -> sorted position
     # Every token once per slot, then the slots in expert order: [t * k, hidden], grouped by expert.
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)
     group_sizes = jnp.bincount(key, length=e_local + 1)[:e_local].astype(jnp.int32)
-    h = gated(grouped_matmul(x_sorted, gate_w, group_sizes), grouped_matmul(x_sorted, up_w, group_sizes),
-              act)  # [t * k, inter]
-    y_sorted = grouped_matmul(h, down_w, group_sizes)  # [t * k, hidden]; foreign slots' rows are zero
+    impl = options.grouped_matmul
+    # One grouped matmul for gate and up: [E, 2, inter, hidden] is [E, 2 * inter, hidden] ([out, in]) in place.
+    gate_up = grouped_matmul(x_sorted, gate_up_w.reshape(e_local, 2 * inter, hidden), group_sizes, impl,
+                             transpose_rhs=True)  # [t * k, 2 * inter]: gate, then up
+    h = gated(gate_up[:, :inter], gate_up[:, inter:], act)  # [t * k, inter]
+    y_sorted = grouped_matmul(h, down_w, group_sizes, impl)  # [t * k, hidden]; foreign slots' rows are zero
     y = permute_rows(y_sorted, inverse, order).reshape(t, k, -1)  # back to slot order
     return combine_slots(y, weights)
 
@@ -381,12 +423,12 @@ def _permute_rows_bwd(res, dy):
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-def grouped_experts(x, ids, weights, gate_w, up_w, down_w, act: str):
-    """Dropless expert compute on one device. gate/up [E, hidden, inter], down [E, inter, hidden]."""
-    return local_experts(x, ids, weights, gate_w, up_w, down_w, act).astype(x.dtype)
+def grouped_experts(x, ids, weights, gate_up_w, down_w, act: str, options: Options = Options()):
+    """Dropless expert compute on one device. gate_up [E, 2, inter, hidden], down [E, inter, hidden]."""
+    return local_experts(x, ids, weights, gate_up_w, down_w, act, options=options).astype(x.dtype)
 
 
-def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules):
+def expert_parallel(x, ids, weights, gate_up_w, down_w, act: str, options: Options):
     """`grouped_experts` with the experts split over the mesh (expert parallelism), still dropless.
 
     Scheme: all-gather tokens, compute local experts, reduce-scatter. Inside `jax.shard_map` each device
@@ -403,12 +445,13 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
     all-to-all that the CPU backend lacks. The all-gather / reduce-scatter moves tokens x hidden per
     device in each direction, independent of routing, keeps static shapes, and never drops a token.
     """
+    mesh, rules = options.mesh, options.rules
     # Size-1 mesh axes are left out of the specs, so no value "varies" over them and no collective runs
     # over them (jax versions differ on how they treat a size-1 axis in shard_map's replication check).
     def spec(axes, shape):
         return sharding.trim_spec(sharding.logical_to_spec(axes, rules, mesh, shape), mesh)
 
-    spec_w = spec(("experts", None, "moe_mlp"), gate_w.shape)
+    spec_w = spec(("experts", None, "moe_mlp", None), gate_up_w.shape)
     spec_d = spec(("experts", "moe_mlp", None), down_w.shape)
     spec_t = spec(("batch", None), x.shape)
     exp_axes = sharding.mesh_axes_of_spec(spec_w, 0)  # the axes that really split E (those that divide it)
@@ -417,37 +460,42 @@ def expert_parallel(x, ids, weights, gate_w, up_w, down_w, act: str, mesh, rules
     gather = tuple(a for a in tok_axes if a in red_axes)  # token shards that must meet every expert shard
     summed = tuple(a for a in red_axes if a not in gather)
 
-    def local(x, ids, weights, gate_w, up_w, down_w):
+    def local(x, ids, weights, gate_up_w, down_w):
         if gather:
             x = jax.lax.all_gather(x, gather, axis=0, tiled=True)  # [tokens of the group, hidden]
             ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
             weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
-        first = jax.lax.axis_index(exp_axes) * gate_w.shape[0] if exp_axes else 0
+        first = jax.lax.axis_index(exp_axes) * gate_up_w.shape[0] if exp_axes else 0
         # Chunked when the expert group's gathered slots are many (a pod's training step): a chunk's forward is
         # computed once more in the backward pass, the price of holding one chunk's dispatch buffers at a time.
         experts = chunked_experts if gather else local_experts
-        out = experts(x, ids, weights, gate_w, up_w, down_w, act, first)  # [t, hidden] f32, partial
+        out = experts(x, ids, weights, gate_up_w, down_w, act, first, options)  # [t, hidden] f32, partial
         if gather:
             out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
         if summed:
             out = jax.lax.psum(out, summed)  # over the other expert / tensor shards
         return out.astype(x.dtype)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec_t, spec_t, spec_t, spec_w, spec_w, spec_d),
-                         out_specs=spec_t)(x, ids, weights, gate_w, up_w, down_w)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec_t, spec_t, spec_t, spec_w, spec_d),
+                         out_specs=spec_t)(x, ids, weights, gate_up_w, down_w)
 
 
 class Experts(nnx.Module):
-    """Routed experts' weights stacked on a leading expert axis, laid out [E, in, out] for ragged_dot."""
+    """Routed experts' weights stacked on a leading expert axis.
 
-    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+    gate and up are one parameter, `gate_up_proj` [E, 2, inter, hidden]: each expert's gate_proj then up_proj
+    weight as transformers stores them ([out, in]), so one grouped matmul (transpose_rhs) computes both and a
+    checkpoint's per-expert tensors load without a transpose. `down_proj` is [E, inter, hidden] ([in, out],
+    as ragged_dot takes it)."""
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # transformers' modules (LoRA adapters are per module)
+    PARAMS = ("gate_up_proj", "down_proj")  # what `weights()` returns, in this order
 
     def __init__(self, cfg: DeepseekConfig, *, dtype, rngs: nnx.Rngs, std: float):
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         # The hidden dimension is `expert_embed`, not `embed`: a table may then split the other weights' `embed`
         # over (fsdp, expert) while the experts, already split over `expert`, take fsdp alone (jaxmodels.pods).
-        self.gate_proj = param(rngs, (e, d, i), dtype, ("experts", "expert_embed", "moe_mlp"), std)
-        self.up_proj = param(rngs, (e, d, i), dtype, ("experts", "expert_embed", "moe_mlp"), std)
+        self.gate_up_proj = param(rngs, (e, 2, i, d), dtype, ("experts", None, "moe_mlp", "expert_embed"), std)
         self.down_proj = param(rngs, (e, i, d), dtype, ("experts", "moe_mlp", "expert_embed"), std)
         # Optional LoRA (train/lora.py): one adapter per expert and projection, PEFT layout per expert:
         # `{name}_lora_a` [E, r, in], `{name}_lora_b` [E, out, r]; lora_scale = alpha / r.
@@ -456,22 +504,37 @@ class Experts(nnx.Module):
             setattr(self, f"{name}_lora_b", nnx.data(None))
         self.lora_scale: float | None = None
 
-    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(gate [E, hidden, inter], up [E, hidden, inter], down [E, inter, hidden]), LoRA folded in.
+    def projection_layout(self, name: str) -> tuple[tuple[int, ...], tuple | None]:
+        """The shape of one projection's weights as transformers lays them out, [..., E, out, in], and their
+        logical axes: what a LoRA adapter of `name` (gate_proj / up_proj / down_proj) adapts."""
+        if name == "down_proj":
+            *lead, i, o = self.down_proj.shape
+            axes = self.down_proj.get_metadata().get("axes")
+            return (*lead, o, i), None if not axes else tuple(axes[:-2]) + (axes[-1], axes[-2])
+        *lead, _, o, i = self.gate_up_proj.shape
+        axes = self.gate_up_proj.get_metadata().get("axes")
+        return (*lead, o, i), None if not axes else tuple(axes[:-3]) + tuple(axes[-2:])
 
-        With adapters this materialises the effective weights W + scale * (B @ A).T of one layer (inside
-        the scan, so one layer at a time): an extra copy of that layer's expert weights in memory, and the
+    def weights(self) -> tuple[jax.Array, jax.Array]:
+        """(gate_up [E, 2, inter, hidden], down [E, inter, hidden]), LoRA folded in.
+
+        With adapters this materialises the effective weights W + scale * B @ A of one layer (inside the
+        scan, so one layer at a time): an extra copy of that layer's expert weights in memory, and the
         gradient flows to A and B through it. Simple and exact; a low-rank grouped path would save the copy.
         """
-        out = []
-        for name in self.PROJECTIONS:
-            w = getattr(self, name)[...]
+        def delta(name):  # [E, out, in] float32, or None without an adapter
             a = getattr(self, f"{name}_lora_a")
-            if a is not None:
-                delta = lora_delta(a[...], getattr(self, f"{name}_lora_b")[...], self.lora_scale)  # [E, out, in]
-                w = (w.astype(jnp.float32) + jnp.swapaxes(delta, -1, -2)).astype(w.dtype)  # [E, in, out]
-            out.append(w)
-        return tuple(out)
+            return None if a is None else lora_delta(a[...], getattr(self, f"{name}_lora_b")[...], self.lora_scale)
+
+        gate_up, down = self.gate_up_proj[...], self.down_proj[...]
+        gate_d, up_d, down_d = (delta(n) for n in self.PROJECTIONS)
+        if gate_d is not None or up_d is not None:
+            parts = [gate_up[..., j, :, :].astype(jnp.float32) + (0.0 if d is None else d)
+                     for j, d in enumerate((gate_d, up_d))]
+            gate_up = jnp.stack(parts, axis=-3).astype(gate_up.dtype)  # [E, 2, inter, hidden]
+        if down_d is not None:
+            down = (down.astype(jnp.float32) + jnp.swapaxes(down_d, -1, -2)).astype(down.dtype)  # [E, inter, hidden]
+        return gate_up, down
 
 
 class Router(nnx.Module):
@@ -508,26 +571,26 @@ class MoE(nnx.Module):
         else:
             self.shared_experts = None
 
-    def __call__(self, x, valid=None):
-        """x [b, s, hidden]; valid [b, s] bool (tokens that count in the routing statistics; None = all).
-        Returns (y [b, s, hidden], router_stats {"load", "score"} [b, experts])."""
-        cfg = self.cfg
+    def __call__(self, x, inputs):
+        """x [b, s, hidden]; inputs: the forward inputs (jaxmodels.inputs.Inputs): its `valid` tokens count in
+        the routing statistics, its options choose the kernels and the mesh. Returns (y [b, s, hidden],
+        router_stats {"load", "score"} [b, experts])."""
+        cfg, options = self.cfg, inputs.options
         b, s, d = x.shape
         with jax.named_scope("moe"):
             flat = x.reshape(b * s, d)
             bias = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
             with jax.named_scope("router"):
                 weights, ids, scores = route(cfg, self.gate.logits(flat), bias)
-                valid = jnp.ones((b, s), bool) if valid is None else valid
-                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), valid, cfg.n_routed_experts)
+                stats = router_stats(ids.reshape(b, s, -1), scores.reshape(b, s, -1), inputs.valid,
+                                     cfg.n_routed_experts)
             with jax.named_scope("experts"):
                 # Weights are cast to the activations' dtype where they are used (bf16 compute, float32 master).
                 experts = tuple(w.astype(x.dtype) for w in self.experts.weights())
-                mesh, rules = sharding.current()
-                if mesh is None:
-                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act)
+                if options.mesh is None:
+                    y = grouped_experts(flat, ids, weights, *experts, cfg.hidden_act, options)
                 else:
-                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, mesh, rules)
+                    y = expert_parallel(flat, ids, weights, *experts, cfg.hidden_act, options)
             y = y.reshape(b, s, d)
             if self.shared_experts is not None:
                 y = y + self.shared_experts(x)

@@ -35,25 +35,16 @@ What the MTP forward is (established from the sources below, not guessed):
 
 Layout in jaxmodels: the MTP layers are a layer stack `model.mtp_layers` (leading `layers` axis, one entry
 per depth), present when the model was built with `num_mtp_layers > 0` (from_pretrained does so when the
-checkpoint holds MTP tensors).
+checkpoint holds MTP tensors). The layer is `jaxmodels.layers.deepseek_layer.MTPLayer`; one depth's forward
+is the decoder's (`Decoder.mtp`), given the same `Inputs` as the main pass, so it runs with the model's options
+and on its mesh like every layer (its MoE expert-parallel). The MTP loss is the trainer's
+(`jaxmodels.train.loss.mtp_loss_terms`, with the one cross-entropy).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
-from jaxmodels.layers.rope import rope_tables
-from jaxmodels.model import MTPLayer, attention_inputs  # noqa: F401  (MTPLayer: the layer)
-
-IGNORE = -100
-
-
-def _layer(model, depth: int):
-    stack = model.model.mtp_layers
-    graphdef, state = nnx.split(stack.layers)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[depth], state))
 
 
 def num_mtp_layers(model) -> int:
@@ -68,15 +59,6 @@ def shift_left(x: jax.Array, k: int, fill) -> jax.Array:
     return jnp.concatenate([x[:, k:], jnp.full_like(x[:, :k], fill)], axis=1)
 
 
-def mtp_step(model, depth: int, h, tokens, cos, sin, mask, cache=None, *, absorb: bool = False, valid=None,
-             segment_ids=None, compute_dtype=None):
-    """One MTP depth (0-based) on h [b, s, hidden] and the *already shifted* tokens [b, s] (token i+depth+1
-    at index i). cos/sin: rope tables of the positions; mask [b, s, t]. Returns (normed out, cache, stats)."""
-    emb = model.model.embed_tokens(tokens, compute_dtype or h.dtype)
-    layer = _layer(model, depth)
-    return layer(h, emb.astype(h.dtype), cos, sin, mask, cache, absorb=absorb, valid=valid, segment_ids=segment_ids)
-
-
 def mtp_hidden(model, h_main, input_ids, positions=None, attention_mask=None, segment_ids=None):
     """The k MTP depths' normed hidden states over a full sequence (training / evaluation).
 
@@ -85,7 +67,7 @@ def mtp_hidden(model, h_main, input_ids, positions=None, attention_mask=None, se
     segment_ids [b, s] (packed rows; the MTP attention gets exactly the main model's segment mask).
     Returns a list of k arrays [b, s, hidden]; entry d at index i predicts token i + d + 2 (its logits:
     `model.logits(...)`). Indices whose shifted token runs off the row use a pad token: the loss must mask
-    those targets (`mtp_loss_terms` does).
+    those targets (`jaxmodels.train.loss.mtp_loss_terms` does).
     """
     cfg = model.config
     k = num_mtp_layers(model)
@@ -93,70 +75,13 @@ def mtp_hidden(model, h_main, input_ids, positions=None, attention_mask=None, se
         raise ValueError("this model has no MTP layers (load a DeepSeek-V3 checkpoint that has them, or build the "
                          "model with num_mtp_layers > 0)")
     input_ids = jnp.asarray(input_ids)
-    mask, valid, positions = attention_inputs(input_ids, attention_mask, positions, segment_ids)
-    cos, sin = rope_tables(cfg.rope, cfg.rope_head_dim, cfg.max_position_embeddings, positions)
+    inputs = model.inputs(input_ids, attention_mask, positions, segment_ids)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     outs, h = [], h_main
     for d in range(k):
-        tokens = shift_left(input_ids, d + 1, pad)
-        h, _, _ = mtp_step(model, d, h, tokens, cos, sin, mask, valid=valid, segment_ids=segment_ids,
-                           compute_dtype=model.compute_dtype)
+        h, _, _ = model.model.mtp(h, shift_left(input_ids, d + 1, pad), inputs, depth=d)
         outs.append(h)
     return outs
-
-
-def mtp_targets(labels, depth: int, segment_ids=None):
-    """Targets [b, s] of MTP depth `depth` (0-based) from *unshifted* labels [b, s] (IGNORE = not counted):
-    index i predicts labels[i + depth + 2]; targets that run off the row or cross a document boundary of
-    a packed row (segment_ids differ) are IGNORE."""
-    n = depth + 2
-    t = shift_left(jnp.asarray(labels), n, IGNORE)
-    if segment_ids is not None:
-        seg = jnp.asarray(segment_ids)
-        t = jnp.where((shift_left(seg, n, -1) == seg) & (seg != 0), t, IGNORE)
-    return t
-
-
-def cross_entropy_terms(model, h, targets):
-    """(summed CE float32, counted targets int32, targets ranked first int32) of the model's head over
-    h [b, s, hidden] against targets [b, s] (IGNORE = not counted). Unchunked; a trainer passes its own
-    chunked version (train.loss.token_cross_entropy has this signature) as `ce=`."""
-    logits = model.logits(h).astype(jnp.float32)  # [b, s, vocab]
-    mask = targets != IGNORE
-    safe = jnp.where(mask, targets, 0)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    loss = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0).sum()
-    right = (mask & (jnp.argmax(logits, axis=-1) == safe)).sum()
-    return loss, mask.sum().astype(jnp.int32), right.astype(jnp.int32)
-
-
-def mtp_loss_terms(model, h_main, batch, *, ce=None):
-    """Per-depth cross-entropy sums of the MTP heads, for a trainer that adds lambda x mean MTP CE.
-
-    batch: {"input_ids" [b, s], "labels" [b, s] unshifted (IGNORE = not counted; default input_ids),
-    and "segment_ids" [b, s] (packed) or "attention_mask" [b, s]; optional "positions"}. h_main: the main
-    model's final-normed output for that batch (`model.hidden(...)`, the same call the LM loss uses).
-    ce(model, h, targets) -> (sum, count, right): default `cross_entropy_terms`; pass
-    jaxmodels.train.loss.token_cross_entropy for the chunked one (the model library does not import train).
-    Returns a list (one per depth d, predicting token i + d + 2 at index i) of (summed CE float32, counted
-    targets int32, targets ranked first int32); right / count is the head's top-1 accuracy: with greedy
-    decoding, the draft acceptance rate.
-    """
-    ce = ce or cross_entropy_terms
-    ids = jnp.asarray(batch["input_ids"])
-    labels = jnp.asarray(batch.get("labels", ids))
-    seg = batch.get("segment_ids")
-    am = batch.get("attention_mask")
-    if am is not None and seg is None:
-        labels = jnp.where(jnp.asarray(am) != 0, labels, IGNORE)
-    hs = mtp_hidden(model, h_main, ids, batch.get("positions"), None if seg is not None else am, seg)
-    out = []
-    for d, h in enumerate(hs):
-        t = mtp_targets(labels, d, seg)
-        if am is not None and seg is None:  # a padding position's hidden state predicts nothing
-            t = jnp.where(jnp.asarray(am) != 0, t, IGNORE)
-        out.append(ce(model, h, t))
-    return out
 
 
 def mtp_logits(model, h_main, input_ids, **kw):
