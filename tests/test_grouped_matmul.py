@@ -342,7 +342,8 @@ def test_gathered_experts_equal_grouped(form):
 
 def test_chunked_experts_equal_one_pass(monkeypatch):
     """Above MAX_SLOTS_PER_CHUNK token-slots the experts run over chunks of tokens (checkpointed lax.map):
-    the same output and the same gradients (tokens, routing weights, the fused gate/up and the down weights) as one pass."""
+    the same output and the same gradients (tokens, routing weights, the fused gate/up and the down weights) as
+    one pass."""
     t, k, e, d, i = 48, 2, 4, 16, 8
     ks = jax.random.split(jax.random.key(3), 6)
     x = jax.random.normal(ks[0], (t, d))

@@ -354,9 +354,10 @@ def _cudnn_packed_attention(q, k, v, segment_ids, scale, max_segments: int | Non
 
 
 def _splash_sharded(q, k, v, segment_ids, scale, options):
-    """Splash attention on the options' mesh (`Options.mesh` / `.rules`): a Pallas TPU kernel is not partitioned by the compiler, so it runs
-    inside `jax.shard_map`, each device on its rows (the table's batch axes) and its heads (tensor), which is
-    all attention needs (no collective). Without a mesh: one call. Interpret mode off TPU (the tests)."""
+    """Splash attention on the options' mesh (`Options.mesh` / `.rules`): a Pallas TPU kernel is not partitioned
+    by the compiler, so it runs inside `jax.shard_map`, each device on its rows (the table's batch axes) and its
+    heads (tensor), which is all attention needs (no collective). Without a mesh: one call. Interpret mode off
+    TPU (the tests)."""
     mesh, rules = options.mesh, options.rules
     interpret = _platform(options) != "tpu"
     if mesh is None:
