@@ -53,8 +53,10 @@ def test_flipping_an_option_compiles_a_new_program_that_reflects_it():
     assert g_f32 != g_bf16  # a new static program key
     assert model.options.compute_dtype is None  # the original model keeps its options
     assert f32.dtype == jnp.float32 and bf16.dtype == jnp.bfloat16
-    err = float(jnp.abs(bf16.astype(jnp.float32) - f32).max() / jnp.abs(f32).max())
-    assert 1e-4 < err < 0.1, err  # bf16 rounding, not the same program
+    # Mean, not max: a bf16 rounding may flip one token's top-k expert choice in the tiny random MoE, which moves
+    # that token's hidden state a lot without meaning a wrong program.
+    err = float(jnp.abs(bf16.astype(jnp.float32) - f32).mean() / jnp.abs(f32).mean())
+    assert 1e-4 < err < 0.05, err  # bf16 rounding, not the same program
 
     # One jitted function with the graphdef static: traced once per options, again on a flip, never stale.
     step = jax.jit(lambda g, st, i: (traces.append(1), nnx.merge(g, st).hidden(i))[1], static_argnums=0)
