@@ -33,32 +33,16 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 
-# What XLA's GPU backend needs to know of the target (GpuTargetConfigProto, text format): public figures.
-TARGETS = {
-    "h100": dict(name="NVIDIA H100 80GB HBM3", sms=132, bandwidth=3_352_320_000_000, memory=84_978_434_048),
-    "h200": dict(name="NVIDIA H200", sms=132, bandwidth=4_800_000_000_000, memory=150_121_971_712),
-}
-
-# HLO instructions that launch nothing on the device (loops, branches and calls are walked into instead).
-_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
-         "opt-barrier", "partition-id", "replica-id"}
+# The compile-only GPU targets: jaxmodels.pods.GPU_TARGETS (imported late: jax must not load before main() sets
+# JAX_PLATFORMS).
+TARGETS = ("h100", "h200")
 
 
 def target_config(target: str) -> str:
-    t = TARGETS[target]
-    return f"""gpu_device_info {{
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {t['sms']} fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: {t['bandwidth']} l2_cache_size: 52428800 clock_rate_ghz: 1.98
-  device_memory_size: {t['memory']} shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 minor: 0 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 8 }}
-runtime_version {{ major: 12 minor: 8 }}
-device_description_str: "{t['name']}"
-"""
+    """The GpuTargetConfigProto (text format) XLA's GPU backend compiles for: jaxmodels.pods.gpu_target_config."""
+    from jaxmodels.pods import gpu_target_config
+
+    return gpu_target_config(target)
 
 
 # ------------------------------------------------------------------------------------------- HLO reading
