@@ -38,6 +38,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 TARGETS = ("h100", "h200")
 
 
+# HLO instructions that launch nothing on the device (loops, branches and calls are walked into instead).
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
+         "opt-barrier", "partition-id", "replica-id"}
+
+
 def target_config(target: str) -> str:
     """The GpuTargetConfigProto (text format) XLA's GPU backend compiles for: jaxmodels.pods.gpu_target_config."""
     from jaxmodels.pods import gpu_target_config
