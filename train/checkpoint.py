@@ -41,10 +41,13 @@ class Checkpoints:
 
     def __init__(self, out_dir: str, *, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+        # Orbax cleans old temporary directories in a background thread that `close()` does not wait for; with
+        # nothing to clean, that thread would only race a failed start removing the empty folder it lists.
+        leftovers = not read_only and os.path.isdir(self.directory) and bool(os.listdir(self.directory))
         # (read only: no max_to_keep / save interval, which Orbax would otherwise reset with a warning each)
         options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
                                                save_interval_steps=0 if read_only else 1, create=not read_only,
-                                               read_only=read_only, cleanup_tmp_directories=not read_only,
+                                               read_only=read_only, cleanup_tmp_directories=leftovers,
                                                enable_async_checkpointing=True,
                                                # Multi-host: every process writes its own arrays' shards;
                                                # process 0 writes the metadata and commits the step.
