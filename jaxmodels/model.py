@@ -102,7 +102,7 @@ class Decoder(nnx.Module):
         """
         options = inputs.options
         inputs = inputs.with_rope(self.cfg)
-        x = sharding.constrain(self.embed_tokens(input_ids, options.dtype), sharding.ACTIVATION_AXES, options)
+        x = sharding.constrain(self.embed_tokens(input_ids, options.dtype, options), sharding.ACTIVATION_AXES, options)
         cache = sharding.constrain_cache(cache, options)  # the table's layout: batch split, latent/heads as it says
         new_cache = {} if cache is not None else None
         router_stats = None
@@ -128,7 +128,7 @@ class Decoder(nnx.Module):
         options = inputs.options
         inputs = inputs.with_rope(self.cfg)
         with jax.named_scope("mtp_layers"):
-            emb = self.embed_tokens(tokens, options.dtype or h.dtype).astype(h.dtype)  # [b, s, hidden]
+            emb = self.embed_tokens(tokens, options.dtype or h.dtype, options).astype(h.dtype)  # [b, s, hidden]
             c = None
             if cache is not None:
                 c = sharding.constrain_cache(cache, options)["mtp_layers"].at_layer(depth)
@@ -191,6 +191,13 @@ class CausalLM(_Headed):
     def logits(self, h):
         out = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return sharding.constrain(out, ("batch",) + (None,) * (out.ndim - 2) + ("act_vocab",), self.options)
+
+    def head_weight(self):
+        """The output head's [vocab, hidden] weight when the logits are exactly h @ weight.T (no LoRA adapter on
+        it), for the loss's vocabulary-parallel cross-entropy (jaxmodels.layers.vocab); else None."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.weight[...] if self.lm_head.lora_a is None and self.lm_head.bias is None else None
 
     def head_output(self, h, input_ids=None):
         return self.logits(h)

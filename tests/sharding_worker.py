@@ -4,6 +4,7 @@
     python tests/sharding_worker.py mtp CKPT OUT.json                 # 8 devices: MTP loss + speculative vs 1
     python tests/sharding_worker.py memory OUT.json                   # 8 devices: peak host memory of loading
     python tests/sharding_worker.py multihost PROC PORT CKPT OUT.npy  # 4 devices per process, 2 processes
+    python tests/sharding_worker.py vocab OUT.json                    # 8 devices: lookup / vocab-parallel CE
 
 Each mode writes its measurements to OUT; the pytest side (test_sharding.py, test_multihost.py) asserts.
 """
@@ -257,8 +258,42 @@ def mtp(ckpt: str, out: str) -> None:
         json.dump(results, fh)
 
 
+def vocab(out: str) -> None:
+    """jaxmodels.layers.vocab's lookup and vocabulary-parallel cross-entropy (values and gradients) on meshes
+    against the single-device code."""
+    from jaxmodels.layers import vocab as vocab_lib
+    from jaxmodels.options import Options
+    v, d, b, c, ignore = 64, 16, 8, 6, -100
+    k = jax.random.split(jax.random.key(0), 4)
+    table = jax.random.normal(k[0], (v, d), jnp.float32)
+    ids = jax.random.randint(k[1], (b, c), 0, v)
+    h = jax.random.normal(k[2], (b, c, d), jnp.float32)
+    targets = jnp.where(jax.random.uniform(k[3], (b, c)) < 0.2, ignore, ids)
+    targets = targets.at[0, 0].set(v - 1)  # a target in the last device's slice
+    h = h.at[1, 1].set(0.0)  # all logits equal: argmax is index 0 on every path
+
+    def run(options):
+        def f(table, h):
+            emb = vocab_lib.lookup(table, ids, jnp.float32, options)
+            loss, n, right = vocab_lib.cross_entropy(h + emb, table, targets, ignore, options)
+            return loss, (emb, n, right)
+        (loss, (emb, n, right)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(table, h)
+        return [np.asarray(x).tolist() for x in (loss, emb, n, right, *grads)]
+
+    want = run(Options())
+    res = {}
+    for name, sizes in MESHES.items():
+        mesh = sharding.make_mesh(**sizes)
+        options = Options(mesh=mesh)
+        res[name] = dict(got=run(options), axes=list(vocab_lib.sharded_head(options, b, v)))
+    with open(out, "w") as f:
+        json.dump(dict(want=want, meshes=res), f)
+
+
 if __name__ == "__main__":
-    if MODE == "forward":
+    if MODE == "vocab":
+        vocab(sys.argv[2])
+    elif MODE == "forward":
         forward(sys.argv[2], sys.argv[3], sys.argv[4])
     elif MODE == "mtp":
         mtp(sys.argv[2], sys.argv[3])

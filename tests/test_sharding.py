@@ -251,3 +251,21 @@ def test_lazy_slices_follow_the_key_map_transforms(tmp_path, monkeypatch):
             index = tuple(slice(a, b) for a, b in box)
             np.testing.assert_array_equal(read_block(key, pl, box), full[index])
         assert (whole_reads == []) == lazy, (key, whole_reads)  # lazy cases never read the whole tensor
+
+
+@pytest.mark.slow
+def test_vocab_lookup_and_cross_entropy_on_meshes_equal_one_device(tmp_path):
+    """jaxmodels.layers.vocab: the embedding lookup (ids gathered, one all-to-all) and the vocabulary-parallel
+    cross-entropy (loss, counts, argmax hits, gradients of table and hidden states) on 8 devices == 1 device."""
+    out = tmp_path / "vocab.json"
+    run_worker("vocab", str(out))
+    res = json.loads(out.read_text())
+    want = res["want"]
+    for name, m in res["meshes"].items():
+        assert m["axes"], name  # the vocabulary-parallel path ran (the batch is split on every mesh here)
+        loss, emb, n, right, d_table, d_h = m["got"]
+        assert (n, right) == (want[2], want[3]), name
+        np.testing.assert_allclose(loss, want[0], rtol=1e-5, err_msg=name)
+        np.testing.assert_array_equal(emb, want[1], err_msg=name)
+        np.testing.assert_allclose(d_table, want[4], rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(d_h, want[5], rtol=1e-5, atol=1e-5, err_msg=name)

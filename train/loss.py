@@ -14,11 +14,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxmodels.layers import vocab as vocab_lib
 from jaxmodels.layers.mtp import mtp_hidden, shift_left
 
 IGNORE = -100  # label of a position the loss skips (transformers' ignore_index): the one definition
 
-# Largest float32 logits block (elements) computed at once: [batch, chunk, vocab] <= this.
+# Largest float32 logits block (elements) computed at once on one device: [rows per device, chunk, vocab] <= this.
 CHUNK_ELEMENTS = 2**26
 
 
@@ -27,9 +28,9 @@ def shift_labels(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
 
 
-def _chunk_len(batch: int, seq: int, vocab: int, chunk_elements: int) -> int:
-    """The largest divisor of seq whose logits block [batch, chunk, vocab] fits chunk_elements."""
-    want = max(1, chunk_elements // max(1, batch * vocab))
+def _chunk_len(seq: int, per_position: int, chunk_elements: int) -> int:
+    """The largest divisor of seq whose block of per_position elements per position fits chunk_elements."""
+    want = max(1, chunk_elements // max(1, per_position))
     if want >= seq:
         return seq
     return max(c for c in range(1, want + 1) if seq % c == 0)
@@ -38,29 +39,38 @@ def _chunk_len(batch: int, seq: int, vocab: int, chunk_elements: int) -> int:
 def token_cross_entropy(model, h: jax.Array, targets: jax.Array, *, chunk_elements: int = CHUNK_ELEMENTS):
     """Summed cross-entropy of the model's vocabulary head over h [b, s, hidden] against targets [b, s]
     (IGNORE = not counted). Returns (sum of losses float32, number of counted targets int32, number of
-    targets the head ranks first (argmax == target) int32)."""
+    targets the head ranks first (argmax == target) int32).
+
+    On a mesh the head runs vocabulary-parallel (jaxmodels.layers.vocab.cross_entropy: no device gathers the
+    whole head, each computes the logits of its vocabulary slice for every row of a chunk)."""
     b, s, d = h.shape
     vocab = model.config.vocab_size
-    c = _chunk_len(b, s, vocab, chunk_elements)
+    weight = model.head_weight() if hasattr(model, "head_weight") else None
+    axes = vocab_lib.sharded_head(model.options, b, vocab) if weight is not None else ()
+    if axes:  # every device: all b rows of a chunk (gathered) and its vocabulary slice of their logits
+        per_position = b * max(vocab // vocab_lib.ways(model.options, axes), d)
+    else:  # every device: its rows (a mesh splits the batch) and the whole vocabulary
+        per_position = -(-b // vocab_lib.ways(model.options, vocab_lib.batch_axes(model.options, b))) * vocab
+    c = _chunk_len(s, per_position, chunk_elements)
     n = s // c
 
     @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of keeping them
     def chunk(carry, xs):
         hc, tc = xs  # [b, c, hidden], [b, c]
-        logits = model.logits(hc).astype(jnp.float32)  # [b, c, vocab]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        mask = tc != IGNORE
-        safe = jnp.where(mask, tc, 0)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        loss = jnp.where(mask, lse - picked, 0.0).sum()
-        correct = (mask & (jnp.argmax(logits, axis=-1) == safe)).sum()
+        if axes:
+            loss, counted, correct = vocab_lib.cross_entropy(hc, weight, tc, IGNORE, model.options)
+        else:
+            loss, counted, correct = vocab_lib.softmax_cross_entropy(model.logits(hc).astype(jnp.float32), tc,
+                                                                     IGNORE)
         total, count, right = carry
-        return (total + loss, count + mask.sum(), right + correct), None
+        return (total + loss, count + counted, right + correct), None
 
     hs = h.reshape(b, n, c, d).swapaxes(0, 1)  # [chunks, b, c, hidden]
     ts = targets.reshape(b, n, c).swapaxes(0, 1)  # [chunks, b, c]
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    (total, count, right), _ = jax.lax.scan(chunk, init, (hs, ts))
+    # Unrolled with the model's layers (Options.scan False: the programs XLA's cost analysis prices, which counts a
+    # loop body once; jaxmodels.pods.estimate_cost).
+    (total, count, right), _ = jax.lax.scan(chunk, init, (hs, ts), unroll=not model.options.scan)
     return total, count, right
 
 

@@ -79,10 +79,11 @@ class Embed(nnx.Module):
                  rngs: nnx.Rngs):
         self.weight = param(rngs, (vocab_size, hidden_size), dtype, ("vocab", "embed"), std)
 
-    def __call__(self, ids: jax.Array, dtype=None) -> jax.Array:
+    def __call__(self, ids: jax.Array, dtype=None, options=None) -> jax.Array:
         """ids [batch, seq] -> [batch, seq, hidden] in `dtype` (default: the table's), the compute dtype every
-        later layer follows."""
-        return jnp.take(self.weight[...], ids, axis=0).astype(dtype or self.weight.dtype)
+        later layer follows. On options' mesh no device gathers the whole table (jaxmodels.layers.vocab)."""
+        from jaxmodels.layers import vocab
+        return vocab.lookup(self.weight[...], ids, dtype or self.weight.dtype, options)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("bsd,vd->bsv", x, self.weight[...].astype(x.dtype))  # [batch, seq, vocab]

@@ -352,7 +352,7 @@ def _num_chunks(tokens: int, k: int) -> int:
 
 def chunked_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, options: Options = Options()):
     """`local_experts` over chunks of tokens when the call has more than MAX_SLOTS_PER_CHUNK slots (the same
-    values: tokens are independent). Each chunk is a checkpointed step of a `lax.map`, so neither pass keeps
+    values: tokens are independent). Each chunk is a checkpointed step of a loop, so neither pass keeps
     more than one chunk's dispatch buffers."""
     t, k = ids.shape
     n = _num_chunks(t, k)
@@ -364,7 +364,10 @@ def chunked_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, optio
         xc, ic, wc = chunk
         return local_experts(xc, ic, wc, gate_up_w, down_w, act, first, options)
 
-    out = jax.lax.map(one, (x.reshape(n, t // n, -1), ids.reshape(n, t // n, k), weights.reshape(n, t // n, k)))
+    chunks = (x.reshape(n, t // n, -1), ids.reshape(n, t // n, k), weights.reshape(n, t // n, k))
+    # A loop, unrolled when the layers are (Options.scan False: the programs whose cost XLA's cost analysis
+    # prices, which counts a loop body once; jaxmodels.pods.estimate_cost).
+    _, out = jax.lax.scan(lambda carry, chunk: (carry, one(chunk)), None, chunks, unroll=not options.scan)
     return out.reshape(t, -1)  # [t, hidden] float32
 
 
