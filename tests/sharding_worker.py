@@ -5,6 +5,7 @@
     python tests/sharding_worker.py memory OUT.json                   # 8 devices: peak host memory of loading
     python tests/sharding_worker.py multihost PROC PORT CKPT OUT.npy  # 4 devices per process, 2 processes
     python tests/sharding_worker.py vocab OUT.json                    # 8 devices: lookup / vocab-parallel CE
+    python tests/sharding_worker.py moe_chunks OUT.json               # 8 devices: chunked expert parallelism
 
 Each mode writes its measurements to OUT; the pytest side (test_sharding.py, test_multihost.py) asserts.
 """
@@ -290,8 +291,39 @@ def vocab(out: str) -> None:
         json.dump(dict(want=want, meshes=res), f)
 
 
+def moe_chunks(out: str) -> None:
+    """Expert parallelism in chunks (each chunk of tokens gathered over the expert group, computed, reduce-
+    scattered: jaxmodels.layers.moe.chunked_experts) against one pass on one device, values and gradients."""
+    from jaxmodels.layers import moe
+    from jaxmodels.options import Options
+    t, d, e, inter, k = 32, 8, 8, 6, 2
+    keys = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(keys[0], (t, d), jnp.float32)
+    ids = jax.random.randint(keys[1], (t, k), 0, e)
+    w = jax.nn.softmax(jax.random.normal(keys[2], (t, k)), axis=-1)
+    gate_up = jax.random.normal(keys[3], (e, 2, inter, d), jnp.float32) / 3
+    down = jax.random.normal(keys[4], (e, inter, d), jnp.float32) / 3
+
+    def run(options, fn):
+        def f(x, gate_up, down):
+            return jnp.sum(jnp.sin(fn(x, ids, w, gate_up, down, "silu", options)))
+        val, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, gate_up, down)
+        return [np.asarray(a).tolist() for a in (val, *grads)]
+
+    want = run(Options(), moe.grouped_experts)
+    moe.MAX_SLOTS_PER_CHUNK = 16  # 32 tokens x 2 slots gathered over 2-4 devices: 8-16 chunks
+    res = {}
+    for name in ("fsdp=2,expert=2,tensor=2", "expert=4,tensor=2", "fsdp=8"):
+        mesh = sharding.make_mesh(**MESHES[name])
+        res[name] = run(Options(mesh=mesh), moe.expert_parallel)
+    with open(out, "w") as f:
+        json.dump(dict(want=want, meshes=res), f)
+
+
 if __name__ == "__main__":
-    if MODE == "vocab":
+    if MODE == "moe_chunks":
+        moe_chunks(sys.argv[2])
+    elif MODE == "vocab":
         vocab(sys.argv[2])
     elif MODE == "forward":
         forward(sys.argv[2], sys.argv[3], sys.argv[4])

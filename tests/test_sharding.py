@@ -269,3 +269,15 @@ def test_vocab_lookup_and_cross_entropy_on_meshes_equal_one_device(tmp_path):
         np.testing.assert_array_equal(emb, want[1], err_msg=name)
         np.testing.assert_allclose(d_table, want[4], rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(d_h, want[5], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_expert_parallel_in_chunks_equals_one_pass_on_one_device(tmp_path):
+    """Above MAX_SLOTS_PER_CHUNK slots the expert-parallel MoE gathers, computes and reduce-scatters one chunk of
+    tokens at a time (2 and 4 chunks here): value and gradients (tokens, both expert weights) == one device."""
+    out = tmp_path / "moe.json"
+    run_worker("moe_chunks", str(out))
+    res = json.loads(out.read_text())
+    for name, got in res["meshes"].items():
+        for a, b, what in zip(got, res["want"], ("value", "d_x", "d_gate_up", "d_down")):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"{name} {what}")

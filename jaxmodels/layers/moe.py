@@ -16,6 +16,7 @@ routing weights.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -337,8 +338,9 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", transpose_rhs: boo
 # Token-slots (tokens x top-k) one grouped-matmul pass sorts and multiplies at most; larger calls (a training
 # step's MoE over the expert group's gathered tokens) run in equal chunks of tokens, one after another, each
 # recomputed in the backward pass: the dispatch buffers ([slots, hidden] sorted copies, [slots, inter]
-# activations) then exist for one chunk at a time. DeepSeek-V3 on a v5p-256 (4096 tokens per chip, experts over
-# 8 chips): 262144 slots, 3.5 GiB per [slots, hidden] bf16 buffer (jaxmodels plan --compile, benchmarks/RESULTS.md).
+# activations, the gathered tokens and their float32 partial outputs) then exist for one chunk at a time.
+# DeepSeek-V3 on a v5p-256 (4096 tokens per chip, experts over 8 chips): 262144 slots, 3.5 GiB per [slots, hidden]
+# bf16 buffer in one pass (jaxmodels plan --compile, benchmarks/RESULTS.md).
 MAX_SLOTS_PER_CHUNK = 32768
 
 
@@ -350,24 +352,31 @@ def _num_chunks(tokens: int, k: int) -> int:
     return n
 
 
-def chunked_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, options: Options = Options()):
+def chunked_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, options: Options = Options(),
+                    gather: tuple[str, ...] = (), group: int = 1):
     """`local_experts` over chunks of tokens when the call has more than MAX_SLOTS_PER_CHUNK slots (the same
-    values: tokens are independent). Each chunk is a checkpointed step of a loop, so neither pass keeps
-    more than one chunk's dispatch buffers."""
+    values: tokens are independent). Each chunk is a checkpointed step of a loop, so neither pass keeps more
+    than one chunk's dispatch buffers.
+
+    Inside expert_parallel's shard_map, `gather` names the mesh axes (`group` devices) whose tokens meet these
+    experts: each chunk of this device's tokens is all-gathered over them, computed, and its partial outputs
+    reduce-scattered back, so the expert group's tokens are never gathered whole either."""
     t, k = ids.shape
-    n = _num_chunks(t, k)
+
+    def one(xc, ic, wc):
+        if gather:
+            xc, ic, wc = (jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (xc, ic, wc))
+        out = local_experts(xc, ic, wc, gate_up_w, down_w, act, first, options)  # [chunk (x group), hidden] f32
+        return jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True) if gather else out
+
+    n = _num_chunks(t, k * group)
     if n == 1:
-        return local_experts(x, ids, weights, gate_up_w, down_w, act, first, options)
-
-    @jax.checkpoint
-    def one(chunk):
-        xc, ic, wc = chunk
-        return local_experts(xc, ic, wc, gate_up_w, down_w, act, first, options)
-
+        return one(x, ids, weights)
     chunks = (x.reshape(n, t // n, -1), ids.reshape(n, t // n, k), weights.reshape(n, t // n, k))
+    one = jax.checkpoint(one)
     # A loop, unrolled when the layers are (Options.scan False: the programs whose cost XLA's cost analysis
     # prices, which counts a loop body once; jaxmodels.pods.estimate_cost).
-    _, out = jax.lax.scan(lambda carry, chunk: (carry, one(chunk)), None, chunks, unroll=not options.scan)
+    _, out = jax.lax.scan(lambda carry, chunk: (carry, one(*chunk)), None, chunks, unroll=not options.scan)
     return out.reshape(t, -1)  # [t, hidden] float32
 
 
@@ -464,17 +473,12 @@ def expert_parallel(x, ids, weights, gate_up_w, down_w, act: str, options: Optio
     summed = tuple(a for a in red_axes if a not in gather)
 
     def local(x, ids, weights, gate_up_w, down_w):
-        if gather:
-            x = jax.lax.all_gather(x, gather, axis=0, tiled=True)  # [tokens of the group, hidden]
-            ids = jax.lax.all_gather(ids, gather, axis=0, tiled=True)
-            weights = jax.lax.all_gather(weights, gather, axis=0, tiled=True)
         first = jax.lax.axis_index(exp_axes) * gate_up_w.shape[0] if exp_axes else 0
-        # Chunked when the expert group's gathered slots are many (a pod's training step): a chunk's forward is
-        # computed once more in the backward pass, the price of holding one chunk's dispatch buffers at a time.
-        experts = chunked_experts if gather else local_experts
-        out = experts(x, ids, weights, gate_up_w, down_w, act, first, options)  # [t, hidden] f32, partial
-        if gather:
-            out = jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True)  # back to my tokens
+        if gather:  # chunk by chunk: gather the group's tokens, compute my experts, reduce-scatter (see above)
+            out = chunked_experts(x, ids, weights, gate_up_w, down_w, act, first, options, gather,
+                                  math.prod(mesh.shape[a] for a in gather))
+        else:
+            out = local_experts(x, ids, weights, gate_up_w, down_w, act, first, options)  # [t, hidden] partial
         if summed:
             out = jax.lax.psum(out, summed)  # over the other expert / tensor shards
         return out.astype(x.dtype)
