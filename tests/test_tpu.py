@@ -130,3 +130,16 @@ def test_stablelm_gqa_train_step_compiles_with_splash():
     # (a replicated moment would make them several times larger).
     n = sum(np.prod(x.shape) for x in jax.tree.leaves(args[0]["params"]))
     assert c.arguments < 3 * 4 * n / 8 * 1.5
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_no_chip_holds_the_whole_vocabulary_table():
+    """The embedding lookup and the vocabulary-parallel loss (jaxmodels.layers.vocab) on a v5e-8 under FSDP: no
+    chip holds the whole [vocab, hidden] table or head in any dtype, in either pass (XLA's own lookup and
+    logits gather them whole there)."""
+    hf = dict(SMALL_STABLELM, vocab_size=1536)  # a [vocab, hidden] shape no other array has
+    mesh = pods.make_mesh(pods.parse_topology("v5e-8"), {"fsdp": 8})
+    c = pods.compile_program(*pods.train_program(config_from_hf(hf), mesh, pods.TrainSetup(batch=8, seq=256)))
+    assert not c.error, c.error
+    assert f"[{hf['vocab_size']},{hf['hidden_size']}]" not in c.hlo
