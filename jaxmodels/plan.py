@@ -186,26 +186,41 @@ def format_plan(plan: Plan, *, batch: int, seq: int, dtype_name: str, device_mem
     return "\n".join(lines)
 
 
+# Live copies of one MoE layer's local expert weights (bf16) in the backward pass of a compiled step: the forward's
+# gather recomputed, the backward's gather and its transposed copy for the input gradient, the weight gradient
+# before its reduce-scatter. Read off DeepSeek-V3's step on a v5p-256 (benchmarks/RESULTS.md, Pods).
+LAYER_COPIES = 6
+# Live [slots of one chunk, hidden]-sized bf16 buffers of the MoE dispatch at its peak (same source).
+DISPATCH_COPIES = 12
+
+
 def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq: int, remat: str = "full",
                       grad_accum: int = 1, fused_attention: bool = True, rules=None) -> dict[str, int]:
     """Bytes per device the training step holds besides parameters, gradients and optimizer state (estimate).
 
     batch: rows per optimizer step (global), split into grad_accum micro-batches, each over the mesh's batch
-    axes. Parts, each read off the buffers of compiled steps (DeepSeek-V3 on v5p-256, `jaxmodels plan
-    --compile`; the constants are the number of live copies seen there):
+    axes. Parts, each read off the buffers of compiled steps (`jaxmodels plan --compile`; the constants are the
+    number of live copies seen there):
       residuals  what the layer scan saves for the backward pass: each layer's input (remat "full"), the
                  projections' outputs too ("save_matmuls"), everything ("none");
-      layer      one layer's weights gathered over FSDP, in the forward and again in the backward (bf16);
+      layer      one layer's weights gathered over FSDP (bf16): LAYER_COPIES of a MoE layer's local experts,
+                 forward and backward, or a dense layer's weights;
       dispatch   the MoE dispatch of one chunk of the expert group's token-slots (jaxmodels.layers.moe
-                 MAX_SLOTS_PER_CHUNK): sorted copies of the tokens and their expert activations;
-      embeddings the token embedding and output head gathered whole for the lookup / logits (bf16);
-      logits     float32 logits of a micro-batch and their gradient;
+                 MAX_SLOTS_PER_CHUNK): the gathered tokens, sorted copies and their expert activations;
+      head       one loss chunk (train.loss): float32 logits and their gradient, and under a mesh the chunk's
+                 hidden states gathered over the batch's devices (the vocabulary-parallel loss,
+                 jaxmodels.layers.vocab: no device holds the whole table);
       attention  the [queries, keys] scores when no fused kernel runs.
     """
     from jaxmodels.layers.moe import MAX_SLOTS_PER_CHUNK
+    from jaxmodels.train.loss import CHUNK_ELEMENTS, chunk_len
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
-    ways = math.prod(mesh[a] for a in sharding.mesh_axes_of("batch", rules, mesh))
-    rows = -(-(batch // max(grad_accum, 1)) // ways)
+    micro = batch // max(grad_accum, 1)
+    axes = [a for a in sharding.mesh_axes_of("batch", rules, mesh) if mesh[a] > 1]
+    while axes and micro % math.prod(mesh[a] for a in axes):  # axes that do not divide the batch are dropped
+        axes.pop()
+    ways = math.prod(mesh[a] for a in axes)
+    rows = -(-micro // ways)
     tokens = rows * seq
     d, bf16, f32 = cfg.hidden_size, 2, 4
     tensor, expert = mesh["tensor"], mesh["expert"]
@@ -228,15 +243,19 @@ def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq:
     out = {"residuals": cfg.num_hidden_layers * tokens * per_layer}
     if moe:
         local = cfg.n_routed_experts // expert if cfg.n_routed_experts % expert == 0 else cfg.n_routed_experts
-        out["layer"] = 2 * local * 3 * d * cfg.moe_intermediate_size / tensor * bf16
+        out["layer"] = LAYER_COPIES * local * 3 * d * cfg.moe_intermediate_size / tensor * bf16
         slots = min(tokens * expert * cfg.num_experts_per_tok, MAX_SLOTS_PER_CHUNK)
-        out["dispatch"] = 12 * slots * d * bf16
+        out["dispatch"] = DISPATCH_COPIES * slots * d * bf16
     else:
         out["layer"] = 2 * _layer_params(cfg) / tensor * bf16
         out["dispatch"] = 0
-    tables = 1 if cfg.tie_word_embeddings else 2
-    out["embeddings"] = 2 * tables * cfg.vocab_size * d * bf16 // tensor
-    out["logits"] = 2 * tokens * cfg.vocab_size // tensor * f32
+    vocab = cfg.vocab_size
+    if ways > 1 and vocab % ways == 0:  # vocabulary-parallel: all rows of a chunk, this device's vocabulary slice
+        c = chunk_len(seq, micro * max(vocab // ways, d), CHUNK_ELEMENTS)
+        out["head"] = 3 * micro * c * (vocab // ways * f32 + d * bf16)
+    else:
+        c = chunk_len(seq, rows * vocab, CHUNK_ELEMENTS)
+        out["head"] = 3 * rows * c * vocab // tensor * f32 + (2 * vocab * d * bf16 if ways > 1 else 0)
     if not fused_attention:
         out["attention"] = 3 * rows * heads // tensor * seq * seq * f32
     return {k: int(x) for k, x in out.items()}
@@ -289,6 +308,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", action="store_true",
                         help="with --compile: try mesh shapes (and remat policies, micro-batches) and print the best "
                              "that fits")
+    parser.add_argument("--search-limit", type=int, default=6,
+                        help="--search: compile at most this many candidates (those the planner's estimate does not "
+                             "rule out, fewest micro-batches and least recompute first)")
     parser.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (frozen bf16 base)")
     parser.add_argument("--remat", default="full", help="the training step's remat policy (jaxmodels train --remat)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (--batch rows in all)")
@@ -361,9 +383,11 @@ def _estimate(cfg, case: Case, args, topo) -> dict[str, int]:
         # The step differentiates the weights as the forward pass uses them (cast to bf16 once, before the layer
         # scan: train.step.compute_params), so the gradients of float32 weights are bf16 until the optimizer's
         # fused update reads them. Gradient accumulation keeps one more buffer (the running sum).
+        # ... and that bf16 copy of the trained float32 weights lives through the forward and backward passes.
+        copy = plan.gradients // 2 if _param_dtype(args) == jnp.float32 else 0
         grads = plan.gradients // (2 if _param_dtype(args) == jnp.float32 else 1)
         grads *= 2 if case.grad_accum > 1 else 1
-        return dict(parameters=plan.params, gradients=grads, optimizer=plan.optimizer, **acts)
+        return dict(parameters=plan.params, gradients=grads, optimizer=plan.optimizer, compute_copy=copy, **acts)
     cache_plan = make_plan(cfg, case.mesh, batch=args.batch, seq=args.seq, dtype=jnp.bfloat16,
                            rules=parse_rules(args.rules))
     return dict(parameters=cache_plan.params, cache=cache_plan.cache)
@@ -381,6 +405,25 @@ def _programs(cfg, case: Case, args, mesh, scan: bool = True) -> dict[str, tuple
     progs = pods.generate_programs(cfg, mesh, batch=args.batch, prompt=prompt, cache_len=args.seq, scan=scan,
                                    rules=rules)
     return {f"prefill {args.batch}x{prompt}": progs["prefill"], f"decode step ({args.seq} slots)": progs["decode"]}
+
+
+def _builder(cfg, case: Case, args, mesh):
+    """build(cfg, scan) -> (jitted, args) of the case's training step, for pods.estimate_cost."""
+    return lambda c, scan: list(_programs(c, case, args, mesh, scan).values())[0]
+
+
+def _shortlist(cases: list[Case], args, hbm: int) -> list[Case]:
+    """--search: the candidates worth compiling. Those whose planner estimate is over the bar by more than the
+    planner's error (15%) are dropped; of the rest, the --search-limit with the fewest micro-batches, the least
+    recompute and the least tensor parallelism (the cheapest steps, all else equal) are compiled."""
+    recompute = {"none": 0, "save_matmuls": 1, "full": 2}
+    keep = [c for c in cases if sum(c.estimate.values()) <= 1.15 * FIT_FRACTION * hbm]
+    keep.sort(key=lambda c: (c.grad_accum, recompute.get(c.remat, 3), c.mesh["tensor"], sum(c.estimate.values())))
+    chosen = keep[:max(1, args.search_limit)]
+    print(f"search       {len(cases)} candidates; {len(cases) - len(keep)} ruled out by the planner's estimate "
+          f"(over {100 * FIT_FRACTION:.0f}% of HBM by more than its 15% error); compiling {len(chosen)} "
+          f"(--search-limit {args.search_limit})", flush=True)
+    return chosen or cases[:1]
 
 
 def _param_dtype(args):
@@ -419,6 +462,10 @@ def _candidates(cfg, args, topo) -> list[Case]:
             for a in accums:
                 out.append(Case(m, r, a))
     return out
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 0.1 else f"{seconds * 1e3:.3g} ms"
 
 
 def _fmt_gib(n: float) -> str:
@@ -460,6 +507,8 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
         case = cases[0]
         _print_case(case, args, topo, hbm, cfg)
         return 0 if sum(case.estimate.values()) <= FIT_FRACTION * hbm else 1
+    if args.search:
+        cases = _shortlist(cases, args, hbm)
     for i, case in enumerate(cases):
         try:
             mesh = pods.make_mesh(topo, case.mesh)
@@ -484,16 +533,22 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
         if not fitting:
             print("\nno candidate fits: " + _advice(cases[0], args, hbm))
             return 1
-        # Ranked by XLA's estimate of the compiled (scanned) programs: a loop body counts once there, the same
-        # for every candidate; the chosen one then gets the full-depth estimate below.
-        best = min(fitting, key=lambda c: sum(p.seconds for p in c.compiled.values()))
-        print(f"\nbest of {len(cases)} candidates (by XLA's estimate of the scanned programs): "
-              f"{_case_name(best, args)}")
+        # Ranked by XLA's estimate at full depth (the scanned programs count a loop body once, and candidates
+        # differ in their loops' trip counts: MoE and loss chunks), for training; generation by the scanned ones.
+        if args.train:
+            for c in fitting:
+                try:
+                    c.cost = pods.estimate_cost(_builder(cfg, c, args, pods.make_mesh(topo, c.mesh)), cfg)
+                    print(f"  {_case_name(c, args)}: estimated step {_fmt_s(c.cost[0])} (XLA's cost model, "
+                          "Pallas kernels not included)", flush=True)
+                except pods.TopologyError as e:
+                    print(f"  {_case_name(c, args)}: no step-time estimate ({e})")
+        best = min(fitting, key=lambda c: c.cost[0] if c.cost else sum(p.seconds for p in c.compiled.values()))
+        print(f"\nbest of {len(cases)} compiled candidates (by XLA's estimated step time): {_case_name(best, args)}")
     case = best or cases[0]
-    if args.train and case.compiled and all(not p.error for p in case.compiled.values()):
-        mesh = pods.make_mesh(topo, case.mesh)
+    if args.train and case.cost is None and case.compiled and all(not p.error for p in case.compiled.values()):
         try:
-            case.cost = pods.estimate_cost(lambda c, scan: list(_programs(c, case, args, mesh, scan).values())[0], cfg)
+            case.cost = pods.estimate_cost(_builder(cfg, case, args, pods.make_mesh(topo, case.mesh)), cfg)
         except pods.TopologyError as e:
             print(f"  no step-time estimate: {e}")
     _print_case(case, args, topo, hbm, cfg)
@@ -581,9 +636,10 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
             if seconds > 0:
                 total_s = seconds + kernel_s
                 mfu = model_flops / (total_s * topo.peak_flops * topo.chips)
-                lines.append(f"  step time    {total_s:.3f} s ESTIMATE: XLA's cost model {seconds:.3f} s (1-2 layer "
+                lines.append(f"  step time    {_fmt_s(total_s)} ESTIMATE: XLA's cost model {_fmt_s(seconds)} "
+                             "(1-2 layer "
                              f"programs extrapolated to the full depth; {spent:.0f} s of compiles)"
-                             + (f" + splash attention at peak FLOP/s {kernel_s:.3f} s" if kernel_s else ""))
+                             + (f" + splash attention at peak FLOP/s {_fmt_s(kernel_s)}" if kernel_s else ""))
                 lines.append(f"  MFU          {100 * mfu:.0f}% (estimate: model FLOPs / (estimated time x peak x chips)), "
                              f"{tokens / total_s:,.0f} tokens/s")
             else:

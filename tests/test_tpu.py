@@ -143,3 +143,19 @@ def test_no_chip_holds_the_whole_vocabulary_table():
     c = pods.compile_program(*pods.train_program(config_from_hf(hf), mesh, pods.TrainSetup(batch=8, seq=256)))
     assert not c.error, c.error
     assert f"[{hf['vocab_size']},{hf['hidden_size']}]" not in c.hlo
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_plan_search_compiles_candidates_and_picks_the_fastest_that_fits(tmp_path, capsys):
+    """`jaxmodels plan --compile --search` on a v5p-8: the planner rules candidates out, the shortlist is compiled,
+    the fitting ones get XLA's full-depth step-time estimate, and the best is reported with its verdict."""
+    from jaxmodels.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_V3))
+    code = main(["plan", "--model", str(tmp_path), "--topology", "v5p-8", "--train", "--batch", "4", "--seq", "256",
+                 "--compile", "--search", "--search-limit", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "compiling 2 (--search-limit 2)" in out and out.count("): estimated step") == 2, out
+    assert "best of 2 compiled candidates" in out and "verdict      fits" in out and "MFU" in out, out

@@ -28,7 +28,7 @@ def shift_labels(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
 
 
-def _chunk_len(seq: int, per_position: int, chunk_elements: int) -> int:
+def chunk_len(seq: int, per_position: int, chunk_elements: int) -> int:
     """The largest divisor of seq whose block of per_position elements per position fits chunk_elements."""
     want = max(1, chunk_elements // max(1, per_position))
     if want >= seq:
@@ -51,7 +51,7 @@ def token_cross_entropy(model, h: jax.Array, targets: jax.Array, *, chunk_elemen
         per_position = b * max(vocab // vocab_lib.ways(model.options, axes), d)
     else:  # every device: its rows (a mesh splits the batch) and the whole vocabulary
         per_position = -(-b // vocab_lib.ways(model.options, vocab_lib.batch_axes(model.options, b))) * vocab
-    c = _chunk_len(s, per_position, chunk_elements)
+    c = chunk_len(s, per_position, chunk_elements)
     n = s // c
 
     @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of keeping them
