@@ -457,7 +457,8 @@ def kernels(hlo: str) -> dict[str, int]:
                     key = target
                 if target in ("Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape", "MoveToHost",
                               "MoveToDevice", "AllocateBuffer", "LayoutConstraint", "AssumeGatherIndicesInBound",
-                              "GatherScatterIndicesBitpacked", "PrepareAsyncCallStart", "PrepareAsyncCallDone"):
+                              "GatherScatterIndicesBitpacked", "PrepareAsyncCallStart", "PrepareAsyncCallDone",
+                              "AsyncCollectiveStart", "AsyncCollectiveDone", "ConcatBitcast"):  # plumbing, no kernel
                     key = None
             elif re.search(r" ragged-dot\(", ins):
                 key = "xla:ragged-dot"
