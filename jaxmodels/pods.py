@@ -484,7 +484,7 @@ def stack_depths(cfg: BaseConfig) -> dict[str, int]:
     return {"layers": cfg.num_hidden_layers}
 
 
-def estimate_cost(build, cfg: BaseConfig) -> tuple[float, float, float]:
+def estimate_cost(build, cfg: BaseConfig, progress: bool = False) -> tuple[float, float, float]:
     """(estimated seconds, FLOPs, compile seconds) of a program at the model's full depth, per chip.
 
     build(cfg, scan) -> (jitted, args). XLA's cost analysis counts a loop body once, so the program is compiled
@@ -498,6 +498,8 @@ def estimate_cost(build, cfg: BaseConfig) -> tuple[float, float, float]:
         c = compile_program(*build(shallow(cfg, layers), False))
         if c.error:
             raise TopologyError(f"the {layers} layer program did not compile: {c.error}")
+        if progress:
+            print(f"  step-time estimate: {layers} layer program unrolled, compiled in {c.compile_s:.0f} s", flush=True)
         return c.seconds, c.flops, c.compile_s
 
     s0, f0, t0 = cost(base)
