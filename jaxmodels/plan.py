@@ -538,7 +538,8 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
         if args.train:
             for c in fitting:
                 try:
-                    c.cost = pods.estimate_cost(_builder(cfg, c, args, pods.make_mesh(topo, c.mesh)), cfg, progress=True)
+                    c.cost = pods.estimate_cost(_builder(cfg, c, args, pods.make_mesh(topo, c.mesh)), cfg,
+                                                progress=True)
                     print(f"  {_case_name(c, args)}: estimated step {_fmt_s(c.cost[0])} (XLA's cost model, "
                           "Pallas kernels not included)", flush=True)
                 except pods.TopologyError as e:
@@ -548,7 +549,8 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
     case = best or cases[0]
     if args.train and case.cost is None and case.compiled and all(not p.error for p in case.compiled.values()):
         try:
-            case.cost = pods.estimate_cost(_builder(cfg, case, args, pods.make_mesh(topo, case.mesh)), cfg, progress=True)
+            case.cost = pods.estimate_cost(_builder(cfg, case, args, pods.make_mesh(topo, case.mesh)), cfg,
+                                           progress=True)
         except pods.TopologyError as e:
             print(f"  no step-time estimate: {e}")
     _print_case(case, args, topo, hbm, cfg)
