@@ -368,7 +368,7 @@ class Case:
     grad_accum: int
     estimate: dict[str, int] | None = None
     compiled: dict[str, Any] | None = None  # program name -> pods.Compiled
-    cost: tuple[float, float, float] | None = None  # (seconds, FLOPs, compile seconds) at full depth
+    cost: tuple[float, float, float] | None = None  # (FLOPs, bytes accessed, compile seconds) at full depth
 
 
 def _estimate(cfg, case: Case, args, topo) -> dict[str, int]:
@@ -533,19 +533,20 @@ def run_programs(args, cfg, mesh_sizes, dev_mem) -> int:
         if not fitting:
             print("\nno candidate fits: " + _advice(cases[0], args, hbm))
             return 1
-        # Ranked by XLA's estimate at full depth (the scanned programs count a loop body once, and candidates
-        # differ in their loops' trip counts: MoE and loss chunks), for training; generation by the scanned ones.
+        # Training: ranked by the full-depth estimate (the scanned programs count a loop body once, and candidates
+        # differ in their loops' trip counts: MoE and loss chunks); generation by the scanned programs' counts.
         if args.train:
             for c in fitting:
                 try:
                     c.cost = pods.estimate_cost(_builder(cfg, c, args, pods.make_mesh(topo, c.mesh)), cfg,
                                                 progress=True)
-                    print(f"  {_case_name(c, args)}: estimated step {_fmt_s(c.cost[0])} (XLA's cost model, "
-                          "Pallas kernels not included)", flush=True)
+                    print(f"  {_case_name(c, args)}: estimated step {_fmt_s(_step_seconds(c, args, topo, cfg))}",
+                          flush=True)
                 except pods.TopologyError as e:
                     print(f"  {_case_name(c, args)}: no step-time estimate ({e})")
-        best = min(fitting, key=lambda c: c.cost[0] if c.cost else sum(p.seconds for p in c.compiled.values()))
-        print(f"\nbest of {len(cases)} compiled candidates (by XLA's estimated step time): {_case_name(best, args)}")
+        best = min(fitting, key=lambda c: _step_seconds(c, args, topo, cfg) if c.cost else
+                   sum(pods.roofline(p.flops, p.bytes_accessed, topo) for p in c.compiled.values()))
+        print(f"\nbest of {len(cases)} compiled candidates (by the estimated step time): {_case_name(best, args)}")
     case = best or cases[0]
     if args.train and case.cost is None and case.compiled and all(not p.error for p in case.compiled.values()):
         try:
@@ -625,27 +626,21 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
             ks = pods.kernels(c.hlo)
             lines.append("  kernels      " + (", ".join(f"{k} x{n}" for k, n in ks.items()) if ks else "XLA only"))
         if case.cost and args.train:
-            seconds, flops, spent = case.cost
+            flops, moved, spent = case.cost
             model_flops = _model_flops(cfg, args, tokens)
-            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP per chip per step (compiler, extrapolated to "
-                         f"{cfg.num_hidden_layers} layers); model FLOPs {model_flops / topo.chips / 1e12:.1f} TFLOP per chip")
-            step = next(iter(case.compiled.values()))
-            kernel_s = 0.0
-            if pods.pallas_calls(step.hlo):
-                # XLA has no cost model for Pallas kernels (splash attention): count them at the chip's peak.
-                recompute = 4 / 3 if case.remat == "full" else 1.0
-                kernel_s = _attention_flops(cfg, args.seq) * tokens * recompute / topo.chips / topo.peak_flops
-            if seconds > 0:
-                total_s = seconds + kernel_s
-                mfu = model_flops / (total_s * topo.peak_flops * topo.chips)
-                lines.append(f"  step time    {_fmt_s(total_s)} ESTIMATE: XLA's cost model {_fmt_s(seconds)} "
-                             "(1-2 layer "
-                             f"programs extrapolated to the full depth; {spent:.0f} s of compiles)"
-                             + (f" + splash attention at peak FLOP/s {_fmt_s(kernel_s)}" if kernel_s else ""))
-                lines.append(f"  MFU          {100 * mfu:.0f}% (estimate: model FLOPs / (estimated time x peak x chips)), "
-                             f"{tokens / total_s:,.0f} tokens/s")
-            else:
-                lines.append("  step time    no estimate (XLA's cost model has none for these kernels)")
+            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP and {moved / 1e9:.0f} GB of HBM traffic per chip per step "
+                         f"(compiler's counts, extrapolated to {cfg.num_hidden_layers} layers); model FLOPs "
+                         f"{model_flops / topo.chips / 1e12:.1f} TFLOP per chip")
+            seconds = _step_seconds(case, args, topo, cfg)
+            kernel_s = seconds - pods.roofline(flops, moved, topo)
+            mfu = model_flops / (seconds * topo.peak_flops * topo.chips)
+            lines.append(f"  step time    {_fmt_s(seconds)} ESTIMATE: the compiler's counts at peak FLOP/s or HBM bandwidth, "
+                         f"whichever binds ({_fmt_s(seconds - kernel_s)}; 1-2 layer programs extrapolated to the full "
+                         f"depth, {spent:.0f} s of compiles)"
+                         + (f" + splash attention at peak FLOP/s {_fmt_s(kernel_s)}" if kernel_s else "")
+                         + "; collectives assumed overlapped")
+            lines.append(f"  MFU          {100 * mfu:.0f}% (estimate: model FLOPs / (estimated time x peak x chips)), "
+                         f"{tokens / seconds:,.0f} tokens/s")
     verdict = "fits" if _fits(case, hbm) else "does NOT fit"
     refused = [c.error for c in (case.compiled or {}).values() if c.error]
     peak = max((c.peak for c in (case.compiled or {}).values() if not c.error), default=total_est)
@@ -659,6 +654,19 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
     if not _fits(case, hbm):
         lines.append("             " + _advice(case, args, hbm))
     print("\n".join(lines))
+
+
+def _step_seconds(case: Case, args, topo, cfg) -> float:
+    """The estimated step time of a case with a full-depth cost: the roofline of the compiler's counts, plus
+    splash attention at the chip's peak (XLA counts nothing for Pallas kernels)."""
+    from jaxmodels import pods
+    flops, moved, _ = case.cost
+    kernel_s = 0.0
+    step = next(iter(case.compiled.values()))
+    if pods.pallas_calls(step.hlo):
+        recompute = 4 / 3 if case.remat == "full" else 1.0
+        kernel_s = _attention_flops(cfg, args.seq) * args.batch * args.seq * recompute / topo.chips / topo.peak_flops
+    return pods.roofline(flops, moved, topo) + kernel_s
 
 
 def _attention_flops(cfg, seq: int) -> float:

@@ -10,10 +10,10 @@ describes a slice whose devices a Mesh can be built from; jax's CUDA plugin does
 * generation: `jaxmodels.generate`'s prefill program and its decode step (the cache donated).
 
 What the compiled program tells (`compile_program`): its per-chip memory (`memory_analysis`: arguments,
-temporaries, outputs, aliased donations), its HLO (collectives and their bytes, kernels), and XLA's cost model
-(`cost_analysis`: FLOPs and `optimal_seconds`, an estimate of the step's time). XLA's cost analysis counts a
-loop body once, whatever its trip count, so the step time and FLOPs are estimated from the same program with
-1 and 2 layers per stack, unrolled, extrapolated to the full depth (`estimate_cost`).
+temporaries, outputs, aliased donations), its HLO (collectives and their bytes, kernels), and XLA's cost analysis
+(`cost_analysis`: FLOPs and bytes of memory traffic, which `roofline` turns into an estimated step time). XLA's
+cost analysis counts a loop body once, whatever its trip count, so the counts are taken from the same program
+with 1 and 2 layers per stack, unrolled, extrapolated to the full depth (`estimate_cost`).
 
 `jaxmodels plan --compile` (jaxmodels/plan.py) prints all of it; this module is the machinery.
 """
@@ -48,12 +48,12 @@ class TopologyError(ValueError):
 # TPU generations: the name libtpu's topology descriptions use, mesh dimensions of a slice, TensorCores per chip
 # (Google Cloud's accelerator types v4-N / v5p-N count TensorCores: v5p-128 is 64 chips; v5e-N / v6e-N count
 # chips), HBM per chip as the compiler budgets it (v5p: "exceeds available HBM (95.74G)" in its own error
-# message) and the dense bf16 peak per chip (Google's published figures).
+# message), the dense bf16 peak and the HBM bandwidth per chip (Google's published figures).
 TPU_GENERATIONS = {
-    "v4": dict(libtpu="v4", dims=3, cores_per_chip=2, hbm=32 * GiB, peak=275e12),
-    "v5p": dict(libtpu="v5p", dims=3, cores_per_chip=2, hbm=int(95.74 * GiB), peak=459e12),
-    "v5e": dict(libtpu="v5e", dims=2, cores_per_chip=1, hbm=16 * GiB, peak=197e12),
-    "v6e": dict(libtpu="v6e", dims=2, cores_per_chip=1, hbm=32 * GiB, peak=918e12),
+    "v4": dict(libtpu="v4", dims=3, cores_per_chip=2, hbm=32 * GiB, peak=275e12, bandwidth=1200e9),
+    "v5p": dict(libtpu="v5p", dims=3, cores_per_chip=2, hbm=int(95.74 * GiB), peak=459e12, bandwidth=2765e9),
+    "v5e": dict(libtpu="v5e", dims=2, cores_per_chip=1, hbm=16 * GiB, peak=197e12, bandwidth=819e9),
+    "v6e": dict(libtpu="v6e", dims=2, cores_per_chip=1, hbm=32 * GiB, peak=918e12, bandwidth=1640e9),
 }
 
 # GPUs, compiled for through jax's CUDA plugin: what XLA's GPU backend needs to know of the target
@@ -91,6 +91,7 @@ class Topology:
     devices: tuple  # jax's compile-only devices, one per chip (per GPU)
     hbm: int  # bytes per chip
     peak_flops: float  # dense bf16 FLOP/s per chip
+    bandwidth: float  # HBM bytes/s per chip
 
     @property
     def chips(self) -> int:
@@ -148,7 +149,7 @@ def parse_topology(name: str) -> Topology:
         devices = tuple(d for d in topo.devices if getattr(d, "core_on_chip", 0) == 0)
         note = f" ({m.group(1)}-N counts TensorCores, {gen['cores_per_chip']} per chip)" if gen["cores_per_chip"] > 1 else ""
         return Topology(name, "tpu", f"TPU {m.group(1)} {'x'.join(map(str, shape))}: {chips} chips{note}",
-                        devices, gen["hbm"], gen["peak"])
+                        devices, gen["hbm"], gen["peak"], gen["bandwidth"])
     m = _GPU_NAME.match(text)
     if m:
         target, per_node, nodes = m.group(1), int(m.group(2)), int(m.group(3) or 1)
@@ -163,7 +164,7 @@ def parse_topology(name: str) -> Topology:
                 f"\"jax-cuda12-pjrt=={jax.__version__}\"") from None
         t = GPU_TARGETS[target]
         return Topology(name, "gpu", f"{nodes} node(s) x {per_node} {t['name']}: {nodes * per_node} GPUs",
-                        tuple(topo.devices), t["memory"], t["peak"])
+                        tuple(topo.devices), t["memory"], t["peak"], t["bandwidth"])
     raise TopologyError(f"--topology {name!r} is not a topology; write a TPU slice (v4-8, v5p-128, v5e-8, v6e-8 or "
                         "v5p:4x4x4) or GPU nodes (h100x8: one node of 8; h100x8x4: 4 nodes)")
 
@@ -310,7 +311,7 @@ class Compiled:
     aliased: int  # outputs written into donated arguments
     code: int
     flops: float  # XLA's count, loop bodies once (see estimate_cost)
-    seconds: float  # XLA's optimal_seconds, loop bodies once
+    bytes_accessed: float  # XLA's count of memory traffic, loop bodies once
     compile_s: float
     hlo: str
     error: str | None = None  # the compiler's refusal (e.g. over HBM), when it refused
@@ -336,13 +337,11 @@ def compile_program(jitted, args, static: tuple = ()) -> Compiled:
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
-    hlo = compiled.as_text()
-    # XLA's TPU cost model has no figure for a Pallas kernel and counts each one (each call site) as -1 second:
-    # take those back out. Their time is not in `seconds` (see plan's report: attention at peak).
-    opaque = len(pallas_calls(hlo))
+    # (XLA's own `optimal_seconds` is not used: its TPU cost model has no figure for some custom calls -- Pallas
+    # kernels, and others it counts as -1 second each -- so it cannot be corrected reliably; see estimate_cost.)
     return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
                     mem.alias_size_in_bytes, mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)),
-                    float(cost.get("optimal_seconds", 0.0)) + opaque, seconds, hlo)
+                    float(cost.get("bytes accessed", 0.0)), seconds, compiled.as_text())
 
 
 def pallas_calls(hlo: str) -> list[str]:
@@ -485,11 +484,12 @@ def stack_depths(cfg: BaseConfig) -> dict[str, int]:
 
 
 def estimate_cost(build, cfg: BaseConfig, progress: bool = False) -> tuple[float, float, float]:
-    """(estimated seconds, FLOPs, compile seconds) of a program at the model's full depth, per chip.
+    """(FLOPs, bytes accessed, compile seconds) of a program at the model's full depth, per chip: the compiler's
+    counts (`cost_analysis`).
 
     build(cfg, scan) -> (jitted, args). XLA's cost analysis counts a loop body once, so the program is compiled
     unrolled with one layer per stack, then with one more layer in each stack in turn; the differences are each
-    stack's per-layer cost, extrapolated linearly to the full depth.
+    stack's per-layer cost, extrapolated linearly to the full depth. `roofline` turns the counts into time.
     """
     depths = stack_depths(cfg)
     base = {k: 1 for k in depths}
@@ -500,13 +500,19 @@ def estimate_cost(build, cfg: BaseConfig, progress: bool = False) -> tuple[float
             raise TopologyError(f"the {layers} layer program did not compile: {c.error}")
         if progress:
             print(f"  step-time estimate: {layers} layer program unrolled, compiled in {c.compile_s:.0f} s", flush=True)
-        return c.seconds, c.flops, c.compile_s
+        return c.flops, c.bytes_accessed, c.compile_s
 
-    s0, f0, t0 = cost(base)
-    seconds, flops, spent = s0, f0, t0
+    f0, b0, t0 = cost(base)
+    flops, moved, spent = f0, b0, t0
     for name, n in depths.items():
-        s1, f1, t1 = cost(dict(base, **{name: 2}))
-        seconds += (n - 1) * (s1 - s0)
+        f1, b1, t1 = cost(dict(base, **{name: 2}))
         flops += (n - 1) * (f1 - f0)
+        moved += (n - 1) * (b1 - b0)
         spent += t1
-    return seconds, flops, spent
+    return flops, moved, spent
+
+
+def roofline(flops: float, moved: float, topology: Topology) -> float:
+    """Seconds of a program doing `flops` and moving `moved` bytes of HBM on one chip of the topology, at its peak
+    FLOP/s or its HBM bandwidth, whichever binds (collectives assumed overlapped): an estimate, not a timing."""
+    return max(flops / topology.peak_flops, moved / topology.bandwidth)

@@ -52,6 +52,8 @@ def token_cross_entropy(model, h: jax.Array, targets: jax.Array, *, chunk_elemen
     else:  # every device: its rows (a mesh splits the batch) and the whole vocabulary
         per_position = -(-b // vocab_lib.ways(model.options, vocab_lib.batch_axes(model.options, b))) * vocab
     c = chunk_len(s, per_position, chunk_elements)
+    if not model.options.scan and s // c > 2 and s % 2 == 0:  # XLA's cost programs (below): the same work in 2
+        c = s // 2
     n = s // c
 
     @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of keeping them

@@ -370,12 +370,14 @@ def chunked_experts(x, ids, weights, gate_up_w, down_w, act: str, first=0, optio
         return jax.lax.psum_scatter(out, gather, scatter_dimension=0, tiled=True) if gather else out
 
     n = _num_chunks(t, k * group)
+    if not options.scan:  # the unrolled programs XLA's cost analysis prices: the same work in at most 2 chunks
+        n = min(n, 2 if t % 2 == 0 else 1)
     if n == 1:
         return one(x, ids, weights)
     chunks = (x.reshape(n, t // n, -1), ids.reshape(n, t // n, k), weights.reshape(n, t // n, k))
     one = jax.checkpoint(one)
     # A loop, unrolled when the layers are (Options.scan False: the programs whose cost XLA's cost analysis
-    # prices, which counts a loop body once; jaxmodels.pods.estimate_cost).
+    # prices, which counts a loop body once; jaxmodels.pods.estimate_cost; few chunks keep them small).
     _, out = jax.lax.scan(lambda carry, chunk: (carry, one(*chunk)), None, chunks, unroll=not options.scan)
     return out.reshape(t, -1)  # [t, hidden] float32
 
