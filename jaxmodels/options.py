@@ -65,7 +65,8 @@ class Options:
     remat: one of REMAT_NAMES, the layer scan's rematerialisation (training; jaxmodels.layers.stack).
     compute_dtype: the activations' dtype ("bfloat16", "float32", ... or a jnp dtype; weights are cast where
         used); None: the parameters' dtype.
-    scan: run each layer stack as one loop (True) or unrolled in the program (False).
+    scan: run each layer stack as one loop (True) or unrolled in the program (False; the MoE and loss chunk loops
+        too, in at most 2 chunks: the programs whose cost XLA's cost analysis prices, jaxmodels.pods).
     mesh: the jax Mesh the model runs on (activations constrained and MoE expert-parallel over it), or None.
     rules: overrides of the logical-axis table (jaxmodels.sharding.RULES), frozen; used with `mesh`.
     compiler_options: XLA compiler options of the generation programs (None: GENERATE_COMPILER_OPTIONS).
