@@ -628,19 +628,25 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
         if case.cost and args.train:
             flops, moved, spent = case.cost
             model_flops = _model_flops(cfg, args, tokens)
-            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP and {moved / 1e9:.0f} GB of HBM traffic per chip per step "
-                         f"(compiler's counts, extrapolated to {cfg.num_hidden_layers} layers); model FLOPs "
+            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP and {moved / 1e9:.0f} GB of HBM traffic per chip per "
+                         f"step (compiler's counts, extrapolated to {cfg.num_hidden_layers} layers); model FLOPs "
                          f"{model_flops / topo.chips / 1e12:.1f} TFLOP per chip")
             seconds = _step_seconds(case, args, topo, cfg)
+            step = next(iter(case.compiled.values()))
             kernel_s = seconds - pods.roofline(flops, moved, topo)
             mfu = model_flops / (seconds * topo.peak_flops * topo.chips)
-            lines.append(f"  step time    {_fmt_s(seconds)} ESTIMATE: the compiler's counts at peak FLOP/s or HBM bandwidth, "
-                         f"whichever binds ({_fmt_s(seconds - kernel_s)}; 1-2 layer programs extrapolated to the full "
+            lines.append(f"  step time    {_fmt_s(seconds)} ESTIMATE: the compiler's counts at peak FLOP/s or HBM "
+                         f"bandwidth, whichever binds ({_fmt_s(seconds - kernel_s)}; 1-2 layer programs extrapolated to the full "
                          f"depth, {spent:.0f} s of compiles)"
                          + (f" + splash attention at peak FLOP/s {_fmt_s(kernel_s)}" if kernel_s else "")
                          + "; collectives assumed overlapped")
             lines.append(f"  MFU          {100 * mfu:.0f}% (estimate: model FLOPs / (estimated time x peak x chips)), "
                          f"{tokens / seconds:,.0f} tokens/s")
+            if any("ragged-dot" in k for k in pods.kernels(step.hlo)):
+                lines.append("  caution      XLA counts each MoE grouped matmul over every token-slot it is given (the "
+                             "expert group's, most routed elsewhere) and its weight gradient as one dense matmul per "
+                             "local expert (17x a dense matmul's FLOPs for 16 groups): for MoE models this estimate "
+                             "is pessimistic by as much as the TPU kernels skip that work")
     verdict = "fits" if _fits(case, hbm) else "does NOT fit"
     refused = [c.error for c in (case.compiled or {}).values() if c.error]
     peak = max((c.peak for c in (case.compiled or {}).values() if not c.error), default=total_est)
