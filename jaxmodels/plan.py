@@ -628,7 +628,8 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
         if case.cost and args.train:
             flops, moved, spent = case.cost
             model_flops = _model_flops(cfg, args, tokens)
-            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP and {moved / 1e9:.0f} GB of HBM traffic per chip per "
+            lines.append(f"\n  FLOPs        {flops / 1e12:.1f} TFLOP and {moved / 1e9:.0f} GB of HBM traffic per chip "
+                         "per "
                          f"step (compiler's counts, extrapolated to {cfg.num_hidden_layers} layers); model FLOPs "
                          f"{model_flops / topo.chips / 1e12:.1f} TFLOP per chip")
             seconds = _step_seconds(case, args, topo, cfg)
@@ -636,7 +637,8 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
             kernel_s = seconds - pods.roofline(flops, moved, topo)
             mfu = model_flops / (seconds * topo.peak_flops * topo.chips)
             lines.append(f"  step time    {_fmt_s(seconds)} ESTIMATE: the compiler's counts at peak FLOP/s or HBM "
-                         f"bandwidth, whichever binds ({_fmt_s(seconds - kernel_s)}; 1-2 layer programs extrapolated to the full "
+                         f"bandwidth, whichever binds ({_fmt_s(seconds - kernel_s)}; 1-2 layer programs extrapolated "
+                         "to the full "
                          f"depth, {spent:.0f} s of compiles)"
                          + (f" + splash attention at peak FLOP/s {_fmt_s(kernel_s)}" if kernel_s else "")
                          + "; collectives assumed overlapped")
