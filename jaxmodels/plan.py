@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -332,6 +333,10 @@ def parse_rules(text: str) -> dict:
 
 
 def run(args) -> int:
+    if args.topology and args.topology.strip().lower().startswith(("h100", "h200")):
+        # Compile-only GPUs: jax's CUDA plugin must not look for a GPU or CUDA libraries (before jax picks a backend).
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
     try:
         cfg = resolve_model(args.model)
         mesh = sharding.parse_mesh(args.mesh)
@@ -651,7 +656,14 @@ def _print_case(case: Case, args, topo, hbm: int, cfg) -> None:
                              "is pessimistic by as much as the TPU kernels skip that work")
     verdict = "fits" if _fits(case, hbm) else "does NOT fit"
     refused = [c.error for c in (case.compiled or {}).values() if c.error]
+    failed = [c.error for c in (case.compiled or {}).values() if c.error and not c.out_of_memory]
     peak = max((c.peak for c in (case.compiled or {}).values() if not c.error), default=total_est)
+    if failed:  # not a memory verdict: say so instead of advising a smaller batch
+        lines.append(f"\nverdict      unknown: the compiler failed on this program for a reason other than memory "
+                     f"({failed[0][:200]}); the planner's estimate is {_fmt_gib(total_est)} per chip "
+                     f"({100 * total_est / hbm:.0f}% of HBM)")
+        print("\n".join(lines))
+        return
     if refused:
         lines.append(f"\nverdict      {verdict}: the compiler refused it ({refused[0]})")
     else:

@@ -321,6 +321,12 @@ class Compiled:
         """Bytes live at the peak: arguments + temporaries + the outputs not written over donated arguments."""
         return self.arguments + self.temporaries + self.outputs - self.aliased
 
+    @property
+    def out_of_memory(self) -> bool:
+        """The compiler refused the program for lack of memory (any other error says nothing about fitting)."""
+        text = (self.error or "").lower()
+        return "resource_exhausted" in text or "exceeds" in text or "out of memory" in text
+
 
 def compile_program(jitted, args, static: tuple = ()) -> Compiled:
     """Lowers and compiles for the arguments' devices; a refusal (memory) comes back as `error`."""
