@@ -191,6 +191,9 @@ def format_plan(plan: Plan, *, batch: int, seq: int, dtype_name: str, device_mem
 # gather recomputed, the backward's gather and its transposed copy for the input gradient, the weight gradient
 # before its reduce-scatter. Read off DeepSeek-V3's step on a v5p-256 (benchmarks/RESULTS.md, Pods).
 LAYER_COPIES = 6
+# ... of a dense layer's weights: the forward's gather recomputed, the backward's, the gradient before its
+# reduce-scatter (stablelm-3b on a v5e-8 / v6e-8, same source).
+DENSE_LAYER_COPIES = 3
 # Live [slots of one chunk, hidden]-sized bf16 buffers of the MoE dispatch at its peak (same source).
 DISPATCH_COPIES = 12
 
@@ -205,7 +208,7 @@ def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq:
       residuals  what the layer scan saves for the backward pass: each layer's input (remat "full"), the
                  projections' outputs too ("save_matmuls"), everything ("none");
       layer      one layer's weights gathered over FSDP (bf16): LAYER_COPIES of a MoE layer's local experts,
-                 forward and backward, or a dense layer's weights;
+                 DENSE_LAYER_COPIES of a dense layer's weights;
       dispatch   the MoE dispatch of one chunk of the expert group's token-slots (jaxmodels.layers.moe
                  MAX_SLOTS_PER_CHUNK): the gathered tokens, sorted copies and their expert activations;
       head       one loss chunk (train.loss): float32 logits and their gradient, and under a mesh the chunk's
@@ -248,7 +251,7 @@ def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq:
         slots = min(tokens * expert * cfg.num_experts_per_tok, MAX_SLOTS_PER_CHUNK)
         out["dispatch"] = DISPATCH_COPIES * slots * d * bf16
     else:
-        out["layer"] = 2 * _layer_params(cfg) / tensor * bf16
+        out["layer"] = DENSE_LAYER_COPIES * _layer_params(cfg) / tensor * bf16
         out["dispatch"] = 0
     vocab = cfg.vocab_size
     if ways > 1 and vocab % ways == 0:  # vocabulary-parallel: all rows of a chunk, this device's vocabulary slice
