@@ -247,7 +247,10 @@ def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq:
     out = {"residuals": cfg.num_hidden_layers * tokens * per_layer}
     if moe:
         local = cfg.n_routed_experts // expert if cfg.n_routed_experts % expert == 0 else cfg.n_routed_experts
-        out["layer"] = LAYER_COPIES * local * 3 * d * cfg.moe_intermediate_size / tensor * bf16
+        # Not split over FSDP (its axes of size 1), the local experts are used where they lie: one transposed copy.
+        gathered = math.prod(mesh[a] for a in sharding.mesh_axes_of("expert_embed", rules, mesh)) > 1
+        copies = LAYER_COPIES if gathered else 1
+        out["layer"] = copies * local * 3 * d * cfg.moe_intermediate_size / tensor * bf16
         slots = min(tokens * expert * cfg.num_experts_per_tok, MAX_SLOTS_PER_CHUNK)
         out["dispatch"] = DISPATCH_COPIES * slots * d * bf16
     else:
