@@ -282,6 +282,12 @@ def generate_programs(cfg: BaseConfig, mesh, *, batch: int, prompt: int, cache_l
     from jaxmodels.generate import steps
 
     model = abstract_model(cfg, dtype).with_options(scan=scan, mesh=mesh, rules=rules)
+    if mesh.devices.flat[0].platform in ("cuda", "gpu"):
+        # XLA (jax 0.10) fails to assign buffers for a compile-only GPU with dynamic-slice fusion on
+        # ("BufferAllocation::Slice not assigned"): the plan compiles generate's programs without it.
+        options = dict(model.options.generate_compiler_options)
+        options.pop("xla_gpu_enable_dynamic_slice_fusion", None)
+        model = model.with_options(compiler_options=options)
     graphdef, state = nnx.split(model)
     state = placed(state, mesh, rules)
     ids = _sds((batch, prompt), jnp.int32, sharding.batch_sharding(mesh, (batch, prompt), rules))
