@@ -216,13 +216,12 @@ def train_activations(cfg: BaseConfig, mesh: dict[str, int], *, batch: int, seq:
                  jaxmodels.layers.vocab: no device holds the whole table);
       attention  the [queries, keys] scores when no fused kernel runs.
     """
+    from jaxmodels.layers import vocab as vocab_lib
     from jaxmodels.layers.moe import MAX_SLOTS_PER_CHUNK
     from jaxmodels.train.loss import CHUNK_ELEMENTS, chunk_len
     mesh = {a: int(mesh.get(a, 1)) for a in sharding.MESH_AXES}
     micro = batch // max(grad_accum, 1)
-    axes = [a for a in sharding.mesh_axes_of("batch", rules, mesh) if mesh[a] > 1]
-    while axes and micro % math.prod(mesh[a] for a in axes):  # axes that do not divide the batch are dropped
-        axes.pop()
+    axes = vocab_lib.batch_axes(mesh, rules, micro)  # those that divide the micro-batch
     ways = math.prod(mesh[a] for a in axes)
     rows = -(-micro // ways)
     tokens = rows * seq

@@ -50,7 +50,8 @@ def token_cross_entropy(model, h: jax.Array, targets: jax.Array, *, chunk_elemen
     if axes:  # every device: all b rows of a chunk (gathered) and its vocabulary slice of their logits
         per_position = b * max(vocab // vocab_lib.ways(model.options, axes), d)
     else:  # every device: its rows (a mesh splits the batch) and the whole vocabulary
-        per_position = -(-b // vocab_lib.ways(model.options, vocab_lib.batch_axes(model.options, b))) * vocab
+        split = vocab_lib.batch_axes(model.options.mesh, model.options.rules, b)
+        per_position = -(-b // vocab_lib.ways(model.options, split)) * vocab
     c = chunk_len(s, per_position, chunk_elements)
     if not model.options.scan and s // c > 2 and s % 2 == 0:  # XLA's cost programs (below): the same work in 2
         c = s // 2

@@ -27,12 +27,12 @@ import jax.numpy as jnp
 from jaxmodels import sharding
 
 
-def batch_axes(options, batch: int) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) a batch of `batch` rows is split over under options' mesh; () without one."""
-    mesh = getattr(options, "mesh", None)
+def batch_axes(mesh, rules, batch: int) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) a batch of `batch` rows is split over on `mesh` (a Mesh or {axis: size}) under
+    the rules table; () without a mesh."""
     if mesh is None:
         return ()
-    spec = sharding.trim_spec(sharding.logical_to_spec(("batch",), options.rules, mesh, (batch,)), mesh)
+    spec = sharding.trim_spec(sharding.logical_to_spec(("batch",), rules, mesh, (batch,)), mesh)
     return sharding.mesh_axes_of_spec(spec, 0)
 
 
@@ -45,7 +45,7 @@ def ways(options, axes) -> int:
 
 def lookup(table: jax.Array, ids: jax.Array, dtype, options) -> jax.Array:
     """table [vocab, hidden], ids [batch, seq] -> [batch, seq, hidden] in dtype: `jnp.take(table, ids, 0)`."""
-    axes = batch_axes(options, ids.shape[0])
+    axes = batch_axes(getattr(options, "mesh", None), getattr(options, "rules", None), ids.shape[0])
     hidden = table.shape[1]
     if not axes or hidden % ways(options, axes):
         return jnp.take(table, ids, axis=0).astype(dtype)
@@ -62,7 +62,7 @@ def lookup(table: jax.Array, ids: jax.Array, dtype, options) -> jax.Array:
 
 def sharded_head(options, batch: int, vocab: int) -> tuple[str, ...]:
     """The axes `cross_entropy` splits the vocabulary over for this batch, or () when it falls back."""
-    axes = batch_axes(options, batch)
+    axes = batch_axes(getattr(options, "mesh", None), getattr(options, "rules", None), batch)
     return axes if axes and vocab % ways(options, axes) == 0 else ()
 
 
@@ -72,8 +72,8 @@ def cross_entropy(h: jax.Array, weight: jax.Array, targets: jax.Array, ignore: i
     argmax == target int32), the same on every device."""
     axes = sharded_head(options, h.shape[0], weight.shape[0])
     if not axes:
-        return softmax_cross_entropy(jnp.einsum("bcd,vd->bcv", h, weight.astype(h.dtype)).astype(jnp.float32), targets,
-                              ignore)
+        logits = jnp.einsum("bcd,vd->bcv", h, weight.astype(h.dtype)).astype(jnp.float32)
+        return softmax_cross_entropy(logits, targets, ignore)
     P = jax.sharding.PartitionSpec
 
     rows = h.shape[0] // ways(options, axes)
